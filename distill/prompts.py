@@ -1,0 +1,86 @@
+"""A task prompt file -> its text, label set and answer contract; the teacher's and the student's messages.
+
+A prompt file is Markdown with YAML front matter declaring the task, so another task needs a new file, not code:
+
+    ---
+    labels: [ar, de, ..., ot]
+    answer_format: "Final Answer: {label}"       # the teacher's last line
+    query_template: "Text to classify:\\n<<<\\n{query}\\n>>>"
+    ---
+    <the long prompt: the system message>
+
+The teacher sees [system: prompt, user: query_template(query)]: the prompt comes first so it is a prefix that
+vLLM's prefix cache computes once. The student sees [user: query] only. Both are rendered to text by one
+function, `render`, which training and evaluation share so the student's input is identical in both.
+"""
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+DEFAULT_PROMPT = Path(__file__).resolve().parent.parent / "prompts" / "language_identification.md"
+REQUIRED_KEYS = ("labels", "answer_format", "query_template")
+
+
+@dataclass(frozen=True)
+class TaskPrompt:
+    path: str
+    text: str
+    labels: tuple[str, ...]
+    answer_format: str
+    query_template: str
+
+    @property
+    def answer_regex(self) -> re.Pattern:
+        head, tail = (re.escape(part) for part in self.answer_format.split("{label}"))
+        head = re.sub(r"(\\ )+", r"\\s*", head)  # tolerate extra or missing spaces around the label
+        return re.compile(rf"^\s*{head}\s*(?P<label>\S+?)\s*{tail}\s*$", re.IGNORECASE)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(Path(self.path).read_bytes()).hexdigest()
+
+    def teacher_messages(self, query: str) -> list[dict]:
+        return [
+            {"role": "system", "content": self.text},
+            {"role": "user", "content": self.query_template.format(query=query)},
+        ]
+
+
+def student_messages(query: str) -> list[dict]:
+    return [{"role": "user", "content": query}]
+
+
+def render(tokenizer, messages: list[dict]) -> str:
+    """The model's input text for a chat, up to and including the assistant header.
+
+    enable_thinking=False makes hybrid Qwen3 templates close an empty think block in the prompt, so it is never
+    part of a completion (and never carries loss); templates without the switch ignore it.
+    """
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+
+
+def render_teacher(tokenizer, messages: list[dict]) -> str:
+    # The teacher thinks if its template lets it: no enable_thinking switch here.
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def load_prompt(path: str | Path = DEFAULT_PROMPT) -> TaskPrompt:
+    path = Path(path)
+    raw = path.read_text(encoding="utf-8")
+    match = re.match(r"^---\n(.*?)\n---\n(.*)$", raw, re.DOTALL)
+    if not match:
+        raise ValueError(f"{path}: expected YAML front matter between '---' lines at the top")
+    meta = yaml.safe_load(match.group(1)) or {}
+    missing = [key for key in REQUIRED_KEYS if key not in meta]
+    if missing:
+        raise ValueError(f"{path}: front matter lacks {', '.join(missing)}")
+    if "{label}" not in meta["answer_format"] or "{query}" not in meta["query_template"]:
+        raise ValueError(f"{path}: answer_format needs '{{label}}' and query_template needs '{{query}}'")
+    labels = tuple(str(label).lower() for label in meta["labels"])
+    if len(set(labels)) != len(labels) or not labels:
+        raise ValueError(f"{path}: labels must be a non-empty list without duplicates")
+    return TaskPrompt(str(path), match.group(2).strip(), labels, meta["answer_format"], meta["query_template"])

@@ -50,6 +50,8 @@ def parse_args(argv=None):
     parser.set_defaults(
         model_name_or_path=DEFAULT_STUDENT,
         use_peft=True, lora_r=32, lora_alpha=16, lora_target_modules=["all-linear"],
+        # PEFT 0.21 turns all-linear on a transformers-5 MoE into fused expert parameters, which refuse dropout.
+        lora_dropout=0.0,
         # Explicit dtype: bf16 on GPU; fp32 on CPU, where bf16 fails in SFTConfig and runs ~10x slower.
         dtype="bfloat16" if gpu else "float32", bf16=gpu,
         completion_only_loss=True,  # our rows are pre-tokenized with a completion mask: keep it in force

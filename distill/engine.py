@@ -17,6 +17,7 @@ CPU_ENV = {
     "VLLM_NO_USAGE_STATS": "1",
     "OMP_NUM_THREADS": str(os.cpu_count() or 1),
     "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_LOGGING_LEVEL": "WARNING",  # progress bars and our summaries stay readable; set INFO to see engine stats
 }
 
 

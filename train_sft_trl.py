@@ -45,7 +45,7 @@ class DistillArguments:
 def parse_args(argv=None):
     from trl import ModelConfig, SFTConfig, TrlParser
 
-    parser = TrlParser((DistillArguments, SFTConfig, ModelConfig))
+    parser = TrlParser((DistillArguments, SFTConfig, ModelConfig), allow_abbrev=False)
     gpu = on_gpu()
     parser.set_defaults(
         model_name_or_path=DEFAULT_STUDENT,
@@ -57,6 +57,7 @@ def parse_args(argv=None):
         completion_only_loss=True,  # our rows are pre-tokenized with a completion mask: keep it in force
         report_to="wandb" if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") else "none",
         logging_steps=1, save_strategy="no",
+        output_dir="",  # TrainingArguments turns None into ./trainer_output; "" lets us default to models/<run name>
     )
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
     batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps

@@ -1,0 +1,221 @@
+"""Stage 3 (evaluate.py) through the real vLLM on the tiny model: the results JSON and heatmap, the held-out rows,
+the teacher-with-prompt run and the cost ratio. Three vLLM starts in all, shared by the tests through module
+fixtures: the student against gold-as-teacher, the base model with the prompt, the student against that run."""
+
+import hashlib
+import json
+
+import pytest
+
+from tests.conftest import EXAMPLE_DATA, run_cli
+
+IM_END = "<|im_end|>"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("evaluate")
+
+
+@pytest.fixture(scope="module")
+def teacher_jsonl(workdir, example_rows):
+    """Stage-1-shaped JSONL whose teacher answers are the gold labels (as conftest's gold_teacher_file)."""
+    path = workdir / "teacher.jsonl"
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in example_rows:
+            out = {"id": row["id"], "group": row["group"], "label": row["label"],
+                   "messages": [{"role": "user", "content": row["text"]},
+                                {"role": "assistant", "content": row["label"]}]}
+            handle.write(json.dumps(out, ensure_ascii=False) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model, teacher_jsonl, workdir):
+    out = workdir / "student"
+    run_cli("train_sft_trl.py", "--config", "recipes/cpu.yaml", "--model_name_or_path", tiny_model,
+            "--dataset_name", teacher_jsonl, "--output_dir", out, "--report_to", "none", "--max_steps", 3)
+    return out
+
+
+def evaluate(*args):
+    result = run_cli("evaluate.py", "--test_file", EXAMPLE_DATA.relative_to(EXAMPLE_DATA.parents[1]),
+                     "--latency_requests", 2, "--quiet", *args)
+    return result
+
+
+@pytest.fixture(scope="module")
+def student_eval(adapter, teacher_jsonl, workdir):
+    output = workdir / "eval" / "eval.json"
+    result = evaluate("--model_path", adapter, "--max-model-len", 1024, "--teacher_file", teacher_jsonl,
+                      "--output_file", output)
+    return {"json": output, "stdout": result.stdout, "text": output.read_text(encoding="utf-8")}
+
+
+@pytest.fixture(scope="module")
+def teacher_eval(tiny_model, workdir):
+    # the prompt is ~3.7k tokens in the tiny 1k-token vocabulary: the context must hold it
+    output = workdir / "eval" / "teacher_with_prompt.json"
+    evaluate("--model_path", tiny_model, "--with_prompt", "--constrain_labels", "--max-model-len", 4096,
+             "--max-tokens", 8, "--no-lingua", "--output_file", output)
+    return json.loads(output.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def student_vs_teacher(adapter, teacher_eval, student_eval, workdir):
+    merged = adapter / "merged" / "model.safetensors"
+    before = merged.stat().st_mtime_ns
+    output = workdir / "eval" / "student_vs_teacher.json"
+    result = evaluate("--model_path", adapter, "--max-model-len", 1024, "--teacher_file",
+                      workdir / "eval" / "teacher_with_prompt.json", "--no-lingua", "--output_file", output)
+    return {"results": json.loads(output.read_text(encoding="utf-8")), "stdout": result.stdout,
+            "merged_rebuilt": merged.stat().st_mtime_ns != before}
+
+
+def heldout_rows():
+    from distill.records import read_queries
+    from distill.splits import select
+
+    return select(read_queries(str(EXAMPLE_DATA)).rows, "heldout")
+
+
+@pytest.mark.slow
+def test_end_to_end_results_json(student_eval, adapter):
+    from distill import engine
+    from distill.answers import parse_student
+    from distill.prompts import load_prompt
+
+    results = json.loads(student_eval["text"])  # a plain JSON document: round-trips
+    assert json.loads(json.dumps(results)) == results
+    for key in ("mode", "model_path", "serving", "split", "n", "accuracy_vs_gold", "n_with_gold",
+                "agreement_with_teacher", "n_with_teacher", "parse_rate", "unparsed", "confusion_matrix",
+                "per_label", "macro_f1", "baselines", "worst_labels", "cost", "examples", "git_revision", "command"):
+        assert key in results, key
+    n = len(heldout_rows())
+    assert results["n"] == len(results["examples"]) == n
+    assert results["split"] == "heldout" and results["mode"] == "student without the prompt"
+    assert results["n_with_gold"] == n
+    cm = results["confusion_matrix"]
+    assert sum(map(sum, cm["matrix"])) == results["n_with_gold"]
+    assert cm["columns_predicted"][-1] == "unparsed"
+    # the teacher file holds the gold labels: agreement with it is accuracy
+    assert results["n_with_teacher"] == n
+    assert results["agreement_with_teacher"] == pytest.approx(results["accuracy_vs_gold"])
+    assert 0 <= results["accuracy_vs_gold"] <= 1
+    assert set(results["baselines"]) == {"majority_class", "chance", "lingua"}
+    assert results["baselines"]["lingua"]["accuracy"] > 0.5  # lingua knows these languages; a random model does not
+
+    labels = load_prompt().labels
+    gold_of = {row["id"]: row["label"] for row in heldout_rows()}
+    for example in results["examples"]:
+        assert example["prediction"] == parse_student(example["raw"], labels)
+        assert example["gold"] == example["teacher"] == gold_of[example["id"]]
+        assert 0 < example["input_tokens"] < 1024
+    unparsed = sum(e["prediction"] is None for e in results["examples"])
+    assert results["unparsed"] == unparsed and results["parse_rate"] == pytest.approx(1 - unparsed / n)
+    assert sum(row[-1] for row in cm["matrix"]) == unparsed
+    cost = results["cost"]
+    assert cost["latency_requests"] == 2 and cost["median_latency_seconds"] > 0
+    assert cost["input_tokens_per_request"] == pytest.approx(sum(e["input_tokens"] for e in results["examples"]) / n)
+
+    if not engine.on_gpu():  # on CPU the adapter is merged once into <adapter>/merged and served as a plain model
+        assert "merged" in results["serving"]
+        merged = adapter / "merged"
+        assert (merged / "config.json").exists() and (merged / "tokenizer.json").exists()
+        stamp = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
+        assert (merged / "adapter.sha256").read_text() == stamp
+
+
+@pytest.mark.slow
+def test_merged_model_is_base_plus_adapter(student_eval, adapter, tiny_model):
+    from distill import engine
+
+    if engine.on_gpu():
+        pytest.skip("the GPU serves the adapter through vLLM's LoRA support: nothing is merged")
+    import torch
+    from safetensors.torch import load_file
+
+    base = load_file(tiny_model / "model.safetensors")
+    merged = load_file(adapter / "merged" / "model.safetensors")
+    assert set(merged) == set(base)
+    assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])  # not a LoRA target
+    changed = [key for key in base if "proj" in key and not torch.equal(merged[key], base[key])]
+    assert changed, "merging a trained adapter changes the LoRA-targeted weights"
+    assert all(torch.allclose(merged[key], base[key], atol=0.1) for key in changed)  # 3 small steps, not a new model
+
+
+@pytest.mark.slow
+def test_heatmap_png(student_eval):
+    png = student_eval["json"].with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.image
+
+    image = matplotlib.image.imread(png)
+    height, width = image.shape[:2]
+    assert 600 <= width <= 1400 and 500 <= height <= 1200  # 9 x 7.5 in at 110 dpi
+    assert image.std() > 0.05, "not a blank image"
+
+
+@pytest.mark.slow
+def test_only_heldout_rows_are_evaluated(student_eval, adapter):
+    from distill.records import read_jsonl
+    from distill.training import training_rows
+
+    results = json.loads(student_eval["text"])
+    evaluated = [e["id"] for e in results["examples"]]
+    assert len(evaluated) == len(set(evaluated))
+    heldout = heldout_rows()
+    assert set(evaluated) == {row["id"] for row in heldout}
+
+    record = json.loads((adapter / "distill_run.json").read_text())
+    script = record["args"]["script"]
+    trained, dropped = training_rows(read_jsonl(script["dataset_name"]), script["heldout_fraction"],
+                                     script["split_seed"])
+    assert record["counts"]["rows_used"] == len(trained) and record["counts"]["heldout_rows_dropped"] == dropped
+    assert not set(evaluated) & {row["id"] for row in trained}
+    assert not {e["text"] for e in results["examples"]} & {row["messages"][0]["content"] for row in trained}
+
+
+@pytest.mark.slow
+def test_teacher_with_prompt_constrained(teacher_eval, student_eval):
+    from distill.prompts import load_prompt
+
+    labels = load_prompt().labels
+    student = json.loads(student_eval["text"])
+    assert teacher_eval["mode"] == "teacher/base model with the prompt"
+    assert teacher_eval["serving"] == "full model"
+    assert teacher_eval["n"] == len(heldout_rows())
+    assert teacher_eval["parse_rate"] == 1.0 and teacher_eval["unparsed"] == 0
+    assert all(e["prediction"] in labels for e in teacher_eval["examples"])
+    assert all(e["raw"].strip().lower() == e["prediction"] for e in teacher_eval["examples"])
+    assert "lingua" not in teacher_eval["baselines"]  # --no-lingua
+    teacher_tokens = teacher_eval["cost"]["input_tokens_per_request"]
+    assert teacher_tokens > 10 * student["cost"]["input_tokens_per_request"]  # the long prompt is the cost
+    assert all(e["input_tokens"] > 1000 for e in teacher_eval["examples"])
+
+
+@pytest.mark.slow
+def test_student_vs_teacher_cost_ratio(student_vs_teacher, teacher_eval):
+    results = student_vs_teacher["results"]
+    ratio = results["cost"]["vs_teacher_with_prompt"]
+    assert ratio["input_tokens"] == pytest.approx(
+        teacher_eval["cost"]["input_tokens_per_request"] / results["cost"]["input_tokens_per_request"])
+    assert ratio["input_tokens"] > 1
+    if "median_latency" in ratio:
+        assert ratio["median_latency"] > 0
+    # agreement is with the teacher run's predictions, row by row
+    teacher_of = {e["id"]: e["prediction"] for e in teacher_eval["examples"]}
+    assert all(e["teacher"] == teacher_of[e["id"]] for e in results["examples"])
+    agree = [(e["prediction"] or "unparsed") == e["teacher"] for e in results["examples"]]
+    assert results["n_with_teacher"] == len(agree)
+    assert results["agreement_with_teacher"] == pytest.approx(sum(agree) / len(agree))
+    # the merged copy is cached: the second evaluation of the same adapter does not merge again
+    assert not student_vs_teacher["merged_rebuilt"] and "merged the adapter" not in student_vs_teacher["stdout"]
+
+
+def test_constrain_labels_needs_with_prompt(tmp_path):
+    result = run_cli("evaluate.py", "--model_path", tmp_path, "--constrain_labels", check=False)
+    assert result.returncode != 0 and "--constrain_labels applies to --with_prompt" in result.stderr

@@ -1,0 +1,365 @@
+"""Stage 2 (train_sft_trl.py, train_trl.sh): the loss mask, what a run writes, resuming, overwriting, the held-out
+split, config errors and the launchers. Everything trains the random tiny Qwen3 on CPU for a few steps."""
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+
+IM_END = "<|im_end|>"
+SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct"
+ALL_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def write_teacher(path, rows, answer=lambda row: row["label"]):
+    """A stage-1-shaped JSONL (as the gold_teacher_file fixture writes it), with a chosen assistant answer."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            out = {"id": row["id"], "group": row["group"], "label": row["label"],
+                   "messages": [{"role": "user", "content": row["text"]},
+                                {"role": "assistant", "content": answer(row)}]}
+            handle.write(json.dumps(out, ensure_ascii=False) + "\n")
+    return path
+
+
+def train_args(model, data, output_dir, *extra):
+    return ["--config", "recipes/cpu.yaml", "--model_name_or_path", str(model), "--dataset_name", str(data),
+            "--output_dir", str(output_dir), "--report_to", "none", *map(str, extra)]
+
+
+def build(model, data, output_dir, *extra):
+    import train_sft_trl
+
+    return train_sft_trl.build_trainer(*train_sft_trl.parse_args(train_args(model, data, output_dir, "--max_steps", 2,
+                                                                            *extra)))
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def split_example(tokenizer, input_ids, labels):
+    """(decoded masked part, decoded unmasked part, user text) of one tokenized row."""
+    input_ids, labels = list(input_ids), list(labels)
+    prompt = tokenizer.decode([i for i, lab in zip(input_ids, labels) if lab == -100])
+    answer = tokenizer.decode([i for i, lab in zip(input_ids, labels) if lab != -100])
+    user = prompt.split("<|im_start|>user\n", 1)[1].split(IM_END, 1)[0]
+    return prompt, answer, user
+
+
+@pytest.fixture(scope="module")
+def teacher_jsonl(tmp_path_factory, example_rows):
+    return write_teacher(tmp_path_factory.mktemp("data") / "teacher.jsonl", example_rows)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model, teacher_jsonl, tmp_path_factory):
+    """One real 2-step CLI run, shared by the tests that only read what it wrote."""
+    model_hash = sha256(tiny_model / "model.safetensors")
+    out = tmp_path_factory.mktemp("runs") / "run"
+    result = run_cli("train_sft_trl.py", *train_args(tiny_model, teacher_jsonl, out, "--max_steps", 2))
+    return {"dir": out, "stdout": result.stdout, "model_hash_before": model_hash}
+
+
+# --- the loss mask ---------------------------------------------------------------------------------------------
+
+
+def test_collated_batch_masks_all_but_answer_and_end_of_turn(tiny_model, gold_teacher_file, tmp_path, example_rows):
+    trainer, _ = build(tiny_model, gold_teacher_file, tmp_path / "out")
+    tokenizer = trainer.processing_class
+    label_of = {row["text"]: row["label"] for row in example_rows}
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape == batch["labels"].shape
+    assert batch["input_ids"].shape[0] == 8  # per_device_train_batch_size of recipes/cpu.yaml
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    for input_ids, labels, attention in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        kept = (labels != -100).nonzero().flatten().tolist()
+        length = int(attention.sum())
+        # the unmasked tokens are one contiguous run that ends the real (unpadded) sequence with <|im_end|>
+        assert kept == list(range(kept[0], length)), "loss must cover exactly the tail: answer + end of turn"
+        assert int(input_ids[length - 1]) == im_end
+        assert (labels[kept] == input_ids[kept]).all()
+        assert (labels[length:] == -100).all(), "padding carries no loss"
+        prompt, answer, user = split_example(tokenizer, input_ids[:length], labels[:length])
+        assert answer == f"{label_of[user]}{IM_END}"
+        # the template, the user's text and the empty think block are all in the masked part
+        assert prompt.startswith("<|im_start|>user\n")
+        assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        assert user in label_of
+
+
+def test_smollm2_mask_covers_only_answer_despite_default_system_prompt():
+    if not (SMOLLM2 / "tokenizer.json").exists():
+        pytest.skip(f"{SMOLLM2} is not built (make setup)")
+    from transformers import AutoTokenizer
+
+    from distill.prompts import render, student_messages
+    from distill.training import tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
+    query = "Je voudrais un café, s'il vous plaît."
+    row = tokenize(tokenizer, query, "fr")
+    assert len(row["input_ids"]) == len(row["completion_mask"])
+    answer_ids = [i for i, m in zip(row["input_ids"], row["completion_mask"]) if m]
+    prompt_ids = [i for i, m in zip(row["input_ids"], row["completion_mask"]) if not m]
+    assert tokenizer.decode(answer_ids) == f"fr{IM_END}"
+    assert row["completion_mask"] == [0] * len(prompt_ids) + [1] * len(answer_ids)
+    prompt = tokenizer.decode(prompt_ids)
+    assert "You are a helpful AI assistant named SmolLM" in prompt  # the template's default system prompt: masked
+    assert query in prompt and prompt.endswith("<|im_start|>assistant\n")
+    # the student's input at training time is token for token what evaluation feeds it
+    assert prompt_ids == tokenizer(render(tokenizer, student_messages(query)), add_special_tokens=False).input_ids
+
+
+# --- a real CLI run ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_cli_run_trains_adapter_only(trained_run, tiny_model):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = trained_run["dir"]
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert adapter and all("lora_" in key for key in adapter), "the adapter file holds LoRA weights only"
+    lora_b = [tensor for key, tensor in adapter.items() if "lora_B" in key]
+    assert lora_b and any(tensor.abs().max() > 0 for tensor in lora_b), "LoRA B starts at zero: training moved it"
+
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 32 and config["lora_alpha"] == 16
+    targeted = {module.rsplit(".", 1)[-1] for module in config["target_modules"]}
+    assert targeted >= ALL_LINEAR
+    assert {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in adapter} >= ALL_LINEAR
+
+    # the base is untouched: on disk, and as the weights under the loaded adapter
+    assert sha256(tiny_model / "model.safetensors") == trained_run["model_hash_before"]
+    base_weights = load_file(tiny_model / "model.safetensors")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), out)
+    compared = 0
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            continue
+        key = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        assert torch.equal(param.detach(), base_weights[key]), key
+        compared += 1
+    assert compared >= len(base_weights) - 1  # every base tensor (lm_head is tied to the embeddings)
+    assert (out / "tokenizer.json").exists()
+
+
+@pytest.mark.slow
+def test_cli_run_record(trained_run, teacher_jsonl, example_rows):
+    from distill.splits import select
+
+    record = json.loads((trained_run["dir"] / "distill_run.json").read_text())
+    assert record["status"] == "finished"
+    assert record["stage"] == "train_sft_trl"
+    heldout = len(select(example_rows, "heldout"))
+    assert record["counts"] == {"rows_in_file": len(example_rows), "heldout_rows_dropped": heldout,
+                                "rows_used": len(example_rows) - heldout, "answer_source": "assistant turn (teacher)"}
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert record["git_revision"].startswith(head) and head
+    assert "train_sft_trl.py" in record["command"] and "--max_steps 2" in record["command"]
+    assert record["args"]["script"]["dataset_name"] == str(teacher_jsonl)
+    assert record["args"]["training"]["max_steps"] == 2
+    assert record["args"]["training"]["learning_rate"] == pytest.approx(1e-3)  # from recipes/cpu.yaml
+    assert record["train_metrics"]["train_loss"] > 0
+    assert record["log_history"][-1]["step"] == 2
+    assert "held-out rows dropped" in trained_run["stdout"]
+
+
+@pytest.mark.slow
+def test_resume_continues_from_checkpoint(tiny_model, gold_teacher_file, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(tiny_model, gold_teacher_file, out, "--max_steps", 4, "--save_strategy", "steps",
+                      "--save_steps", 2, "--logging_steps", 1)
+    run_cli("train_sft_trl.py", *args)
+    reference = {h["step"]: h for h in json.loads((out / "distill_run.json").read_text())["log_history"] if "loss" in h}
+    assert sorted(reference) == [1, 2, 3, 4]
+
+    # Crash after step 2: only checkpoint-2 survives and the run record still says "running".
+    shutil.rmtree(out / "checkpoint-4")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (out / name).unlink()
+    record = json.loads((out / "distill_run.json").read_text())
+    (out / "distill_run.json").write_text(json.dumps({**record, "status": "running"}))
+    # Mark the checkpoint's state so the resumed run's history shows it was loaded, not recomputed.
+    state_file = out / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["global_step"] == 2
+    state["log_history"][-1]["from_checkpoint"] = True
+    state_file.write_text(json.dumps(state))
+
+    run_cli("train_sft_trl.py", *args, "--resume_from_checkpoint", out / "checkpoint-2")
+    record = json.loads((out / "distill_run.json").read_text())
+    assert record["status"] == "finished"
+    steps = [h for h in record["log_history"] if "loss" in h]
+    assert [h["step"] for h in steps] == [1, 2, 3, 4], "steps 1-2 come from the checkpoint, 3-4 are new"
+    assert steps[1].get("from_checkpoint") is True, "the history was restarted instead of resumed"
+    for h in steps[2:]:  # weights, optimizer, scheduler and data order all continue where they stopped
+        assert h["loss"] == pytest.approx(reference[h["step"]]["loss"], rel=1e-4)
+        assert h["learning_rate"] == pytest.approx(reference[h["step"]]["learning_rate"], abs=1e-9)
+    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+    assert (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("value", ["true", "last"])
+def test_resume_true_means_last_checkpoint(value):
+    import train_sft_trl
+
+    _, training_args, _ = train_sft_trl.parse_args(["--config", "recipes/cpu.yaml", "--resume_from_checkpoint", value])
+    assert training_args.resume_from_checkpoint is True
+
+
+@pytest.mark.slow
+def test_refuses_to_overwrite_finished_run(trained_run, tiny_model, gold_teacher_file, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained_run["dir"], out)
+    (out / "marker.txt").write_text("from the finished run")
+    args = train_args(tiny_model, gold_teacher_file, out, "--max_steps", 1)
+    refused = run_cli("train_sft_trl.py", *args, check=False)
+    assert refused.returncode != 0
+    assert "finished run" in refused.stderr and "--overwrite" in refused.stderr
+    assert (out / "marker.txt").exists() and sha256(out / "adapter_model.safetensors") == sha256(
+        trained_run["dir"] / "adapter_model.safetensors")
+
+    run_cli("train_sft_trl.py", *args, "--overwrite")
+    assert not (out / "marker.txt").exists(), "--overwrite replaces the old run"
+    record = json.loads((out / "distill_run.json").read_text())
+    assert record["status"] == "finished" and record["args"]["training"]["max_steps"] == 1
+
+
+# --- the split and the answer source ------------------------------------------------------------------------
+
+
+def test_heldout_rows_never_reach_trainer(tiny_model, gold_teacher_file, tmp_path, example_rows):
+    from distill.records import read_jsonl
+    from distill.splits import select
+
+    trainer, counts = build(tiny_model, gold_teacher_file, tmp_path / "out")
+    tokenizer = trainer.processing_class
+    queries = [split_example(tokenizer, ex["input_ids"], ex["labels"])[2] for ex in trainer.train_dataset]
+    rows = read_jsonl(gold_teacher_file)
+    heldout = select(rows, "heldout")
+    heldout_texts = {row["messages"][0]["content"] for row in heldout}
+    train_texts = {row["messages"][0]["content"] for row in select(rows, "train")}
+    assert heldout_texts and not heldout_texts & set(queries)
+    assert set(queries) == train_texts and len(queries) == len(train_texts)
+    assert counts["heldout_rows_dropped"] == len(heldout)
+    assert counts["rows_used"] == len(queries) == len(rows) - len(heldout)
+    # the same split evaluate.py applies to the test file
+    assert {row["id"] for row in heldout} == {row["id"] for row in select(example_rows, "heldout")}
+
+
+def test_answer_field_label_trains_on_gold_column(tiny_model, example_rows, tmp_path):
+    # The teacher says "zz" everywhere; --answer_field label must train on the gold column instead.
+    data = write_teacher(tmp_path / "teacher.jsonl", example_rows, answer=lambda row: "zz")
+    label_of = {row["text"]: row["label"] for row in example_rows}
+
+    trainer, counts = build(tiny_model, data, tmp_path / "gold", "--answer_field", "label")
+    tokenizer = trainer.processing_class
+    answers = [split_example(tokenizer, ex["input_ids"], ex["labels"]) for ex in trainer.train_dataset]
+    assert all(answer == f"{label_of[user]}{IM_END}" for _, answer, user in answers)
+    assert len({answer for _, answer, _ in answers}) == len(set(label_of.values()))
+    assert counts["answer_source"] == "label"
+    assert trainer.args.run_name.endswith("-gold")
+
+    trainer, counts = build(tiny_model, data, tmp_path / "teacher")
+    tokenizer = trainer.processing_class
+    assert {split_example(tokenizer, ex["input_ids"], ex["labels"])[1] for ex in trainer.train_dataset} == {
+        f"zz{IM_END}"}
+    assert counts["answer_source"] == "assistant turn (teacher)"
+
+
+# --- configuration errors -------------------------------------------------------------------------------------
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path):
+    import train_sft_trl
+
+    config = tmp_path / "recipe.yaml"
+    config.write_text((REPO / "recipes" / "cpu.yaml").read_text() + "learning_rat: 1.0e-4\n")
+    with pytest.raises((ValueError, SystemExit), match="learning_rat"):
+        train_sft_trl.parse_args(["--config", str(config)])
+    result = run_cli("train_sft_trl.py", "--config", config, "--output_dir", tmp_path / "out", check=False)
+    assert result.returncode != 0 and "learning_rat" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_cli_flag_is_an_error():
+    import train_sft_trl
+
+    with pytest.raises((ValueError, SystemExit), match="--learning_rates"):
+        train_sft_trl.parse_args(["--config", "recipes/cpu.yaml", "--learning_rates", "1e-4"])
+    with pytest.raises((ValueError, SystemExit), match="--no_such_flag"):
+        train_sft_trl.parse_args(["--config", "recipes/cpu.yaml", "--no_such_flag"])
+
+
+def test_flags_override_recipe():
+    import train_sft_trl
+
+    script, training, model = train_sft_trl.parse_args(
+        ["--config", "recipes/cpu.yaml", "--learning_rate", "5e-4", "--lora_r", "8", "--answer_field", "label"])
+    assert training.learning_rate == pytest.approx(5e-4) and model.lora_r == 8
+    assert training.per_device_train_batch_size == 8 and model.lora_alpha == 16  # still from the recipe
+    assert script.answer_field == "label"
+    assert training.run_name == "SmolLM2-135M-Instruct-r8-lr0.0005-bs8-gold"
+
+
+def test_default_output_dir_is_models_run_name():
+    import train_sft_trl
+
+    _, training, _ = train_sft_trl.parse_args(["--config", "recipes/cpu.yaml"])
+    assert training.output_dir == f"models/{training.run_name}"
+
+
+def test_abbreviated_flags_are_errors():
+    import train_sft_trl
+
+    with pytest.raises((SystemExit, ValueError)):
+        train_sft_trl.parse_args(["--config", "recipes/cpu.yaml", "--learning_rat", "1e-4"])
+
+
+# --- launchers ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_trl_sh_on_cpu_passes_flags_through(tiny_model, gold_teacher_file, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("bash", "train_trl.sh", "--model_name_or_path", tiny_model, "--max_steps", 1, "--report_to", "none",
+                     "--output_dir", out,
+                     env={"RECIPE": "recipes/cpu.yaml", "DATA": str(gold_teacher_file), "PYTHON": sys.executable})
+    assert "train_trl: recipe recipes/cpu.yaml" in result.stdout
+    record = json.loads((out / "distill_run.json").read_text())
+    assert record["status"] == "finished"
+    assert record["args"]["script"]["dataset_name"] == str(gold_teacher_file)
+    assert record["args"]["model"]["model_name_or_path"] == str(tiny_model)
+    assert record["args"]["training"]["max_steps"] == 1
+    assert record["args"]["training"]["learning_rate"] == pytest.approx(1e-3)  # the recipe's
+    assert record["log_history"][-1]["step"] == 1
+    assert (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_wandb_offline_without_network(tiny_model, gold_teacher_file, tmp_path):
+    out, wandb_dir = tmp_path / "run", tmp_path / "wandb"
+    wandb_dir.mkdir()
+    args = train_args(tiny_model, gold_teacher_file, out, "--max_steps", 1)
+    args.remove("--report_to")
+    args.remove("none")  # report_to defaults to wandb once WANDB_MODE is set
+    run_cli("train_sft_trl.py", *args,
+            env={"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true",
+                 "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"})
+    record = json.loads((out / "distill_run.json").read_text())
+    assert record["status"] == "finished"
+    assert record["args"]["training"]["report_to"] == ["wandb"]
+    runs = list(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    logged = runs[0].read_bytes()
+    assert b"heldout_fraction" in logged, "WandbConfigCallback adds the data settings to the run config"

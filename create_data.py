@@ -139,8 +139,6 @@ def main(argv=None):
     if args.constrain_labels and expects_reasoning and not args.reasoning_parser:
         sys.exit("error: --constrain_labels on a thinking model needs --reasoning-parser (e.g. qwen3), "
                  "else the label constraint would cut the reasoning")
-    prompt_ids = {row["id"]: tokenizer(render_teacher(tokenizer, prompt.teacher_messages(row["text"])),
-                                       add_special_tokens=False).input_ids for row in todo}
     record.finish(record_path, status="running", settings=settings)
 
     llm = engine.build_llm(args) if todo else None
@@ -152,6 +150,9 @@ def main(argv=None):
             tqdm(total=len(rows), initial=len(rows) - len(todo), desc="teacher", unit="query") as progress:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start : start + args.batch_size]
+            # Tokenized per batch: a million queries' ids would not fit in memory, nor wait well before the first row.
+            prompt_ids = {row["id"]: tokenizer(render_teacher(tokenizer, prompt.teacher_messages(row["text"])),
+                                               add_special_tokens=False).input_ids for row in batch}
             written, rejected = label_batch(llm, batch, prompt_ids, prompt, args, max_len, expects_reasoning)
             append_jsonl(out_file, written)
             append_jsonl(rejects_file, rejected)

@@ -70,7 +70,7 @@ def render_teacher(tokenizer, messages: list[dict]) -> str:
 
 def load_prompt(path: str | Path = DEFAULT_PROMPT) -> TaskPrompt:
     path = Path(path)
-    raw = path.read_text(encoding="utf-8")
+    raw = path.read_text(encoding="utf-8-sig")  # a BOM from a Windows editor is not content
     match = re.match(r"^---\n(.*?)\n---\n(.*)$", raw, re.DOTALL)
     if not match:
         raise ValueError(f"{path}: expected YAML front matter between '---' lines at the top")

@@ -1,0 +1,533 @@
+"""Stage 1 (create_data.py) and its 8-GPU launcher, end to end on the tiny random Qwen3 through vLLM's CPU build.
+
+vLLM starts cost ~20 s each on a 2-core box, so the slow tests share runs through module-scoped fixtures.
+The tiny model's ~1k-token tokenizer spends ~3.7k tokens on the long prompt, so every run here uses
+--max-model-len 4096 (its max_position_embeddings); at 1024 every query would be rejected as too_long.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import create_data
+from distill.prompts import load_prompt
+from distill.records import RunRecord, text_id
+from tests.conftest import CLI_ENV, EXAMPLE_DATA, REPO, run_cli
+
+MAX_LEN = ["--max-model-len", "4096"]
+LABELS = set(load_prompt().labels)
+SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct"
+
+
+# ---- helpers --------------------------------------------------------------------------------------------------
+
+
+def example_subset(path: Path, n: int, start: int = 0) -> Path:
+    lines = EXAMPLE_DATA.read_text(encoding="utf-8").split("\n")[start : start + n]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def input_ids(path: Path) -> list[str]:
+    return [json.loads(line)["id"] for line in path.read_text(encoding="utf-8").split("\n") if line]
+
+
+def complete_rows(path: Path) -> list[dict]:
+    """Every line of a JSONL output, asserting none is torn or malformed."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    assert not data or data.endswith(b"\n"), f"{path} ends in a torn line: {data[-80:]!r}"
+    rows = []
+    for number, line in enumerate(data.decode("utf-8").split("\n")[:-1], start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise AssertionError(f"{path}:{number} does not parse: {line[:120]!r}") from None
+    return rows
+
+
+def paths(output: Path) -> tuple[Path, Path, Path]:
+    return create_data.output_paths(str(output))
+
+
+def ids_once(output: Path) -> Counter:
+    out, rejects, _ = paths(output)
+    return Counter(row["id"] for row in complete_rows(out) + complete_rows(rejects))
+
+
+def run_record(output: Path) -> dict:
+    return json.loads(paths(output)[2].read_text(encoding="utf-8"))
+
+
+# ---- fast: sharding, resume state and merging without a model -------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 30, 50, 101])
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 8])
+def test_shard_covers_all_rows_once(n, count):
+    rows = list(range(n))
+    shards = [create_data.shard(rows, i, count) for i in range(count)]
+    assert [row for part in shards for row in part] == rows  # contiguous, in order, each row exactly once
+    sizes = [len(part) for part in shards]
+    assert max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)
+
+
+def test_output_paths():
+    out, rejects, record = create_data.output_paths("data/run/teacher.jsonl")
+    assert (str(out), str(rejects), str(record)) == ("data/run/teacher.jsonl", "data/run/teacher.rejects.jsonl",
+                                                     "data/run/teacher.run.json")
+
+
+def _settings(**changes):
+    return {"model": "m", "prompt_sha256": "abc", "temperature": 0.15, "num_samples": 1, "constrain_labels": True,
+            "max_tokens": 8192, **changes}
+
+
+def test_resume_state_unit(tmp_path):
+    out, rejects, record = paths(tmp_path / "t.jsonl")
+    assert create_data.resume_state(out, rejects, record, _settings(), overwrite=False) == set()
+    out.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "mess', encoding="utf-8")
+    rejects.write_text('{"id": "d", "reason": "too_long"}\n', encoding="utf-8")
+    RunRecord("create_data", {}).finish(record, status="running", settings=_settings())
+    assert create_data.resume_state(out, rejects, record, _settings(), overwrite=False) == {"a", "b", "d"}
+    assert out.read_text() == '{"id": "a"}\n{"id": "b"}\n'  # the torn line is cut
+    for change in ({"temperature": 0.7}, {"model": "other"}, {"prompt_sha256": "def"}, {"constrain_labels": False}):
+        with pytest.raises(create_data.InputError, match=f"{next(iter(change))}.*--overwrite"):
+            create_data.resume_state(out, rejects, record, _settings(**change), overwrite=False)
+    assert create_data.resume_state(out, rejects, record, _settings(temperature=0.7), overwrite=True) == set()
+    assert not out.exists() and not rejects.exists() and not record.exists()
+
+
+def _shard_files(tmp_path, rows, count):
+    for i in range(count):
+        part = create_data.shard(rows, i, count)
+        out, rejects, record = paths(tmp_path / f"shard-{i}-of-{count}.jsonl")
+        out.write_text("".join(json.dumps({"id": r["id"], "teacher": {"label": "en"}}) + "\n" for r in part[1:]))
+        rejects.write_text("".join(json.dumps({"id": r["id"], "reason": "no_answer_line"}) + "\n" for r in part[:1]))
+        RunRecord("create_data", {}).finish(record, status="finished", counts={"selected": len(part)},
+                                            generation_seconds=1.5 + i)
+    return str(tmp_path / f"shard-*-of-{count}.jsonl")
+
+
+def test_merge_shards_unit(tmp_path, capsys):
+    rows = [{"id": f"r{i}", "text": f"t{i}"} for i in range(11)]
+    pattern = _shard_files(tmp_path, rows, 3)
+    out, rejects, record = paths(tmp_path / "merged.jsonl")
+    create_data.merge_shards(pattern, rows, out, rejects, record, RunRecord("create_data", {}))
+    merged = complete_rows(out) + complete_rows(rejects)
+    assert sorted(row["id"] for row in merged) == sorted(row["id"] for row in rows)
+    assert len(complete_rows(rejects)) == 3
+    saved = json.loads(record.read_text())
+    assert saved["counts"] == {"selected": 11, "written_total": 8, "rejected_total": 3}
+    assert saved["generation_seconds"] == 3.5 and len(saved["merged_from"]) == 3
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("duplicate", "appear more than once"), ("missing", "are missing"), ("extra", "were not selected"),
+])
+def test_merge_shards_unit_detects_bad_coverage(tmp_path, damage, message):
+    rows = [{"id": f"r{i}", "text": f"t{i}"} for i in range(10)]
+    pattern = _shard_files(tmp_path, rows, 2)
+    shard1 = tmp_path / "shard-1-of-2.jsonl"
+    lines = shard1.read_text().splitlines(keepends=True)
+    if damage == "duplicate":
+        shard1.write_text("".join(lines) + (tmp_path / "shard-0-of-2.jsonl").read_text().splitlines(True)[0])
+    elif damage == "missing":
+        shard1.write_text("".join(lines[1:]))
+    else:
+        shard1.write_text("".join(lines) + json.dumps({"id": "stranger"}) + "\n")
+    out, rejects, record = paths(tmp_path / "merged.jsonl")
+    with pytest.raises(SystemExit) as exit_:
+        create_data.merge_shards(pattern, rows, out, rejects, record, RunRecord("create_data", {}))
+    assert message in str(exit_.value)
+    assert not out.exists() and not record.exists()
+
+
+# ---- bad input: fails with file and line, before any model is loaded -------------------------------------------
+
+
+def _bad_malformed(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "one"}\n{"text": "two"\n{"text": "three"}\n', encoding="utf-8")
+    return path, 2
+
+
+def _bad_utf8(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes("erste Zeile\nzweite Zeile\n".encode() + b"caf\xe9 au lait\nvierte\n")
+    return path, 3
+
+
+def _bad_duplicate_id(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"id": "x", "text": "one"}\n{"id": "y", "text": "two"}\n{"id": "x", "text": "three"}\n')
+    return path, 3
+
+
+@pytest.mark.parametrize("make_bad", [
+    _bad_malformed,
+    pytest.param(_bad_utf8, marks=pytest.mark.slow),
+    pytest.param(_bad_duplicate_id, marks=pytest.mark.slow),
+])
+def test_bad_input_fails_before_model_load(tmp_path, make_bad):
+    path, line = make_bad(tmp_path)
+    output = tmp_path / "never" / "teacher.jsonl"
+    started = time.monotonic()
+    # A model that does not exist: had the script tried to load it, the error would name the model, not the input.
+    result = run_cli("create_data.py", "--input_file", path, "--output_file", output,
+                     "--model_name", tmp_path / "no-such-model", *MAX_LEN, check=False, timeout=180)
+    assert result.returncode != 0
+    assert f"{path}:{line}:" in result.stderr, result.stderr[-2000:]
+    assert "no-such-model" not in result.stderr and "Traceback" not in result.stderr
+    assert not output.parent.exists()  # nothing written, not even the output folder
+    assert time.monotonic() - started < 90
+
+
+# ---- slow: real runs on the tiny model --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("create_data")
+
+
+@pytest.fixture(scope="module")
+def input50(work) -> Path:
+    return example_subset(work / "in50.jsonl", 50)
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_model, work, input50):
+    output = work / "single" / "teacher.jsonl"
+    command = ["create_data.py", "--input_file", input50, "--output_file", output, "--model_name", tiny_model,
+               "--constrain_labels", *MAX_LEN]
+    result = run_cli(*command)
+    return output, command, result
+
+
+@pytest.mark.slow
+def test_real_run_counts(single_run, input50):
+    output, _, result = single_run
+    out, rejects, _ = paths(output)
+    written, rejected = complete_rows(out), complete_rows(rejects)
+    assert len(written) + len(rejected) == 50
+    assert sorted(row["id"] for row in written + rejected) == sorted(input_ids(input50))
+    gold = {row["id"]: row for row in map(json.loads, input50.read_text(encoding="utf-8").splitlines())}
+    for row in written:
+        label = row["teacher"]["label"]
+        assert label in LABELS
+        assert row["messages"] == [{"role": "user", "content": gold[row["id"]]["text"]},
+                                   {"role": "assistant", "content": label}]
+        assert row["group"] == gold[row["id"]]["group"] and row["label"] == gold[row["id"]]["label"]  # carried
+        assert row["teacher"]["votes"] == {label: 1} and row["teacher"]["finish_reasons"] == ["stop"]
+        assert "text" not in row and "raw" not in row["teacher"]
+    for row in rejected:
+        assert row["reason"] and row["text"] == gold[row["id"]]["text"]
+    record = run_record(output)
+    counts = record["counts"]
+    assert record["status"] == "finished"
+    assert counts["input_lines"] == counts["selected"] == 50 and counts["resumed"] == 0
+    assert counts["written_total"] == counts["written_this_run"] == len(written)
+    assert counts["rejected_total"] == counts["rejected_this_run"] == len(rejected)
+    assert sum(counts["reject_reasons_this_run"].values()) == len(rejected)
+    assert record["settings"]["constrain_labels"] is True and record["expects_reasoning"] is False
+    assert f"50 selected -> {len(written)} written, {len(rejected)} rejected" in result.stdout
+
+
+@pytest.mark.slow
+def test_rerun_of_finished_command_does_nothing(single_run):
+    output, command, _ = single_run
+    out, rejects, _ = paths(output)
+    before = out.read_bytes(), rejects.read_bytes()
+    result = run_cli(*command)
+    assert "50 done by an earlier run, 0 to go" in result.stdout
+    assert (out.read_bytes(), rejects.read_bytes()) == before
+    counts = run_record(output)["counts"]
+    assert counts["resumed"] == 50 and counts["written_this_run"] == counts["rejected_this_run"] == 0
+    assert counts["written_total"] + counts["rejected_total"] == 50
+
+
+LONG_TEXT = ("Ceci est une phrase française assez ordinaire. " * 2200)[:100_000]
+SHORT_TEXTS = ["Hello there, how are you?", "Wie spät ist es?", "¿Dónde está la estación?", "Merhaba dünya",
+               "Привет, как дела?"]
+
+
+@pytest.fixture(scope="module")
+def txt_run(tiny_model, work):
+    path = work / "queries.txt"
+    lines = [SHORT_TEXTS[0], LONG_TEXT, "", *SHORT_TEXTS[1:], "   ", SHORT_TEXTS[2]]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    output = work / "txt" / "teacher.jsonl"
+    command = ["create_data.py", "--input_file", path, "--output_file", output, "--model_name", tiny_model,
+               "--constrain_labels", *MAX_LEN]
+    return output, command, run_cli(*command)
+
+
+@pytest.mark.slow
+def test_too_long_query_is_rejected_and_counted(txt_run):
+    output, _, result = txt_run
+    out, rejects, _ = paths(output)
+    rejected = complete_rows(rejects)
+    too_long = [row for row in rejected if row["reason"] == "too_long"]
+    assert len(too_long) == 1
+    assert too_long[0]["text"] == LONG_TEXT and too_long[0]["id"] == text_id(LONG_TEXT)
+    ids = ids_once(output)
+    assert set(ids) == {text_id(t) for t in [*SHORT_TEXTS, LONG_TEXT]} and max(ids.values()) == 1
+    counts = run_record(output)["counts"]
+    assert counts["input_lines"] == 9 and counts["skipped_empty"] == 2 and counts["duplicates"] == 1
+    assert counts["selected"] == 6
+    assert counts["reject_reasons_this_run"].get("too_long") == 1
+    assert counts["written_total"] + counts["rejected_total"] == 6
+    assert "too_long: 1" in result.stdout
+
+
+@pytest.mark.slow
+def test_resume_with_other_settings_refuses_then_overwrite_starts_over(txt_run, work):
+    output, command, _ = txt_run
+    # work on a copy so the other test of this fixture is unaffected by the order tests run in
+    copy_dir = work / "txt-copy"
+    shutil.copytree(output.parent, copy_dir)
+    copy = copy_dir / output.name
+    command = [str(c) for c in command]
+    command[command.index(str(output))] = str(copy)
+    out, rejects, record = paths(copy)
+    out.write_text(out.read_text(encoding="utf-8") + json.dumps({"id": "marker-from-old-run"}) + "\n")
+    before = out.read_bytes(), rejects.read_bytes(), record.read_bytes()
+
+    refused = run_cli(*command, "--temperature", "0.7", check=False, timeout=180)
+    assert refused.returncode != 0
+    assert "temperature" in refused.stderr and "--overwrite" in refused.stderr
+    assert (out.read_bytes(), rejects.read_bytes(), record.read_bytes()) == before
+
+    run_cli(*command, "--temperature", "0.7", "--overwrite")
+    ids = ids_once(copy)
+    assert "marker-from-old-run" not in ids
+    assert len(ids) == 6 and max(ids.values()) == 1
+    saved = json.loads(record.read_text())
+    assert saved["settings"]["temperature"] == 0.7
+    assert saved["counts"]["resumed"] == 0 and saved["counts"]["written_this_run"] + saved["counts"][
+        "rejected_this_run"] == 6
+
+
+# ---- slow: SIGKILL at several points, resume, finish --------------------------------------------------------------
+
+
+class Launch:
+    """create_data.py in its own session, its output in a log file."""
+
+    def __init__(self, command, log: Path):
+        self.log = log
+        self.handle = open(log, "w")
+        self.proc = subprocess.Popen([sys.executable, *map(str, command)], cwd=REPO,
+                                     env={**CLI_ENV, "PYTHONUNBUFFERED": "1"}, stdout=self.handle, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_for(self, condition, what: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"create_data exited ({self.proc.returncode}) before {what}:\n{self.output()}")
+            time.sleep(0.002)
+        self.kill()
+        raise AssertionError(f"timed out waiting for {what}:\n{self.output()}")
+
+    def kill(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        try:  # anything the run started in its session (nothing, normally)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.handle.close()
+
+    def finish(self, timeout: float = 300) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self.handle.close()
+
+    def output(self) -> str:
+        self.handle.flush()
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+def newline_count(*files: Path) -> int:
+    total = 0
+    for path in files:
+        try:
+            total += path.read_bytes().count(b"\n")
+        except FileNotFoundError:
+            pass
+    return total
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume(tiny_model, tmp_path):
+    queries = example_subset(tmp_path / "in40.jsonl", 40, start=100)
+    selected = input_ids(queries)
+    output = tmp_path / "kill" / "teacher.jsonl"
+    out, rejects, record = paths(output)
+    command = ["create_data.py", "--input_file", queries, "--output_file", output, "--model_name", tiny_model,
+               "--constrain_labels", "--batch_size", "2", *MAX_LEN]
+
+    # 1. during start-up: the run record says "running", the engine is still starting
+    run = Launch(command, tmp_path / "run1.log")
+    run.wait_for(record.exists, "the run record was written")
+    run.kill()
+    assert json.loads(record.read_text())["status"] == "running"
+    assert newline_count(out, rejects) == 0
+
+    # 2. and 3. mid-generation, at two different points
+    done = 0
+    for number, step in ((2, 6), (3, 10)):
+        run = Launch(command, tmp_path / f"run{number}.log")
+        target = done + step
+        run.wait_for(lambda: newline_count(out, rejects) >= target, f"{target} rows were on disk")
+        run.kill()
+        rows = complete_rows(out) + complete_rows(rejects)
+        assert f"{done} done by an earlier run, {40 - done} to go" in run.log.read_text()
+        assert target <= len(rows) < 40, f"kill {number} came too late to interrupt the run ({len(rows)} rows)"
+        assert max(Counter(row["id"] for row in rows).values()) == 1
+        assert json.loads(record.read_text())["status"] == "running"
+        done = len(rows)
+
+    # a crash mid-write: torn last lines in both files
+    pending = next(i for i in selected if i not in ids_once(output))
+    with open(out, "ab") as handle:
+        handle.write(f'{{"id": "{pending}", "messages": [{{"role": "user", "content": "Die B'.encode())
+    with open(rejects, "ab") as handle:
+        handle.write(b'{"id": "x", "reason": "too_')
+
+    # 4. resume to the end
+    run = Launch(command, tmp_path / "run4.log")
+    assert run.finish() == 0, run.output()
+    log = run.log.read_text()
+    assert f"cut a torn last line" in log and str(out) in log and str(rejects) in log
+    assert f"{done} done by an earlier run, {40 - done} to go" in log
+
+    ids = ids_once(output)  # complete_rows asserts that every line parses
+    assert sorted(ids) == sorted(selected), "every selected id must be in the output or the rejects"
+    assert set(ids.values()) == {1}, [i for i, n in ids.items() if n > 1]
+    saved = run_record(output)
+    assert saved["status"] == "finished"
+    assert saved["counts"]["resumed"] == done
+    assert saved["counts"]["written_this_run"] + saved["counts"]["rejected_this_run"] == 40 - done
+    assert saved["counts"]["written_total"] + saved["counts"]["rejected_total"] == 40
+
+
+# ---- slow: the multi-instance launcher ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_launcher_matches_single_run(single_run, tiny_model, work, input50):
+    single_output, _, _ = single_run
+    output = work / "launcher" / "teacher.jsonl"
+    env = {"MODEL": str(tiny_model), "TP": "1", "NUM_GPUS": "2", "INPUT": str(input50), "OUTPUT": str(output),
+           "PYTHON": sys.executable}
+    result = run_cli("bash", "create_data_h100x8.sh", "--constrain_labels", *MAX_LEN, env=env)
+    shard_dir = output.parent / "teacher.shards"
+    assert "2 instance(s)" in result.stdout
+
+    merged = ids_once(output)
+    assert merged == ids_once(single_output)  # same ids, each exactly once
+    assert sorted(merged) == sorted(input_ids(input50))
+    per_shard = [ids_once(shard_dir / f"shard-{i}-of-2.jsonl") for i in range(2)]
+    assert [sum(c.values()) for c in per_shard] == [25, 25]
+    assert not set(per_shard[0]) & set(per_shard[1])
+    record = run_record(output)
+    assert record["counts"]["selected"] == 50 and len(record["merged_from"]) == 2
+    assert record["counts"]["written_total"] + record["counts"]["rejected_total"] == 50
+    for row in complete_rows(paths(output)[0]):
+        assert row["teacher"]["label"] in LABELS
+
+    # the merge on its own notices a row that went missing from a shard
+    shard1 = shard_dir / "shard-1-of-2.jsonl"
+    lines = shard1.read_text(encoding="utf-8").splitlines(keepends=True)
+    lost = json.loads(lines[0])["id"]
+    shard1.write_text("".join(lines[1:]), encoding="utf-8")
+    merge = run_cli("create_data.py", "--input_file", input50, "--model_name", tiny_model,
+                    "--output_file", work / "launcher" / "remerged.jsonl",
+                    "--merge_shards", f"{shard_dir}/shard-*-of-2.jsonl", check=False, timeout=180)
+    assert merge.returncode != 0
+    assert "1 ids are missing" in merge.stderr and lost in merge.stderr
+    assert not (work / "launcher" / "remerged.jsonl").exists()
+
+
+FAILING_PYTHON = """#!/usr/bin/env bash
+# shard 1 fails at once (after shard 0 is up); shard 0 would run for a minute; anything else is real python
+for arg in "$@"; do [ "${prev:-}" = --shard_index ] && idx=$arg; prev=$arg; done
+case "${idx:-}" in
+  1) for _ in $(seq 100); do [ -f "$PIDDIR/shard-0.pid" ] && break; sleep 0.1; done
+     echo "shard 1: simulated crash" >&2; exit 3 ;;
+  0) echo $$ > "$PIDDIR/shard-0.pid"; exec sleep 60 ;;
+  *) exec "$REAL_PYTHON" "$@" ;;
+esac
+"""
+
+
+def test_launcher_fails_when_one_instance_fails(tmp_path):
+    wrapper = tmp_path / "python"
+    wrapper.write_text(FAILING_PYTHON)
+    wrapper.chmod(0o755)
+    output = tmp_path / "out" / "teacher.jsonl"
+    env = {"MODEL": "tiny", "TP": "1", "NUM_GPUS": "2", "OUTPUT": str(output), "PYTHON": str(wrapper),
+           "PIDDIR": str(tmp_path), "REAL_PYTHON": sys.executable}
+    started = time.monotonic()
+    result = run_cli("bash", "create_data_h100x8.sh", "--max_samples", "10", env=env, check=False, timeout=60)
+    assert result.returncode == 3, (result.returncode, result.stdout, result.stderr)
+    assert time.monotonic() - started < 30  # it did not wait for shard 0's minute
+    assert "a teacher instance failed" in result.stderr and "simulated crash" in result.stderr
+    assert not output.exists()  # no merge after a failure
+    pid = int((tmp_path / "shard-0.pid").read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the launcher left shard 0 running after shard 1 failed")
+
+
+# ---- slow: the embedded model answers a chat through vLLM ------------------------------------------------------
+
+CHAT = """
+import json, sys
+from distill import engine
+engine.configure_env()
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+args = engine.add_engine_args(FlexibleArgumentParser()).parse_args(["--model", sys.argv[1], "--max-model-len", "512"])
+assert args.enable_prefix_caching and args.seed == 0
+if not engine.on_gpu():  # the CPU defaults: no torch.compile warm-up, fp32
+    assert args.enforce_eager and args.dtype == "float32", vars(args)
+from vllm import SamplingParams
+llm = engine.build_llm(args)
+out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+               SamplingParams(max_tokens=16, temperature=0))
+print("ANSWER=" + json.dumps(out[0].outputs[0].text))
+"""
+
+
+@pytest.mark.slow
+def test_embedded_model_answers_a_chat():
+    if not (SMOLLM2 / "config.json").is_file():
+        pytest.skip(f"{SMOLLM2} is absent (make setup builds it)")
+    result = run_cli(sys.executable, "-c", CHAT, SMOLLM2, timeout=300)
+    answers = [line for line in result.stdout.splitlines() if line.startswith("ANSWER=")]
+    assert answers, result.stdout[-2000:]
+    answer = json.loads(answers[0].removeprefix("ANSWER="))
+    assert answer.strip()
+    assert "paris" in answer.lower()

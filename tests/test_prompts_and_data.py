@@ -1,0 +1,212 @@
+"""The task prompt file, the teacher's and student's messages, the example data and the train/held-out split."""
+
+import json
+import random
+from collections import Counter, defaultdict
+
+import pytest
+
+from distill.prompts import (DEFAULT_PROMPT, load_prompt, render, render_teacher, student_messages)
+from distill.splits import HELDOUT_FRACTION, select, split_of
+from tests.conftest import EXAMPLE_DATA, REPO
+
+LABELS = ("ar", "de", "el", "en", "es", "fr", "hi", "ru", "tr", "ur", "vi", "zh", "ot")
+SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return load_prompt()
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    if not (SMOLLM2 / "tokenizer.json").is_file():
+        pytest.skip(f"{SMOLLM2} is absent (make setup builds it)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(SMOLLM2)
+
+
+# ---- the prompt file -----------------------------------------------------------------------------------------
+
+
+def test_prompt_file_loads(prompt):
+    assert DEFAULT_PROMPT.is_file()
+    assert prompt.labels == LABELS
+    assert prompt.answer_format == "Final Answer: {label}"
+    assert "{query}" in prompt.query_template
+    assert not prompt.text.startswith("---") and "labels:" not in prompt.text.splitlines()[0]
+    assert prompt.text.startswith("# Language Identification")
+    assert len(prompt.sha256) == 64
+
+
+def test_prompt_mentions_every_label(prompt):
+    for label in LABELS:
+        assert f"{label} " in prompt.text or f"→ {label}" in prompt.text, label
+
+
+@pytest.mark.parametrize("line, label", [
+    ("Final Answer: fr", "fr"), ("final answer:   ZH  ", "ZH"), ("  Final Answer:ot", "ot"),
+    ("Final Answer: fr extra", None), ("The Final Answer: fr", None), ("Final Answer:", None),
+])
+def test_answer_regex(prompt, line, label):
+    match = prompt.answer_regex.match(line)
+    assert (match.group("label") if match else None) == label
+
+
+def test_prompt_body_token_count(prompt, smollm2_tokenizer):
+    tokens = len(smollm2_tokenizer(prompt.text, add_special_tokens=False).input_ids)
+    assert 1_200 <= tokens <= 2_500, tokens
+
+
+def test_load_prompt_rejects_bad_files(tmp_path):
+    cases = {
+        "no_front_matter.md": "# Just a prompt\n",
+        "missing_key.md": "---\nlabels: [a, b]\nanswer_format: 'A: {label}'\n---\nbody\n",
+        "no_placeholder.md": "---\nlabels: [a, b]\nanswer_format: 'A: x'\nquery_template: '{query}'\n---\nbody\n",
+        "dup_labels.md": "---\nlabels: [a, A]\nanswer_format: 'A: {label}'\nquery_template: '{query}'\n---\nbody\n",
+    }
+    for name, text in cases.items():
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match=str(path)):
+            load_prompt(path)
+
+
+def test_prompt_file_with_crlf_loads(tmp_path, prompt):
+    path = tmp_path / "crlf.md"
+    path.write_bytes(DEFAULT_PROMPT.read_bytes().replace(b"\n", b"\r\n"))
+    loaded = load_prompt(path)
+    assert loaded.labels == prompt.labels and loaded.text == prompt.text
+
+
+def test_prompt_file_with_bom_loads(tmp_path, prompt):
+    path = tmp_path / "bom.md"
+    path.write_bytes(b"\xef\xbb\xbf" + DEFAULT_PROMPT.read_bytes())
+    assert load_prompt(path).labels == prompt.labels
+
+
+def test_other_task_prompt_needs_no_code(tmp_path):
+    path = tmp_path / "sentiment.md"
+    path.write_text("---\nlabels: [Pos, Neg]\nanswer_format: 'Label = {label}'\nquery_template: 'Review: {query}'\n"
+                    "---\nClassify the review.\n", encoding="utf-8")
+    prompt = load_prompt(path)
+    assert prompt.labels == ("pos", "neg")
+    assert prompt.answer_regex.match("label =  NEG").group("label") == "NEG"
+    assert prompt.teacher_messages("great")[1]["content"] == "Review: great"
+
+
+# ---- messages ------------------------------------------------------------------------------------------------
+
+
+def test_teacher_messages_prompt_first_query_last(prompt):
+    query = "Die Bäckerei an der Ecke öffnet um sechs."
+    messages = prompt.teacher_messages(query)
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert messages[0]["content"] == prompt.text
+    assert query not in messages[0]["content"]
+    assert messages[-1]["content"] == prompt.query_template.format(query=query)
+    assert messages[-1]["content"].rstrip().endswith(query + "\n>>>")
+
+
+def test_query_with_braces_is_not_a_format_string(prompt):
+    query = "if (x) { return {label}; } // {query} {0}"
+    assert query in prompt.teacher_messages(query)[-1]["content"]
+
+
+def test_student_messages_are_the_bare_query():
+    assert student_messages("hola") == [{"role": "user", "content": "hola"}]
+
+
+def test_teacher_render_shares_the_prompt_as_a_token_prefix(prompt, smollm2_tokenizer):
+    # The prompt must be a common prefix of every teacher input, so vLLM's prefix cache computes it once.
+    tok = smollm2_tokenizer
+    texts = [render_teacher(tok, prompt.teacher_messages(q)) for q in ("Bonjour à tous", "Привет, как дела?")]
+    ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    common = next((i for i, (a, b) in enumerate(zip(*ids)) if a != b), min(map(len, ids)))
+    prompt_tokens = len(tok(prompt.text, add_special_tokens=False).input_ids)
+    assert common >= prompt_tokens - 2
+    assert texts[0].index(prompt.text) < texts[0].index("Bonjour à tous")
+
+
+def test_student_render_has_no_prompt(prompt, smollm2_tokenizer):
+    text = render(smollm2_tokenizer, student_messages("Bonjour à tous"))
+    assert "Bonjour à tous" in text and "Language Identification" not in text
+    assert text.rstrip().endswith("assistant")
+
+
+# ---- example data --------------------------------------------------------------------------------------------
+
+
+def test_example_data_size_and_ids(example_rows, prompt):
+    assert len(example_rows) >= 600
+    ids = [row["id"] for row in example_rows]
+    assert len(ids) == len(set(ids))
+    assert all(row["text"].strip() for row in example_rows)
+    assert {row["label"] for row in example_rows} <= set(prompt.labels)
+
+
+def test_every_label_is_frequent(example_rows, prompt):
+    counts = Counter(row["label"] for row in example_rows)
+    assert set(counts) == set(prompt.labels)
+    assert min(counts.values()) >= 40, counts
+
+
+def test_translation_groups(example_rows):
+    groups = defaultdict(list)
+    for row in example_rows:
+        if row.get("kind") == "translation":
+            groups[row["group"]].append(row)
+    complete = 0
+    for rows in groups.values():
+        labelled = {row["label"] for row in rows if row["label"] != "ot"}
+        other_languages = {row["language"] for row in rows if row["label"] == "ot"}
+        if labelled == set(LABELS) - {"ot"} and len(other_languages) >= 3:
+            complete += 1
+    assert complete >= 40, complete
+
+
+def test_example_data_file_is_clean_jsonl():
+    raw = EXAMPLE_DATA.read_bytes()
+    assert not raw.startswith(b"\xef\xbb\xbf") and b"\r" not in raw and raw.endswith(b"\n")
+    for line in raw.decode("utf-8").split("\n")[:-1]:
+        assert isinstance(json.loads(line), dict)
+
+
+# ---- the split -----------------------------------------------------------------------------------------------
+
+
+def test_split_is_reproducible_and_keeps_groups_together(example_rows):
+    first = [row["id"] for row in select(example_rows, "heldout")]
+    assert first == [row["id"] for row in select(example_rows, "heldout")]
+    train, heldout = select(example_rows, "train"), select(example_rows, "heldout")
+    assert len(train) + len(heldout) == len(example_rows)
+    assert not {row["group"] for row in train} & {row["group"] for row in heldout}
+    assert 0.1 <= len(heldout) / len(example_rows) <= 0.35
+    assert select(example_rows, "all") == example_rows
+
+
+def test_split_is_stable_under_shuffling_and_removal(example_rows):
+    sides = {row["id"]: split_of(row) for row in example_rows}
+    shuffled = list(example_rows)
+    random.Random(1).shuffle(shuffled)
+    assert {row["id"] for row in select(shuffled, "heldout")} == {i for i, s in sides.items() if s == "heldout"}
+    kept = shuffled[: len(shuffled) // 3]
+    assert all(split_of(row) == sides[row["id"]] for row in kept)
+    assert {row["id"] for row in select(kept, "train")} == {r["id"] for r in kept if sides[r["id"]] == "train"}
+
+
+def test_split_uses_id_without_group_and_depends_on_seed(example_rows):
+    assert split_of({"id": "a", "group": None}) == split_of({"id": "a"})
+    sides = [split_of(row) for row in example_rows]
+    other_seed = [split_of(row, seed=1) for row in example_rows]
+    assert sides != other_seed
+    assert all(split_of(row, heldout_fraction=0.0) == "train" for row in example_rows[:50])
+    assert all(split_of(row, heldout_fraction=1.0) == "heldout" for row in example_rows[:50])
+    assert 0 < HELDOUT_FRACTION < 0.5
+
+
+def test_select_rejects_unknown_split(example_rows):
+    with pytest.raises(ValueError):
+        select(example_rows, "test")

@@ -4,14 +4,14 @@
 #   2. two LoRA students without the prompt: one on the teacher's labels, one on the gold labels of the same rows
 #   3. evaluation on the held-out split: teacher with prompt, both students, lingua; then the side-by-side table
 # The 135M teacher reads the long prompt poorly: the demo proves the plumbing and the measurements, not quality.
-# Env: TRAIN_ROWS (default 240), EPOCHS (default 1), DEMO_DIR (default data/demo), PYTHON (default .venv/bin/python).
+# Env: TRAIN_ROWS (default 320), EPOCHS (default 1), DEMO_DIR (default data/demo), PYTHON (default .venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-.venv/bin/python}
 MODEL=models/SmolLM2-135M-Instruct
 DEMO_DIR=${DEMO_DIR:-data/demo}
-TRAIN_ROWS=${TRAIN_ROWS:-240}
+TRAIN_ROWS=${TRAIN_ROWS:-320}
 EPOCHS=${EPOCHS:-1}
 # wandb stays offline (runs land in ./wandb/) unless the user has configured it.
 if [ -z "${WANDB_API_KEY:-}" ] && ! grep -qs "api.wandb.ai" ~/.netrc; then export WANDB_MODE=${WANDB_MODE:-offline}; fi

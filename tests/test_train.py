@@ -70,7 +70,7 @@ def trained_run(tiny_model, teacher_jsonl, tmp_path_factory):
 
 
 def test_collated_batch_masks_all_but_answer_and_end_of_turn(tiny_model, gold_teacher_file, tmp_path, example_rows):
-    trainer, _ = build(tiny_model, gold_teacher_file, tmp_path / "out")
+    trainer, _ = build(tiny_model, gold_teacher_file, tmp_path / "out", "--padding_free", "false", "--max_length", 256)
     tokenizer = trainer.processing_class
     label_of = {row["text"]: row["label"] for row in example_rows}
     batch = next(iter(trainer.get_train_dataloader()))
@@ -91,6 +91,23 @@ def test_collated_batch_masks_all_but_answer_and_end_of_turn(tiny_model, gold_te
         assert prompt.startswith("<|im_start|>user\n")
         assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
         assert user in label_of
+
+
+def test_padding_free_batch_masks_all_but_answer_and_end_of_turn(tiny_model, gold_teacher_file, tmp_path,
+                                                                 example_rows):
+    """recipes/cpu.yaml trains padding-free: one row holding the batch's sequences, position_ids restarting at 0."""
+    trainer, _ = build(tiny_model, gold_teacher_file, tmp_path / "out")
+    assert trainer.args.padding_free
+    tokenizer = trainer.processing_class
+    label_of = {row["text"]: row["label"] for row in example_rows}
+    batch = next(iter(trainer.get_train_dataloader()))
+    input_ids, labels, positions = batch["input_ids"][0], batch["labels"][0], batch["position_ids"][0].tolist()
+    starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+    assert len(starts) - 1 == 8  # the recipe's batch of 8 sequences, packed into one row
+    for start, end in zip(starts, starts[1:]):
+        prompt, answer, user = split_example(tokenizer, input_ids[start:end], labels[start:end])
+        assert answer == f"{label_of[user]}{IM_END}"
+        assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
 def test_smollm2_mask_covers_only_answer_despite_default_system_prompt():

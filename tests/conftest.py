@@ -30,17 +30,21 @@ def example_rows() -> list[dict]:
     return [json.loads(line) for line in EXAMPLE_DATA.read_text(encoding="utf-8").splitlines()]
 
 
+def write_teacher_file(path: Path, rows: list[dict], answer=lambda row: row["label"]) -> Path:
+    """Stage-1-shaped JSONL from example rows, with a chosen assistant answer (the gold label by default)."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            out = {"id": row["id"], "group": row["group"], "label": row["label"],
+                   "messages": [{"role": "user", "content": row["text"]},
+                                {"role": "assistant", "content": answer(row)}]}
+            handle.write(json.dumps(out, ensure_ascii=False) + "\n")
+    return path
+
+
 @pytest.fixture()
 def gold_teacher_file(tmp_path, example_rows) -> Path:
     """Stage-1-shaped JSONL whose 'teacher' answers are the gold labels (no vLLM needed)."""
-    path = tmp_path / "teacher.jsonl"
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in example_rows:
-            out = {"id": row["id"], "group": row["group"], "label": row["label"],
-                   "messages": [{"role": "user", "content": row["text"]},
-                                {"role": "assistant", "content": row["label"]}]}
-            handle.write(json.dumps(out, ensure_ascii=False) + "\n")
-    return path
+    return write_teacher_file(tmp_path / "teacher.jsonl", example_rows)
 
 
 def run_cli(*args, timeout=600, check=True, env=None) -> subprocess.CompletedProcess:

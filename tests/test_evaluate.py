@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import EXAMPLE_DATA, run_cli
+from tests.conftest import EXAMPLE_DATA, run_cli, write_teacher_file
 
 IM_END = "<|im_end|>"
 
@@ -19,15 +19,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teacher_jsonl(workdir, example_rows):
-    """Stage-1-shaped JSONL whose teacher answers are the gold labels (as conftest's gold_teacher_file)."""
-    path = workdir / "teacher.jsonl"
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in example_rows:
-            out = {"id": row["id"], "group": row["group"], "label": row["label"],
-                   "messages": [{"role": "user", "content": row["text"]},
-                                {"role": "assistant", "content": row["label"]}]}
-            handle.write(json.dumps(out, ensure_ascii=False) + "\n")
-    return path
+    return write_teacher_file(workdir / "teacher.jsonl", example_rows)
 
 
 @pytest.fixture(scope="module")

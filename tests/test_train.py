@@ -9,22 +9,11 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, write_teacher_file
 
 IM_END = "<|im_end|>"
 SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct"
 ALL_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-
-
-def write_teacher(path, rows, answer=lambda row: row["label"]):
-    """A stage-1-shaped JSONL (as the gold_teacher_file fixture writes it), with a chosen assistant answer."""
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            out = {"id": row["id"], "group": row["group"], "label": row["label"],
-                   "messages": [{"role": "user", "content": row["text"]},
-                                {"role": "assistant", "content": answer(row)}]}
-            handle.write(json.dumps(out, ensure_ascii=False) + "\n")
-    return path
 
 
 def train_args(model, data, output_dir, *extra):
@@ -54,7 +43,7 @@ def split_example(tokenizer, input_ids, labels):
 
 @pytest.fixture(scope="module")
 def teacher_jsonl(tmp_path_factory, example_rows):
-    return write_teacher(tmp_path_factory.mktemp("data") / "teacher.jsonl", example_rows)
+    return write_teacher_file(tmp_path_factory.mktemp("data") / "teacher.jsonl", example_rows)
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +265,7 @@ def test_heldout_rows_never_reach_trainer(tiny_model, gold_teacher_file, tmp_pat
 
 def test_answer_field_label_trains_on_gold_column(tiny_model, example_rows, tmp_path):
     # The teacher says "zz" everywhere; --answer_field label must train on the gold column instead.
-    data = write_teacher(tmp_path / "teacher.jsonl", example_rows, answer=lambda row: "zz")
+    data = write_teacher_file(tmp_path / "teacher.jsonl", example_rows, answer=lambda row: "zz")
     label_of = {row["text"]: row["label"] for row in example_rows}
 
     trainer, counts = build(tiny_model, data, tmp_path / "gold", "--answer_field", "label")

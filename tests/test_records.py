@@ -221,3 +221,9 @@ def test_run_record(tmp_path):
     assert saved == result
     assert saved["stage"] == "stage" and saved["args"] == {"x": 1} and saved["counts"] == {"n": 3}
     assert saved["wall_seconds"] >= 0 and saved["git_revision"]
+
+
+def test_text_field_names_the_column_of_a_txt_file_too(tmp_path):
+    path = write(tmp_path / "in.txt", b"hello\n\nworld\n")
+    queries = read_queries(path, text_field="sentence")
+    assert [row["text"] for row in queries.rows] == ["hello", "world"] and queries.empty == 1

@@ -6,7 +6,7 @@ EMBEDDED := models/SmolLM2-135M-Instruct/config.json
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast demo bench clean-demo
+.PHONY: setup test test-fast demo bench gpu-check clean-demo
 
 setup: $(STAMP) $(EMBEDDED)
 
@@ -37,6 +37,10 @@ demo: setup
 
 bench: setup
 	bash bench/run_all.sh
+
+# Any CUDA machine: the GPU recipe on random-init models of the real Qwen3 shapes (scripts/gpu_check.py).
+gpu-check: setup
+	bash scripts/gpu_check.sh
 
 clean-demo:
 	rm -rf data/demo models/demo-*

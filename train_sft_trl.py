@@ -1,12 +1,20 @@
 """Stage 2: LoRA-SFT the student on (query -> teacher answer), without the prompt. Loss on the answer only.
 
-    python train_sft_trl.py --config recipes/tinker.yaml                       # Qwen3-30B-A3B-Instruct-2507 student
+    python train_sft_trl.py --config recipes/tinker.yaml                       # Qwen3-4B-Instruct-2507, 1 GPU
+    NUM_GPUS=8 ./train_trl.sh                                                  # Qwen3-30B-A3B student, FSDP on 8
+    python train_sft_trl.py --config recipes/tinker_30b_fsdp.yaml --plan_only --plan_gpus 8   # memory plan only
     python train_sft_trl.py --config recipes/cpu.yaml --dataset_name data/teacher.jsonl   # the CPU demo recipe
     python train_sft_trl.py --config recipes/cpu.yaml --answer_field label    # same rows, gold labels
 
 Every SFTConfig / TrainingArguments flag and every ModelConfig flag of TRL is a flag here (--learning_rate,
 --lora_r, --lora_target_parameters, ...); `--config X.yaml` sets defaults that flags override; unknown keys are
-errors. LoRA r32 / alpha16 on all linear layers is the default; `--use_peft false` trains the full model.
+errors. LoRA r32 / alpha32 (tinker-cookbook's) on all linear layers is the default, with an MoE router left frozen
+(`--train_router` opts in); `--use_peft false` trains the full model.
+
+`--global_batch_size` fixes the rows per optimizer step at any GPU count: gradient accumulation is derived from it,
+the world size and the micro-batch, which `--micro_batch_tokens` can size from the data's mean row length. Before any
+weight loads, a memory plan (distill/plan.py) is printed and stored; a plan that does not fit the GPUs stops the run.
+Under accelerate/FSDP only rank 0 writes files, and a run is `finished` only once its adapter is on disk and loads.
 
 Rows whose group (or id) falls on the held-out side of the split that evaluate.py uses never reach the trainer.
 The output dir (default models/<run name>) gets the adapter, the tokenizer and distill_run.json (resolved config,
@@ -22,10 +30,12 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from distill.checkpoint import save_adapter
 from distill.engine import on_gpu
 from distill.records import InputError, RunRecord, read_jsonl
 
-DEFAULT_STUDENT = "Qwen/Qwen3-30B-A3B-Instruct-2507"
+DEFAULT_STUDENT = "Qwen/Qwen3-4B-Instruct-2507"
+H100_GIB = 80.0
 RUN_RECORD = "distill_run.json"
 
 
@@ -40,6 +50,19 @@ class DistillArguments:
     split_seed: int = field(default=0, metadata={"help": "seed of the group split (evaluate.py must use the same)"})
     max_train_rows: int | None = field(default=None, metadata={"help": "use only the first N training rows"})
     overwrite: bool = field(default=False, metadata={"help": "replace a finished run in --output_dir"})
+    global_batch_size: int | None = field(default=None, metadata={
+        "help": "rows per optimizer step summed over all processes; sets gradient_accumulation_steps"})
+    micro_batch_tokens: int | None = field(default=None, metadata={
+        "help": "size each process's micro-batch as the most rows (a divisor of its share of the global batch) whose "
+                "mean-length total stays within this many tokens; needs --global_batch_size"})
+    train_router: bool = field(default=False, metadata={"help": "LoRA on an MoE router (mlp.gate) too; frozen by default"})
+    plan_only: bool = field(default=False, metadata={
+        "help": "print the memory plan and exit without loading weights: 0 if it fits, 1 if not"})
+    plan_gpus: int | None = field(default=None, metadata={
+        "help": "plan for this many GPUs (FSDP when > 1) instead of the processes of this launch"})
+    plan_gpu_gb: float | None = field(default=None, metadata={
+        "help": "GiB per GPU to plan for (default: the visible GPU's; 80, an H100, on a machine without one)"})
+    ignore_memory_plan: bool = field(default=False, metadata={"help": "train even if the memory plan does not fit"})
 
 
 def parse_args(argv=None):
@@ -49,7 +72,7 @@ def parse_args(argv=None):
     gpu = on_gpu()
     parser.set_defaults(
         model_name_or_path=DEFAULT_STUDENT,
-        use_peft=True, lora_r=32, lora_alpha=16, lora_target_modules=["all-linear"],
+        use_peft=True, lora_r=32, lora_alpha=32, lora_target_modules=["all-linear"],
         # PEFT 0.21 turns all-linear on a transformers-5 MoE into fused expert parameters, which refuse dropout.
         lora_dropout=0.0,
         # Explicit dtype: bf16 on GPU; fp32 on CPU, where bf16 fails in SFTConfig and runs ~10x slower.
@@ -59,8 +82,23 @@ def parse_args(argv=None):
         logging_steps=1, save_strategy="no",
         output_dir="",  # TrainingArguments turns None into ./trainer_output; "" lets us default to models/<run name>
     )
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--plan_only" in argv and not gpu:
+        argv += ["--bf16", "false"]  # a plan needs no GPU, but TrainingArguments refuses a bf16 recipe without one
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
-    batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
+    if script_args.micro_batch_tokens and not script_args.global_batch_size:
+        parser.error("--micro_batch_tokens sizes micro-batches within --global_batch_size; set both")
+    if script_args.global_batch_size and not script_args.micro_batch_tokens:
+        from distill.training import derive_batch
+
+        try:
+            training_args.gradient_accumulation_steps = derive_batch(
+                script_args.global_batch_size, world_size, training_args.per_device_train_batch_size)
+        except ValueError as error:
+            parser.error(str(error))
+    batch = script_args.global_batch_size or (
+        training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world_size)
     short_name = Path(model_args.model_name_or_path.rstrip("/")).name
     rank = f"r{model_args.lora_r}" if model_args.use_peft else "full"
     gold = "-gold" if script_args.answer_field else ""
@@ -84,7 +122,7 @@ def build_trainer(script_args, training_args, model_args):
     """The SFTTrainer over the train side of the split, and the row counts for the run record."""
     from datasets import Dataset
     from transformers import AutoTokenizer
-    from trl import SFTTrainer, get_peft_config
+    from trl import SFTTrainer
 
     from distill.training import query_and_answer, tokenize, training_rows
 
@@ -103,6 +141,7 @@ def build_trainer(script_args, training_args, model_args):
         except (KeyError, StopIteration, TypeError) as error:
             raise InputError(f"{script_args.dataset_name}: row {row.get('id', number)} lacks a user turn or "
                              f"its answer ({error!r})") from None
+    batch = size_micro_batches(script_args, training_args, examples)
     training_args.model_init_kwargs = {
         "dtype": model_args.dtype,
         "attn_implementation": model_args.attn_implementation,
@@ -114,14 +153,48 @@ def build_trainer(script_args, training_args, model_args):
         args=training_args,
         train_dataset=Dataset.from_list(examples),
         processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
+        peft_config=lora_config(model_args, script_args.train_router, training_args.trust_remote_code),
     )
     counts = {"rows_in_file": len(rows), "heldout_rows_dropped": dropped, "rows_used": len(train),
-              "answer_source": script_args.answer_field or "assistant turn (teacher)"}
+              "answer_source": script_args.answer_field or "assistant turn (teacher)", "batch": batch}
     return trainer, counts
 
 
+def lora_config(model_args, train_router: bool, trust_remote_code: bool = False):
+    """TRL's LoRA config from the flags, with an MoE router kept out unless --train_router: LoRA on the router
+    shifts which experts every token reaches, and tinker-cookbook leaves it out too."""
+    from transformers import AutoConfig
+    from trl import get_peft_config
+
+    from distill.plan import without_router
+
+    config = get_peft_config(model_args)
+    if config is None or train_router:
+        return config
+    return without_router(config, AutoConfig.from_pretrained(model_args.model_name_or_path,
+                                                             trust_remote_code=trust_remote_code))
+
+
+def size_micro_batches(script_args, training_args, examples) -> dict:
+    """Sets the micro-batch from --micro_batch_tokens and the data's mean row length, and the accumulation steps
+    that keep --global_batch_size exact; returns the resulting batch shape for the run record."""
+    from distill.training import derive_batch, micro_batch_for_tokens
+
+    world_size = training_args.world_size
+    mean_tokens = sum(len(example["input_ids"]) for example in examples) / len(examples)
+    if script_args.micro_batch_tokens:
+        training_args.per_device_train_batch_size = micro_batch_for_tokens(
+            script_args.global_batch_size // world_size, mean_tokens, script_args.micro_batch_tokens)
+        training_args.gradient_accumulation_steps = derive_batch(
+            script_args.global_batch_size, world_size, training_args.per_device_train_batch_size)
+    micro = training_args.per_device_train_batch_size
+    return {"world_size": world_size, "micro_batch": micro, "gradient_accumulation_steps":
+            training_args.gradient_accumulation_steps, "global_batch": micro * training_args.gradient_accumulation_steps
+            * world_size, "mean_row_tokens": round(mean_tokens, 1)}
+
+
 def check_output_dir(script_args, training_args):
+    """Clears a finished run only with --overwrite. Called on the main process alone, before the others go on."""
     out = Path(training_args.output_dir)
     if (out / RUN_RECORD).exists() and not training_args.resume_from_checkpoint:
         finished = json.loads((out / RUN_RECORD).read_text()).get("status") == "finished"
@@ -131,30 +204,96 @@ def check_output_dir(script_args, training_args):
             shutil.rmtree(out)
 
 
+def plan_memory(script_args, training_args, model_args):
+    """The memory plan for the GPUs this run will use (or --plan_gpus), from the model's config on the meta device,
+    and whether there is a GPU to hold it to (a CPU run without --plan_gpus/--plan_gpu_gb has none)."""
+    from transformers import AutoConfig
+
+    from distill.plan import memory_plan
+
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code)
+    if script_args.plan_gpus:
+        gpus, sharded = script_args.plan_gpus, script_args.plan_gpus > 1
+    else:
+        gpus = training_args.world_size
+        sharded = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(training_args.fsdp)
+    gpu_gib = script_args.plan_gpu_gb or visible_gpu_gib()
+    peft_config = lora_config(model_args, script_args.train_router, training_args.trust_remote_code)
+    plan = memory_plan(config, peft_config, weight_dtype=model_args.dtype or "float32", num_gpus=gpus,
+                       gpu_gib=gpu_gib or H100_GIB, sharded=sharded)
+    return plan, bool(gpu_gib or script_args.plan_gpus)
+
+
+def visible_gpu_gib() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
 def main(argv=None):
+    from accelerate import PartialState
+
     script_args, training_args, model_args = parse_args(argv)
-    check_output_dir(script_args, training_args)
+    processes = PartialState()  # one per GPU under accelerate launch; only the main one writes files
+    plan, on_gpus = plan_memory(script_args, training_args, model_args)
+    if processes.is_main_process:
+        print(plan.format() if on_gpus or script_args.plan_only else "memory plan: CPU run, no GPU to plan for")
+    if script_args.plan_only:
+        sys.exit(0 if plan.fits else plan.advice())
+    if on_gpus and not plan.fits and not script_args.ignore_memory_plan:
+        sys.exit(f"error: the memory plan does not fit.\n{plan.advice()}\n(--ignore_memory_plan trains anyway)")
+    if processes.is_main_process:
+        check_output_dir(script_args, training_args)
+    processes.wait_for_everyone()
+
     config = {"script": asdict(script_args), "model": asdict(model_args), "training": training_args.to_dict()}
     record = RunRecord("train_sft_trl", config)
+    record_path = Path(training_args.output_dir) / RUN_RECORD
     try:
         trainer, counts = build_trainer(script_args, training_args, model_args)
     except InputError as error:
         sys.exit(f"error: {error}")
-    print(f"train: {counts['rows_used']} rows ({counts['heldout_rows_dropped']} held-out rows dropped) of "
-          f"{script_args.dataset_name}; model {model_args.model_name_or_path} ({model_args.dtype}), "
-          f"{'LoRA r%d alpha%d' % (model_args.lora_r, model_args.lora_alpha) if model_args.use_peft else 'full'}, "
-          f"run {training_args.run_name} -> {training_args.output_dir}")
+    report = {"counts": counts, "memory_plan": plan.to_dict(), "split": {
+        "heldout_fraction": script_args.heldout_fraction, "split_seed": script_args.split_seed}}
+    batch = counts["batch"]
+    if processes.is_main_process:
+        print(f"train: {counts['rows_used']} rows ({counts['heldout_rows_dropped']} held-out rows dropped) of "
+              f"{script_args.dataset_name}; model {model_args.model_name_or_path} ({model_args.dtype}), "
+              f"{'LoRA r%d alpha%d' % (model_args.lora_r, model_args.lora_alpha) if model_args.use_peft else 'full'}; "
+              f"batch {batch['global_batch']} = {batch['micro_batch']} rows x {batch['gradient_accumulation_steps']} "
+              f"steps x {batch['world_size']} processes; run {training_args.run_name} -> {training_args.output_dir}")
+        record.finish(record_path, status="running", **report)
     if "wandb" in trainer.args.report_to:
         trainer.add_callback(WandbConfigCallback(config))
-    record.finish(Path(training_args.output_dir) / RUN_RECORD, status="running", counts=counts)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    trainer.processing_class.save_pretrained(training_args.output_dir)
-    record.finish(Path(training_args.output_dir) / RUN_RECORD, status="finished", counts=counts,
-                  train_metrics=result.metrics, log_history=trainer.state.log_history)
-    trainer.end()
+    saved_tensors = save_adapter(trainer, training_args.output_dir)
+    if processes.is_main_process:
+        trainer.processing_class.save_pretrained(training_args.output_dir)
+        finish_record(record, record_path, report, result, trainer, model_args, saved_tensors)
+    trainer.end()  # also ends the process group under a launcher: no collective may follow
+
+
+def finish_record(record, record_path, report, result, trainer, model_args, saved_tensors):
+    """`finished` only when the saved adapter is on disk and loads; otherwise the record says `failed` and why."""
+    from distill.checkpoint import check_adapter
+
+    import torch
+
+    out = record_path.parent
+    history = {"train_metrics": result.metrics, "log_history": trainer.state.log_history}
+    if torch.cuda.is_available():
+        history["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)  # this process's GPU
+    try:
+        saved = check_adapter(out, saved_tensors) if model_args.use_peft else {"model_files": sorted(
+            path.name for path in out.glob("*.safetensors"))}
+    except RuntimeError as error:
+        record.finish(record_path, status="failed", error=str(error), **report, **history)
+        sys.exit(f"error: training ran but the adapter is not usable: {error}")
+    record.finish(record_path, status="finished", saved=saved, **report, **history)
     print(f"train: done, loss {result.metrics.get('train_loss'):.4f}, "
-          f"{result.metrics.get('train_runtime'):.1f} s -> {training_args.output_dir}")
+          f"{result.metrics.get('train_runtime'):.1f} s -> {out} ({saved})")
 
 
 class WandbConfigCallback(TrainerCallback):

@@ -149,10 +149,11 @@ def append_jsonl(handle, rows: list[dict]) -> None:
 
 
 def write_json(path: str | Path, obj) -> None:
-    """Atomic: readers see the old file or the new one, never half of one."""
+    """Atomic: readers see the old file or the new one, never half of one. The temporary name carries the process
+    id, so two processes writing the same file (a misconfigured launch) cannot tear each other's copy."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 

@@ -48,3 +48,23 @@ def training_rows(rows: list[dict], heldout_fraction: float, seed: int) -> tuple
     """The rows on the train side of the shared split, and how many held-out rows were dropped."""
     kept = select(rows, "train", heldout_fraction, seed)
     return kept, len(rows) - len(kept)
+
+
+def derive_batch(global_batch: int, world_size: int, micro_batch: int) -> int:
+    """Gradient accumulation steps that make micro_batch x steps x world_size == global_batch, or a ValueError
+    naming what does not divide. The recipe's batch is a property of the optimisation, not of the GPU count."""
+    rows_per_rank, left = divmod(global_batch, world_size)
+    if left:
+        raise ValueError(f"--global_batch_size {global_batch} does not split evenly over {world_size} processes")
+    if rows_per_rank % micro_batch:
+        raise ValueError(f"--per_device_train_batch_size {micro_batch} does not divide the {rows_per_rank} rows each "
+                         f"of {world_size} processes takes per step (--global_batch_size {global_batch})")
+    return rows_per_rank // micro_batch
+
+
+def micro_batch_for_tokens(rows_per_rank: int, mean_row_tokens: float, token_budget: int) -> int:
+    """The largest divisor of rows_per_rank whose expected padding-free micro-batch (rows x mean length) stays
+    within the token budget; 1 if even one row exceeds it. Divisors keep the global batch exact."""
+    fitting = [rows for rows in range(1, rows_per_rank + 1)
+               if rows_per_rank % rows == 0 and rows * mean_row_tokens <= token_budget]
+    return max(fitting, default=1)

@@ -32,15 +32,51 @@ def adapter_keys(run_dir):
         return list(handle.keys())
 
 
+def base_weights(model_dir) -> dict:
+    """The base as transformers loads it (fused experts: the checkpoint on disk keeps one tensor per expert)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def merged_weights(model_dir, adapter_dir) -> dict:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    return {name: tensor.detach().clone() for name, tensor in merged.state_dict().items()}
+
+
 @pytest.mark.slow
-def test_all_linear_trains_experts_and_an_attention_list_does_not(tiny_moe, gold_teacher_file, tmp_path):
+def test_all_linear_trains_experts_and_attention_but_not_the_router(tiny_moe, gold_teacher_file, tmp_path):
+    import torch
+
     common = ["--config", "recipes/cpu.yaml", "--model_name_or_path", tiny_moe, "--dataset_name", gold_teacher_file,
-              "--max_steps", "1", "--report_to", "none"]
+              "--max_steps", "2", "--report_to", "none"]
     run_cli("train_sft_trl.py", *common, "--output_dir", tmp_path / "all-linear")
     config = json.loads((tmp_path / "all-linear" / "adapter_config.json").read_text())
     assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
-    assert {"gate_up_proj", "down_proj"} <= set(config["target_parameters"])
-    assert any("mlp.experts" in key and "lora_B" in key for key in adapter_keys(tmp_path / "all-linear"))
+    assert set(config["target_parameters"]) == {"gate_up_proj", "down_proj"}, "the router (gate.weight) stays out"
+    record = json.loads((tmp_path / "all-linear" / "distill_run.json").read_text())
+    assert record["memory_plan"]["trainable_parameters"]["router"] == 0
+    assert record["memory_plan"]["trainable_parameters"]["experts"] > 0
+
+    base = base_weights(tiny_moe)
+    merged = merged_weights(tiny_moe, tmp_path / "all-linear")
+    experts = [key for key in base if "mlp.experts" in key]
+    routers = [key for key in base if key.endswith("mlp.gate.weight")]
+    assert experts and routers
+    assert all(not torch.allclose(merged[key], base[key]) for key in experts), "every expert tensor was trained"
+    assert all(torch.equal(merged[key], base[key]) for key in routers), "the router is frozen by default"
+    assert not torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+
+    run_cli("train_sft_trl.py", *common, "--output_dir", tmp_path / "router", "--train_router")
+    merged = merged_weights(tiny_moe, tmp_path / "router")
+    assert any(not torch.allclose(merged[key], base[key]) for key in routers), "--train_router trains it"
 
     run_cli("train_sft_trl.py", *common, "--output_dir", tmp_path / "attention",
             "--lora_target_modules", "q_proj", "k_proj", "v_proj", "o_proj")

@@ -167,8 +167,13 @@ def test_cli_run_record(trained_run, teacher_jsonl, example_rows):
     assert record["status"] == "finished"
     assert record["stage"] == "train_sft_trl"
     heldout = len(select(example_rows, "heldout"))
+    batch = record["counts"].pop("batch")
     assert record["counts"] == {"rows_in_file": len(example_rows), "heldout_rows_dropped": heldout,
                                 "rows_used": len(example_rows) - heldout, "answer_source": "assistant turn (teacher)"}
+    assert batch["world_size"] == 1 and batch["global_batch"] == batch["micro_batch"] == 8
+    assert record["split"] == {"heldout_fraction": 0.2, "split_seed": 0}
+    assert record["saved"]["adapter_tensors"] == 14 * 2 and record["saved"]["max_abs_lora_b"] > 0  # 2 layers x 7
+    assert record["memory_plan"]["trainable_parameters"]["router"] == 0
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     assert record["git_revision"].startswith(head) and head
     assert "train_sft_trl.py" in record["command"] and "--max_steps 2" in record["command"]
@@ -315,7 +320,74 @@ def test_flags_override_recipe():
     assert training.learning_rate == pytest.approx(5e-4) and model.lora_r == 8
     assert training.per_device_train_batch_size == 8 and model.lora_alpha == 16  # still from the recipe
     assert script.answer_field == "label"
-    assert training.run_name == "SmolLM2-135M-Instruct-r8-lr0.0005-bs8-gold"
+    assert training.run_name == "SmolLM2-135M-Instruct-r8-lr0.0005-bs8-gold"  # cpu.yaml: 8 rows x 1 step x 1 process
+
+
+@pytest.mark.parametrize("world_size, accumulation", [(1, 16), (2, 8), (8, 2)])
+def test_global_batch_is_the_recipes_at_any_world_size(monkeypatch, world_size, accumulation):
+    import train_sft_trl
+
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    _, training, _ = train_sft_trl.parse_args(["--config", "recipes/cpu.yaml", "--global_batch_size", "128"])
+    assert training.per_device_train_batch_size * training.gradient_accumulation_steps * world_size == 128
+    assert training.gradient_accumulation_steps == accumulation
+    assert "-bs128" in training.run_name
+
+
+def test_run_name_counts_every_process_without_a_global_batch(monkeypatch):
+    import train_sft_trl
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    _, training, _ = train_sft_trl.parse_args(["--config", "recipes/cpu.yaml", "--gradient_accumulation_steps", "2"])
+    assert training.run_name.endswith("-bs64")  # 8 rows x 2 steps x 4 processes
+
+
+def test_a_global_batch_that_does_not_divide_is_refused(monkeypatch, capsys):
+    import train_sft_trl
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit):
+        train_sft_trl.parse_args(["--config", "recipes/cpu.yaml", "--global_batch_size", "128"])
+    assert "does not split evenly over 3 processes" in capsys.readouterr().err
+
+
+def test_micro_batch_from_a_token_budget():
+    from distill.training import derive_batch, micro_batch_for_tokens
+
+    assert micro_batch_for_tokens(128, 75.0, 8192) == 64  # 64 x 75 = 4,800 tokens; 128 x 75 would be 9,600
+    assert micro_batch_for_tokens(16, 75.0, 4096) == 16
+    assert micro_batch_for_tokens(128, 300.0, 8192) == 16  # 27 rows would fit, but 16 is the largest divisor
+    assert micro_batch_for_tokens(128, 9000.0, 8192) == 1
+    assert derive_batch(128, 2, 16) == 4
+    with pytest.raises(ValueError, match="does not divide"):
+        derive_batch(128, 1, 48)
+
+
+def test_micro_batch_tokens_sets_micro_batch_and_keeps_the_global_batch(tiny_model, gold_teacher_file, tmp_path):
+    trainer, counts = build(tiny_model, gold_teacher_file, tmp_path / "out", "--global_batch_size", 32,
+                            "--micro_batch_tokens", 1000)
+    batch = counts["batch"]
+    expected = max(d for d in (1, 2, 4, 8, 16, 32) if d * batch["mean_row_tokens"] <= 1000)
+    assert batch["micro_batch"] == trainer.args.per_device_train_batch_size == expected
+    assert batch["micro_batch"] * trainer.args.gradient_accumulation_steps == 32 == batch["global_batch"]
+
+
+def test_plan_only_exits_by_whether_the_plan_fits(tiny_model, tmp_path):
+    args = ["--config", "recipes/cpu.yaml", "--model_name_or_path", tiny_model, "--output_dir", tmp_path / "out",
+            "--plan_only", "--plan_gpus", "1"]
+    fits = run_cli("train_sft_trl.py", *args, "--plan_gpu_gb", "80")
+    assert "memory plan:" in fits.stdout and "-> fits" in fits.stdout
+    too_small = run_cli("train_sft_trl.py", *args, "--plan_gpu_gb", "1", check=False)
+    assert too_small.returncode != 0 and "DOES NOT FIT" in too_small.stdout
+    assert "FSDP" in too_small.stderr and "Qwen3-4B-Instruct-2507" in too_small.stderr
+    assert not (tmp_path / "out").exists(), "a plan writes nothing"
+
+
+def test_a_plan_that_does_not_fit_stops_before_loading(tiny_model, gold_teacher_file, tmp_path):
+    result = run_cli("train_sft_trl.py", *train_args(tiny_model, gold_teacher_file, tmp_path / "out", "--plan_gpus", 1,
+                                                     "--plan_gpu_gb", 1), check=False)
+    assert result.returncode != 0 and "memory plan does not fit" in result.stderr
+    assert "--lora_target_modules" in result.stderr and not (tmp_path / "out").exists()
 
 
 def test_default_output_dir_is_models_run_name():

@@ -32,11 +32,11 @@ from transformers import TrainerCallback
 
 from distill.checkpoint import save_adapter
 from distill.engine import on_gpu
+from distill.records import TRAIN_RUN_RECORD as RUN_RECORD
 from distill.records import InputError, RunRecord, read_jsonl
 
 DEFAULT_STUDENT = "Qwen/Qwen3-4B-Instruct-2507"
 H100_GIB = 80.0
-RUN_RECORD = "distill_run.json"
 
 
 @dataclass

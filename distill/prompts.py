@@ -9,6 +9,13 @@ A prompt file is Markdown with YAML front matter declaring the task, so another 
     ---
     <the long prompt: the system message>
 
+A generative (free-form) task declares instead how a whole answer is judged, and no labels or answer_format
+(query_template is optional, "{query}" by default); distill/checks.py lists the kinds of check:
+
+    ---
+    check: {answer_language: fr}
+    ---
+
 The teacher sees [system: prompt, user: query_template(query)]: the prompt comes first so it is a prefix that
 vLLM's prefix cache computes once. The student sees [user: query] only. Both are rendered to text by one
 function, `render`, which training and evaluation share so the student's input is identical in both.
@@ -21,8 +28,11 @@ from pathlib import Path
 
 import yaml
 
+from distill import checks
+
 DEFAULT_PROMPT = Path(__file__).resolve().parent.parent / "prompts" / "language_identification.md"
 REQUIRED_KEYS = ("labels", "answer_format", "query_template")
+GENERATIVE_EXAMPLE = "check: {answer_language: fr}"
 
 
 @dataclass(frozen=True)
@@ -30,8 +40,13 @@ class TaskPrompt:
     path: str
     text: str
     labels: tuple[str, ...]
-    answer_format: str
+    answer_format: str | None
     query_template: str
+    check: dict | None = None  # a generative task's judge (distill/checks.py); None for a label task
+
+    @property
+    def is_generative(self) -> bool:
+        return self.check is not None
 
     @property
     def answer_regex(self) -> re.Pattern:
@@ -75,6 +90,19 @@ def load_prompt(path: str | Path = DEFAULT_PROMPT) -> TaskPrompt:
     if not match:
         raise ValueError(f"{path}: expected YAML front matter between '---' lines at the top")
     meta = yaml.safe_load(match.group(1)) or {}
+    text = match.group(2).strip()
+    if "labels" in meta and "check" in meta:
+        raise ValueError(f"{path}: front matter has both 'labels' and 'check'; keep 'labels' (with answer_format) "
+                         f"for a label task, or 'check' alone for a generative task")
+    if "check" in meta:
+        return _generative_task(path, meta, text)
+    if "labels" not in meta:
+        raise ValueError(f"{path}: front matter needs 'labels' (a label task, with answer_format and "
+                         f"query_template) or 'check' (a generative task, e.g. '{GENERATIVE_EXAMPLE}')")
+    return _label_task(path, meta, text)
+
+
+def _label_task(path: Path, meta: dict, text: str) -> TaskPrompt:
     missing = [key for key in REQUIRED_KEYS if key not in meta]
     if missing:
         raise ValueError(f"{path}: front matter lacks {', '.join(missing)}")
@@ -83,4 +111,18 @@ def load_prompt(path: str | Path = DEFAULT_PROMPT) -> TaskPrompt:
     labels = tuple(str(label).lower() for label in meta["labels"])
     if len(set(labels)) != len(labels) or not labels:
         raise ValueError(f"{path}: labels must be a non-empty list without duplicates")
-    return TaskPrompt(str(path), match.group(2).strip(), labels, meta["answer_format"], meta["query_template"])
+    return TaskPrompt(str(path), text, labels, meta["answer_format"], meta["query_template"])
+
+
+def _generative_task(path: Path, meta: dict, text: str) -> TaskPrompt:
+    if "answer_format" in meta:
+        raise ValueError(f"{path}: answer_format belongs to label tasks; remove it, a generative task's whole "
+                         f"answer is judged by its check")
+    query_template = meta.get("query_template", "{query}")
+    if "{query}" not in query_template:
+        raise ValueError(f"{path}: query_template needs '{{query}}' (or leave it out: '{{query}}' is the default)")
+    try:
+        check = checks.validate(meta["check"])
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    return TaskPrompt(str(path), text, (), None, query_template, check)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+TRAIN_RUN_RECORD = "distill_run.json"  # train_sft_trl.py writes it beside the adapter; evaluation reads its split
 
 
 class InputError(ValueError):

@@ -1,0 +1,179 @@
+"""How evaluate.py serves the model it scores, and what it checks about it before the engine starts.
+
+A full model is served as is. A LoRA adapter is served through vLLM's LoRA support on GPU, with max_lora_rank
+taken from every rank the adapter holds; on CPU (where vLLM's LoRA path is >10x slower), or on GPU with
+--merge_lora, it is merged once into <adapter>/merged and served as a plain model. max_model_len defaults to what
+the data needs, not the model's full context (262k for Qwen3-2507, whose KV cache would not fit beside a 30B
+model). An adapter's run record says which split it trained on; scoring on another split's rows is refused.
+"""
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distill.records import TRAIN_RUN_RECORD
+
+MERGE_KEY = "merge_key.json"
+
+
+@dataclass
+class Serving:
+    description: str  # goes into the report: which path ran
+    engine_overrides: dict  # LLM(...) arguments that replace the CLI's
+    lora_path: str | None = None  # set when vLLM applies the adapter itself
+    config_source: str = ""  # where the served model's config.json is (for max_position_embeddings)
+
+    def lora_request(self):
+        if self.lora_path is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest("student", 1, self.lora_path)
+
+
+def is_adapter(model_path: Path) -> bool:
+    return (model_path / "adapter_config.json").exists()
+
+
+def serve(model_path: Path, base_model: str | None, merge_lora: bool, gpu: bool) -> Serving:
+    """The serving path for model_path; merges the adapter (or reuses the cached merge) when that path is chosen."""
+    if not is_adapter(model_path):
+        return Serving("full model", {"model": str(model_path)}, config_source=str(model_path))
+    adapter_config = json.loads((model_path / "adapter_config.json").read_text())
+    base_model = base_model or adapter_config["base_model_name_or_path"]
+    if gpu and not merge_lora:
+        rank = max_lora_rank(adapter_config)
+        return Serving(f"vLLM LoRA adapter on the base model (max_lora_rank {rank})",
+                       {"model": base_model, "enable_lora": True, "max_lora_rank": rank},
+                       lora_path=str(model_path), config_source=base_model)
+    dtype = "bfloat16" if gpu else "float32"
+    why = "--merge_lora" if gpu else "CPU: vLLM's LoRA path is >10x slower"
+    merged = merged_copy(model_path, base_model, dtype)
+    return Serving(f"adapter merged into the base, {dtype} ({why})", {"model": str(merged)},
+                   config_source=str(merged))
+
+
+def max_lora_rank(adapter_config: dict) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds every rank in the adapter.
+
+    PEFT keeps per-module ranks, target_parameters (fused MoE experts) included, in rank_pattern; vLLM refuses an
+    adapter whose largest rank exceeds max_lora_rank, and accepts only the values of its MaxLoRARanks.
+    """
+    from vllm.config.lora import MaxLoRARanks
+
+    largest = max([adapter_config["r"], *(adapter_config.get("rank_pattern") or {}).values()])
+    supported = sorted(typing.get_args(MaxLoRARanks))
+    fitting = [rank for rank in supported if rank >= largest]
+    if not fitting:
+        raise ValueError(f"the adapter has LoRA rank {largest}; vLLM serves ranks up to {supported[-1]}: "
+                         f"pass --merge_lora to serve it merged into its base")
+    return fitting[0]
+
+
+def merge_key(adapter_dir: Path, base_model: str, dtype: str) -> dict:
+    digest = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        digest.update((adapter_dir / name).read_bytes())
+    return {"adapter_sha256": digest.hexdigest(), "base_model": base_model, "dtype": dtype}
+
+
+def merged_copy(adapter_dir: Path, base_model: str, dtype: str) -> Path:
+    """The adapter merged into its base in `dtype`, cached in <adapter>/merged and rebuilt when the adapter, the
+    base or the dtype changes. Written to a temporary dir and renamed, so a killed merge leaves no half copy."""
+    merged = adapter_dir / "merged"
+    key = merge_key(adapter_dir, base_model, dtype)
+    if (merged / MERGE_KEY).exists() and json.loads((merged / MERGE_KEY).read_text()) == key:
+        return merged
+    started = time.time()
+    tmp = Path(tempfile.mkdtemp(dir=adapter_dir, prefix="merged.tmp-"))
+    try:
+        write_merged(adapter_dir, base_model, dtype, tmp)
+        (tmp / MERGE_KEY).write_text(json.dumps(key, indent=1))
+        replace_dir(tmp, merged)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"evaluate: merged the adapter into {merged} ({dtype}, {time.time() - started:.1f} s)")
+    return merged
+
+
+def write_merged(adapter_dir: Path, base_model: str, dtype: str, output_dir: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    on_cuda = torch.cuda.is_available()
+    # On GPU the merge runs there (minutes on CPU for a 30B model); the memory is released before vLLM starts.
+    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=getattr(torch, dtype),
+                                                device_map="auto" if on_cuda else None)
+    model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    model.save_pretrained(output_dir)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(output_dir)
+    del base, model
+    if on_cuda:
+        torch.cuda.empty_cache()
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put `new` at `target`; an old `target` is moved aside first, so a reader never sees a half-written dir."""
+    old = target.with_name(f"{target.name}.old-{new.name}")
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def max_model_len(prompt_ids: list[list[int]], max_tokens: int, config_source: str,
+                  trust_remote_code: bool = False) -> int:
+    """The context the data needs: the longest prompt plus the tokens to generate, within the model's positions."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(config_source, trust_remote_code=trust_remote_code).get_text_config()
+    return min(max(map(len, prompt_ids)) + max_tokens, config.max_position_embeddings)
+
+
+@dataclass
+class SplitCheck:
+    """What the model's run record says about the rows scored; goes into the results JSON."""
+
+    record: str | None = None
+    trained_heldout_fraction: float | None = None
+    trained_split_seed: int | None = None
+    scored_rows_trained_on: bool | None = None  # None: no record, cannot tell
+    notes: list[str] = field(default_factory=list)
+
+
+def check_split(model_path: Path, split: str, heldout_fraction: float, split_seed: int) -> SplitCheck:
+    """Refuses (ValueError) an evaluation whose split differs from the one the model trained with.
+
+    --split train or all on a trained model is allowed, and the check says those rows were trained on.
+    """
+    record_path = model_path / TRAIN_RUN_RECORD
+    if not record_path.exists():
+        check = SplitCheck()
+        if is_adapter(model_path):
+            check.notes.append(f"warning: {record_path} is missing: cannot check that the {split} split matches "
+                               f"the one the adapter trained with")
+        return check
+    script = json.loads(record_path.read_text())["args"]["script"]
+    check = SplitCheck(str(record_path), script["heldout_fraction"], script["split_seed"])
+    if split != "all" and (heldout_fraction, split_seed) != (check.trained_heldout_fraction, check.trained_split_seed):
+        raise ValueError(
+            f"{record_path}: the model trained with heldout_fraction {check.trained_heldout_fraction}, split_seed "
+            f"{check.trained_split_seed}, but this evaluation splits with heldout_fraction {heldout_fraction}, "
+            f"split_seed {split_seed}, so its {split} rows are not the ones training set aside; pass "
+            f"--heldout_fraction {check.trained_heldout_fraction} --split_seed {check.trained_split_seed}")
+    check.scored_rows_trained_on = split != "heldout"
+    if check.scored_rows_trained_on:
+        check.notes.append(f"note: the {split} split includes rows this model trained on "
+                           f"(the train side of its split): the score is not a held-out score")
+    return check
+
+
+def shares_ids(teacher_labels: dict, rows: list[dict]) -> bool:
+    """False when a --teacher_file was made for other rows (another split, another file): agreement would be n/a."""
+    return any(row["id"] in teacher_labels for row in rows)

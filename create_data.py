@@ -10,28 +10,34 @@ Writes, beside --output_file:
   <output>.jsonl          one row per answered query: {"id", "messages": [user query, assistant label],
                           the input's other columns, "teacher": {label, votes, finish reasons, ...}}
   <output>.rejects.jsonl  queries without a valid answer after --max_retries: id, text, reason, raw outputs
-  <output>.run.json       resolved args, command line, git revision, counts, wall time, throughput
+  <output>.run.json       resolved args, command line, git revision, effective sampling, counts, throughput
 
-Re-running the same command resumes: ids already in the output or the rejects file are skipped and a line torn
-by a crash is cut. --overwrite starts over. Every vLLM engine flag (e.g. --max-model-len, --gpu-memory-utilization,
---reasoning-parser) is accepted too; underscores and dashes are interchangeable.
+Queries stream through the engine: at most --max_in_flight requests are in it, each query's row is written (and
+fsynced) the moment its answer is final, and a sample that breaks the answer contract is redrawn at once. Sampling
+starts from the model's generation_config (e.g. Qwen3 Thinking: temperature 0.6, top_p 0.95, top_k 20); only the
+sampling flags you set change it. Ctrl-C or SIGTERM stops admitting queries, keeps what finished and records the
+run as interrupted. Re-running the same command resumes: ids already in the output or the rejects file are skipped
+and a line torn by a crash is cut. --overwrite starts over. Every vLLM engine flag (e.g. --max-model-len,
+--gpu-memory-utilization, --reasoning-parser) is accepted too; underscores and dashes are interchangeable.
 """
 
 import argparse
 import json
+import signal
 import sys
-import time
-from collections import Counter
 from pathlib import Path
 
-from distill import engine
-from distill.prompts import DEFAULT_PROMPT, load_prompt, render_teacher
+from distill import engine, shards
+from distill.prompts import DEFAULT_PROMPT, load_prompt
 from distill.records import InputError, RunRecord, append_jsonl, read_jsonl, read_queries, repair_torn_tail
 from distill.splits import select
+from distill.teacher import (SAMPLING_FLAGS, StreamStats, Teacher, VllmEngine, add_sampling_args,
+                             effective_sampling, model_sampling_defaults, sampling_params, stream)
 
 DEFAULT_TEACHER = "Qwen/Qwen3-30B-A3B-Thinking-2507"
-# Settings that change what the teacher's answers mean: a resumed run must use the same ones.
-RESUME_KEYS = ("model", "prompt_sha256", "temperature", "num_samples", "constrain_labels", "max_tokens")
+DEFAULT_MAX_TOKENS = 8192  # when the model's generation_config sets no max_new_tokens
+# Settings that change what the teacher's answers mean: a resumed run must use the same (effective) ones.
+RESUME_KEYS = ("model", "prompt_sha256", "num_samples", "constrain_labels", *SAMPLING_FLAGS, "max_tokens")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,44 +51,62 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output-file", default="data/teacher.jsonl")
     parser.add_argument("--prompt-file", default=str(DEFAULT_PROMPT))
     parser.add_argument("--model-name", dest="model", help=f"teacher model (default {DEFAULT_TEACHER})")
-    parser.add_argument("--temperature", type=float, default=0.15)
-    parser.add_argument("--max-tokens", type=int, default=8192, help="per answer, reasoning included")
+    parser.add_argument("--max-tokens", type=int,
+                        help=f"per answer, reasoning included (default: the model's, else {DEFAULT_MAX_TOKENS})")
     parser.add_argument("--max-retries", type=int, default=3, help="fresh samples for an answer that breaks the contract")
     parser.add_argument("--num-samples", type=int, default=1, help="answers per query; the label is their majority")
-    parser.add_argument("--max-samples", type=int, help="use only the first N queries (before sharding)")
+    parser.add_argument("--max-samples", type=int, help="use only the first N selected queries (before sharding)")
     parser.add_argument("--split", choices=["all", "train", "heldout"], default="all",
                         help="keep only this side of the group split that training and evaluation use")
     parser.add_argument("--shard-index", type=int, default=0)
-    parser.add_argument("--num-shards", type=int, default=1)
+    parser.add_argument("--num-shards", type=int, default=1, help="a query goes to shard hash(id) mod num_shards")
     parser.add_argument("--constrain-labels", action="store_true",
                         help="vLLM structured outputs: the answer (after any reasoning) must be one of the labels")
-    parser.add_argument("--batch-size", type=int, default=256, help="queries per generate call; rows land per batch")
+    parser.add_argument("--max-in-flight", type=int,
+                        help="requests kept in the engine at once (default: the engine's --max-num-seqs)")
+    parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)  # removed; kept to explain why
     parser.add_argument("--save-raw", action="store_true", help="keep the teacher's raw outputs in each row")
     parser.add_argument("--overwrite", action="store_true", help="delete the previous output and start over")
     parser.add_argument("--merge-shards", metavar="GLOB",
                         help="no generation: merge shard outputs (and their rejects) into --output_file, checking "
                              "that every selected id appears exactly once (create_data_h100x8.sh does this)")
+    add_sampling_args(parser)
     engine.add_engine_args(parser)
     parser.set_defaults(model=DEFAULT_TEACHER)
     args = parser.parse_args(argv)
+    if args.batch_size is not None:
+        parser.error("--batch_size was removed: stage 1 streams queries through the engine and writes each row as "
+                     "it finishes; use --max_in_flight to bound the requests in the engine")
     if not 0 <= args.shard_index < args.num_shards:
         parser.error(f"--shard_index must be in [0, {args.num_shards})")
-    if args.num_samples < 1 or args.max_retries < 0:
-        parser.error("--num_samples must be >= 1 and --max_retries >= 0")
+    if args.num_samples < 1 or args.max_retries < 0 or (args.max_in_flight or 1) < 1:
+        parser.error("--num_samples and --max_in_flight must be >= 1 and --max_retries >= 0")
     return args
-
-
-def shard(rows: list, index: int, count: int) -> list:
-    """Contiguous slice `index` of `count`; the first len % count shards take one extra row."""
-    per_shard, extra = divmod(len(rows), count)
-    start = index * per_shard + min(index, extra)
-    return rows[start : start + per_shard + (index < extra)]
 
 
 def output_paths(output_file: str) -> tuple[Path, Path, Path]:
     out = Path(output_file)
     stem = out.with_suffix("")
     return out, stem.with_name(stem.name + ".rejects.jsonl"), stem.with_name(stem.name + ".run.json")
+
+
+def user_sampling(args) -> dict:
+    return {flag: getattr(args, flag) for flag in SAMPLING_FLAGS}
+
+
+def teacher_params(defaults, args, model_defaults: dict, constraint=None):
+    """The teacher's SamplingParams: the model's defaults, then the user's flags."""
+    max_tokens = args.max_tokens or model_defaults.get("max_tokens", DEFAULT_MAX_TOKENS)
+    return sampling_params(defaults, user_sampling(args), max_tokens=max_tokens, structured_outputs=constraint)
+
+
+def resume_settings(args, prompt_sha256: str, model_defaults: dict) -> dict:
+    """What a resumed run must share with the run it continues; sampling as the engine will apply it."""
+    from vllm import SamplingParams
+
+    params = teacher_params(SamplingParams.from_optional(**model_defaults), args, model_defaults)
+    return {"model": args.model, "prompt_sha256": prompt_sha256, "num_samples": args.num_samples,
+            "constrain_labels": args.constrain_labels, **effective_sampling(params)}
 
 
 def resume_state(out: Path, rejects: Path, record: Path, settings: dict, overwrite: bool) -> set[str]:
@@ -105,6 +129,24 @@ def resume_state(out: Path, rejects: Path, record: Path, settings: dict, overwri
     return {row["id"] for path in (out, rejects) if path.exists() for row in read_jsonl(path)}
 
 
+class StopRequest:
+    """The first Ctrl-C or SIGTERM asks the stream to stop cleanly (what finished is on disk, the run record says
+    interrupted); a second one gets the default action and ends the process at once."""
+
+    def __init__(self):
+        self.signal = None
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, self.handle)
+
+    def handle(self, number, frame):
+        self.signal = number
+        signal.signal(number, signal.SIG_DFL)
+        print(f"\ncreate_data: {signal.Signals(number).name}: no new queries; stopping", file=sys.stderr)
+
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
 def main(argv=None):
     args = parse_args(argv)
     record = RunRecord("create_data", vars(args))
@@ -114,15 +156,18 @@ def main(argv=None):
         queries = read_queries(args.input_file, args.text_field)
     except (InputError, ValueError, OSError) as error:
         sys.exit(f"error: {error}")
-    rows = select(queries.rows, args.split)
-    if args.max_samples:
-        rows = rows[: args.max_samples]
-    rows = shard(rows, args.shard_index, args.num_shards)
-    settings = {key: getattr(args, key) for key in RESUME_KEYS if hasattr(args, key)} | {"prompt_sha256": prompt.sha256}
+    rows = select(queries.rows, args.split)[: args.max_samples]
+    try:
+        model_defaults = model_sampling_defaults(args)
+    except (ValueError, OSError) as error:
+        sys.exit(f"error: --model_name {args.model}: cannot read its config ({error})")
+    settings = resume_settings(args, prompt.sha256, model_defaults)
     out, rejects_path, record_path = output_paths(args.output_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge_shards:
-        return merge_shards(args.merge_shards, rows, out, rejects_path, record_path, record)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return merge_shards(args.merge_shards, rows, out, rejects_path, record_path, record, settings)
+    rows = shards.select_shard(rows, args.shard_index, args.num_shards)
+    out.parent.mkdir(parents=True, exist_ok=True)
     try:
         done = resume_state(out, rejects_path, record_path, settings, args.overwrite)
     except InputError as error:
@@ -135,158 +180,142 @@ def main(argv=None):
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     max_len = args.max_model_len or AutoConfig.from_pretrained(args.model).max_position_embeddings
-    expects_reasoning = render_teacher(tokenizer, prompt.teacher_messages("x")).rstrip().endswith("<think>")
-    if args.constrain_labels and expects_reasoning and not args.reasoning_parser:
+    teacher = Teacher(tokenizer, prompt, max_len, args.constrain_labels)
+    if args.constrain_labels and teacher.expects_reasoning and not args.reasoning_parser:
         sys.exit("error: --constrain_labels on a thinking model needs --reasoning-parser (e.g. qwen3), "
                  "else the label constraint would cut the reasoning")
-    record.finish(record_path, status="running", settings=settings)
+    record.finish(record_path, status="running", settings=settings, model_sampling_defaults=model_defaults)
 
-    llm = engine.build_llm(args) if todo else None
-    counts = Counter()
-    started = time.time()
-    from tqdm import tqdm
-
-    with open(out, "a", encoding="utf-8") as out_file, open(rejects_path, "a", encoding="utf-8") as rejects_file, \
-            tqdm(total=len(rows), initial=len(rows) - len(todo), desc="teacher", unit="query") as progress:
-        for start in range(0, len(todo), args.batch_size):
-            batch = todo[start : start + args.batch_size]
-            # Tokenized per batch: a million queries' ids would not fit in memory, nor wait well before the first row.
-            prompt_ids = {row["id"]: tokenizer(render_teacher(tokenizer, prompt.teacher_messages(row["text"])),
-                                               add_special_tokens=False).input_ids for row in batch}
-            written, rejected = label_batch(llm, batch, prompt_ids, prompt, args, max_len, expects_reasoning)
-            append_jsonl(out_file, written)
-            append_jsonl(rejects_file, rejected)
-            counts["written"] += len(written)
-            counts["rejected"] += len(rejected)
-            counts.update(f"reject:{row['reason']}" for row in rejected)
-            progress.update(len(batch))
-            progress.set_postfix(written=counts["written"], rejected=counts["rejected"])
-    seconds = time.time() - started
+    stats, stopped = label(args, teacher, todo, len(rows), settings, model_defaults, out, rejects_path)
+    status = f"interrupted ({signal.Signals(stopped).name})" if stopped else "finished"
     totals = {"written": len(read_jsonl(out)), "rejected": len(read_jsonl(rejects_path))}
     result = record.finish(
         record_path,
-        status="finished",
+        status="interrupted" if stopped else "finished",
         settings=settings,
+        model_sampling_defaults=model_defaults,
         model=args.model,
         prompt_file=args.prompt_file,
-        expects_reasoning=expects_reasoning,
+        expects_reasoning=teacher.expects_reasoning,
         counts={
             "input_lines": queries.lines,
             "skipped_empty": queries.empty,
             "duplicates": queries.duplicates,
             "selected": len(rows),
             "resumed": len(rows) - len(todo),
-            "written_this_run": counts["written"],
-            "rejected_this_run": counts["rejected"],
-            "reject_reasons_this_run": {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("reject:")},
+            "written_this_run": stats["labelled"],
+            "rejected_this_run": stats["rejected"],
+            "reject_reasons_this_run": stats["reject_reasons"],
             "written_total": totals["written"],
             "rejected_total": totals["rejected"],
         },
-        generation_seconds=round(seconds, 2),
-        queries_per_second=round(len(todo) / seconds, 3) if todo and seconds else None,
+        stream=stats,
+        generation_seconds=stats["seconds"],
+        queries_per_second=stats["queries_per_second"] if todo else None,
     )
-    reasons = ", ".join(f"{k}: {v}" for k, v in result["counts"]["reject_reasons_this_run"].items()) or "none"
-    print(f"create_data: {len(rows)} selected -> {totals['written']} written, {totals['rejected']} rejected "
-          f"(this run: {counts['written']} + {counts['rejected']}, reasons: {reasons}); {queries.empty} empty, "
-          f"{queries.duplicates} duplicates skipped; {seconds:.1f} s, {result['queries_per_second']} queries/s "
-          f"-> {out}, {rejects_path.name}, {record_path.name}")
+    reasons = ", ".join(f"{k}: {v}" for k, v in stats["reject_reasons"].items()) or "none"
+    print(f"create_data: {status}: {len(rows)} selected -> {totals['written']} written, {totals['rejected']} rejected "
+          f"(this run: {stats['labelled']} + {stats['rejected']}, reasons: {reasons}); {queries.empty} empty, "
+          f"{queries.duplicates} duplicates skipped; {stats['seconds']:.1f} s, {result['queries_per_second']} "
+          f"queries/s, {stats['generated_tokens_per_second']} generated tokens/s, prefix-cache hit rate "
+          f"{stats['prefix_cache_hit_rate']} -> {out}, {rejects_path.name}, {record_path.name}")
+    if stopped:
+        sys.exit(128 + stopped)
 
 
-def merge_shards(pattern: str, rows: list, out: Path, rejects_path: Path, record_path: Path, record: RunRecord):
+def label(args, teacher, todo, selected, settings, model_defaults, out, rejects_path) -> tuple[dict, int | None]:
+    """Stream `todo` through the teacher, writing each row as it finishes. Returns (figures, signal that stopped
+    the run or None)."""
+    if not todo:
+        return StreamStats().summary(), None
+    llm = engine.build_llm(args)
+    params = teacher_params(llm.get_default_sampling_params(), args, model_defaults, teacher.constraint())
+    if effective_sampling(params) != {key: settings[key] for key in effective_sampling(params)}:
+        sys.exit(f"error: vLLM's sampling defaults {effective_sampling(params)} differ from the ones read from the "
+                 f"model's generation_config ({settings}); the resume check would be wrong")
+    vllm_engine = VllmEngine(llm)
+    stop = StopRequest()
+    stats = StreamStats()  # from here: engine start-up is not generation time
+    from tqdm import tqdm
+
+    with open(out, "a", encoding="utf-8") as out_file, open(rejects_path, "a", encoding="utf-8") as rejects_file, \
+            tqdm(total=selected, initial=selected - len(todo), desc="teacher", unit="query") as progress:
+        for answer in stream(vllm_engine, teacher, todo, params, num_samples=args.num_samples,
+                             max_retries=args.max_retries, max_in_flight=args.max_in_flight or vllm_engine.max_num_seqs,
+                             stop=stop.requested, stats=stats):
+            if answer.label is None:
+                append_jsonl(rejects_file, [rejected_row(answer)])
+            else:
+                append_jsonl(out_file, [labelled_row(answer, args.save_raw)])
+            progress.update(1)
+            figures = stats.summary()
+            progress.set_postfix(written=stats.labelled, rejected=stats.rejected, refresh=False,
+                                 **{"q/s": figures["queries_per_second"],
+                                    "tok/s": figures["generated_tokens_per_second"],
+                                    "cache_hit": figures["prefix_cache_hit_rate"]})
+    return stats.summary(), stop.signal
+
+
+def carried(row: dict) -> dict:
+    return {key: value for key, value in row.items() if key not in ("id", "text")}
+
+
+def labelled_row(answer, save_raw: bool) -> dict:
+    row = answer.row
+    teacher = {
+        "label": answer.label,
+        "votes": dict(answer.votes),
+        "invalid_samples": len(answer.failures),
+        "finish_reasons": [sample.finish_reason for sample in answer.samples],
+        "reasoning_chars": [sample.parsed.reasoning_chars for sample in answer.samples],
+    }
+    if save_raw:
+        teacher["raw"] = [sample.text for sample in answer.samples + answer.failures]
+    return {"id": row["id"], "messages": [{"role": "user", "content": row["text"]},
+                                          {"role": "assistant", "content": answer.label}],
+            **carried(row), "teacher": teacher}
+
+
+def rejected_row(answer) -> dict:
+    row = answer.row
+    failures = [{"reason": s.parsed.reason, "finish_reason": s.finish_reason, "raw": s.text} for s in answer.failures]
+    return {"id": row["id"], "text": row["text"], **carried(row), "reason": answer.reason, "failures": failures}
+
+
+def merge_shards(pattern: str, rows: list, out: Path, rejects_path: Path, record_path: Path, record: RunRecord,
+                 settings: dict):
+    """One output from the shards' outputs, if together they hold every selected id exactly once and were all
+    made with `settings`. The merged run record keeps the settings, so create_data.py run again on the merged
+    output resumes from it (and finds nothing to do)."""
     from glob import glob
 
-    shards = [Path(p) for p in sorted(glob(pattern)) if not p.endswith(".rejects.jsonl")]
-    if not shards:
+    shard_files = [Path(p) for p in sorted(glob(pattern)) if not p.endswith(".rejects.jsonl")]
+    if not shard_files:
         sys.exit(f"error: no shard files match {pattern}")
-    written, rejected, shard_records = [], [], []
-    for shard_file in shards:
-        _, shard_rejects, shard_record = output_paths(str(shard_file))
-        written += read_jsonl(shard_file)
-        rejected += read_jsonl(shard_rejects) if shard_rejects.exists() else []
-        shard_records.append(json.loads(shard_record.read_text()) if shard_record.exists() else {})
-    seen = Counter(row["id"] for row in written + rejected)
-    expected = {row["id"] for row in rows}
-    problems = {
-        "appear more than once": [i for i, n in seen.items() if n > 1],
-        "are missing": sorted(expected - seen.keys()),
-        "were not selected": sorted(seen.keys() - expected),
-    }
-    errors = [f"{len(ids)} ids {what} (e.g. {', '.join(ids[:5])})" for what, ids in problems.items() if ids]
+    try:
+        written, rejected, shard_records = shards.read_shards(shard_files, lambda p: output_paths(str(p))[1],
+                                                              lambda p: output_paths(str(p))[2])
+    except InputError as error:
+        sys.exit(f"error: {error}")
+    errors = shards.settings_errors(shard_records, settings, RESUME_KEYS)
+    errors += shards.coverage_errors(rows, written + rejected)
+    unfinished = [str(path) for path, shard in shard_records.items() if shard.get("status") != "finished"]
+    if unfinished:
+        errors.append(f"shards not finished: {', '.join(unfinished)}")
     if errors:
-        sys.exit(f"error: shards {pattern} do not cover the input exactly once: " + "; ".join(errors))
+        sys.exit(f"error: shards {pattern} do not cover the input exactly once with the same settings: "
+                 + "; ".join(errors))
     for path, merged in ((out, written), (rejects_path, rejected)):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in merged), encoding="utf-8")
         tmp.replace(path)
-    record.finish(record_path, status="finished", merged_from=[str(s) for s in shards],
+    records = list(shard_records.values())
+    record.finish(record_path, status="finished", settings=settings, merged_from=[str(s) for s in shard_files],
                   counts={"selected": len(rows), "written_total": len(written), "rejected_total": len(rejected)},
-                  shards=[r.get("counts") for r in shard_records],
-                  generation_seconds=max((r.get("generation_seconds") or 0 for r in shard_records), default=0))
-    print(f"create_data: merged {len(shards)} shards -> {len(written)} written ({out}), {len(rejected)} rejected "
+                  shards=[r.get("counts") for r in records],
+                  generation_seconds=max((r.get("generation_seconds") or 0 for r in records), default=0))
+    print(f"create_data: merged {len(shard_files)} shards -> {len(written)} written ({out}), {len(rejected)} rejected "
           f"({rejects_path.name}); every one of the {len(rows)} selected ids exactly once")
-
-
-def label_batch(llm, batch, prompt_ids, prompt, args, max_len, expects_reasoning):
-    """Teacher answers for one batch: (rows to write, rows to reject). Samples that break the contract are
-    redrawn up to --max_retries times; a query's label is the majority of its valid samples."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-    from vllm.sampling_params import StructuredOutputsParams
-
-    from distill.answers import parse_teacher
-
-    constraint = StructuredOutputsParams(choice=list(prompt.labels)) if args.constrain_labels else None
-    valid = {row["id"]: [] for row in batch}
-    invalid = {row["id"]: [] for row in batch}
-    too_long = {row["id"] for row in batch if len(prompt_ids[row["id"]]) >= max_len}
-    live = [row for row in batch if row["id"] not in too_long]
-    for attempt in range(args.max_retries + 1):
-        pending = [row for row in live if len(valid[row["id"]]) < args.num_samples]
-        if not pending:
-            break
-        params = [
-            SamplingParams(
-                n=args.num_samples - len(valid[row["id"]]) if attempt == 0 else 1,
-                temperature=args.temperature,
-                max_tokens=min(args.max_tokens, max_len - len(prompt_ids[row["id"]])),
-                structured_outputs=constraint,
-            )
-            for row in pending
-        ]
-        prompts = [TokensPrompt(prompt_token_ids=prompt_ids[row["id"]]) for row in pending]
-        # LLM.generate returns outputs in request order; strict zip guards that pairing.
-        for row, output in zip(pending, llm.generate(prompts, params, use_tqdm=False), strict=True):
-            for sample in output.outputs:
-                parsed = parse_teacher(sample.text, prompt, expects_reasoning, args.constrain_labels)
-                bucket = valid if parsed.label else invalid
-                bucket[row["id"]].append((parsed, sample.text, sample.finish_reason))
-    written, rejected = [], []
-    for row in batch:
-        carried = {key: value for key, value in row.items() if key not in ("id", "text")}
-        samples, failures = valid[row["id"]], invalid[row["id"]]
-        if not samples:
-            reason = "too_long" if row["id"] in too_long else Counter(p.reason for p, _, _ in failures).most_common(1)[0][0]
-            rejected.append({"id": row["id"], "text": row["text"], **carried, "reason": reason,
-                             "failures": [{"reason": p.reason, "finish_reason": f, "raw": raw} for p, raw, f in failures]})
-            continue
-        votes = Counter(parsed.label for parsed, _, _ in samples)
-        label = votes.most_common(1)[0][0]
-        teacher = {
-            "label": label,
-            "votes": dict(votes),
-            "invalid_samples": len(failures),
-            "finish_reasons": [finish for _, _, finish in samples],
-            "reasoning_chars": [parsed.reasoning_chars for parsed, _, _ in samples],
-        }
-        if args.save_raw:
-            teacher["raw"] = [raw for _, raw, _ in samples + failures]
-        written.append({
-            "id": row["id"],
-            "messages": [{"role": "user", "content": row["text"]}, {"role": "assistant", "content": label}],
-            **carried,
-            "teacher": teacher,
-        })
-    return written, rejected
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stage 1 on one 8-GPU node: NUM_GPUS/TP teacher instances (default 8/4 = 2), each on its own GPU slice and
-# shard of the input, then one merged output in which every selected input id appears exactly once.
+# shard of the input (a query goes to shard hash(id) mod instances, so shards stay put when the input, --split or
+# --max_samples change), then one merged output in which every selected input id appears exactly once.
 #
 # Usage:
 #   ./create_data_h100x8.sh [create_data.py flags...]
@@ -11,7 +12,8 @@
 # Env (all optional): MODEL, TP, NUM_GPUS, INPUT, OUTPUT, SHARD_DIR (default <OUTPUT without .jsonl>.shards),
 # PYTHON (default .venv/bin/python), REASONING_PARSER (default qwen3 for *Thinking* models, else none).
 # Re-running resumes each shard where it stopped. If any instance fails, the others are stopped and the script
-# exits non-zero; per-instance logs are in SHARD_DIR.
+# exits non-zero; per-instance logs are in SHARD_DIR. Ctrl-C or SIGTERM: every instance stops admitting queries,
+# keeps what finished and records itself as interrupted; run again to resume.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -33,7 +35,8 @@ echo "create_data_h100x8: $INSTANCES instance(s) of $MODEL (TP=$TP) over $INPUT;
 
 pids=()
 stop_all() { kill "${pids[@]}" 2>/dev/null || true; }
-trap 'stop_all; exit 130' INT TERM
+# SIGTERM lets each instance write what finished and record "interrupted"; wait for that before leaving
+trap 'stop_all; wait || true; exit 130' INT TERM
 for (( i = 0; i < INSTANCES; i++ )); do
   gpus=$(seq -s, $(( i * TP )) $(( i * TP + TP - 1 )))
   log="$SHARD_DIR/shard-$i.log"

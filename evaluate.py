@@ -5,9 +5,12 @@
         --output_file data/eval_teacher.json                            # the teacher given the prompt, same rows
     python evaluate.py --model_path models/<run> --teacher_file data/eval_teacher.json   # + agreement, cost ratio
 
-Runs through vLLM, batched and greedy. A LoRA adapter is served with vLLM's LoRA support on GPU; on CPU, where
-that path is >10x slower, it is merged once into <adapter>/merged and served as a plain model. The report says
-which path ran. Scores the held-out side of the group split train_sft_trl.py uses (--split to change it).
+Runs through vLLM, batched and greedy. A LoRA adapter is served with vLLM's LoRA support on GPU (max_lora_rank from
+every rank in the adapter); on CPU, where that path is >10x slower, or with --merge_lora, it is merged once into
+<adapter>/merged and served as a plain model. The report says which path ran. max_model_len defaults to the longest
+prompt plus --max_tokens. Scores the held-out side of the group split train_sft_trl.py used: a --heldout_fraction or
+--split_seed other than the adapter's (from its distill_run.json) is refused; --split train|all is allowed and the
+report says those rows were trained on.
 
 --teacher_file takes stage 1's JSONL or a results JSON of a --with_prompt run (which also yields the cost ratio).
 Writes the results JSON (metrics, confusion matrix, per-example predictions with raw outputs) and a PNG heatmap
@@ -15,13 +18,14 @@ beside it; logs the same to wandb when WANDB_API_KEY or WANDB_MODE is set.
 """
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from distill import engine
+from distill import engine, serving
 from distill.prompts import DEFAULT_PROMPT, load_prompt, render, render_teacher, student_messages
 from distill.records import InputError, RunRecord, read_jsonl, read_queries
 from distill.splits import HELDOUT_FRACTION, SPLIT_SEED, select
@@ -52,6 +56,9 @@ def parse_args(argv=None):
                         help="requests timed one at a time for the median latency (0 to skip)")
     parser.add_argument("--no-lingua", action="store_true", help="skip the lingua baseline")
     parser.add_argument("--quiet", action="store_true", help="no line per sample")
+    parser.add_argument("--merge-lora", action="store_true",
+                        help="on GPU, serve the adapter merged into its base (bf16) instead of through vLLM's LoRA "
+                             "support (on CPU merging is the default)")
     engine.add_engine_args(parser)
     args = parser.parse_args(argv)
     args.model_path = args.model_path or newest_adapter()
@@ -66,34 +73,6 @@ def newest_adapter(root: Path = Path("models")) -> str:
     if not adapters:
         sys.exit("error: no --model_path given and no adapter under models/; run train_trl.sh first")
     return str(adapters[-1].parent)
-
-
-def merged_copy(adapter_dir: Path, base_model: str) -> Path:
-    """The adapter merged into its base, cached in <adapter>/merged and rebuilt when the adapter changes."""
-    import hashlib
-
-    merged = adapter_dir / "merged"
-    stamp = hashlib.sha256((adapter_dir / "adapter_model.safetensors").read_bytes()).hexdigest()
-    if (merged / "adapter.sha256").exists() and (merged / "adapter.sha256").read_text() == stamp:
-        return merged
-    import shutil
-
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    started = time.time()
-    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    tmp = adapter_dir / "merged.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
-    (tmp / "adapter.sha256").write_text(stamp)
-    shutil.rmtree(merged, ignore_errors=True)
-    tmp.rename(merged)
-    print(f"evaluate: merged the adapter into {merged} ({time.time() - started:.1f} s)")
-    return merged
 
 
 def load_teacher_labels(path: str) -> tuple[dict, dict | None]:
@@ -118,36 +97,37 @@ def main(argv=None):
         sys.exit(f"error: no rows of {args.test_file} on the {args.split} split")
 
     model_path = Path(args.model_path)
-    adapter = (model_path / "adapter_config.json").exists()
-    serving = "full model"
-    lora_request = None
-    overrides = {"model": str(model_path)}
-    if adapter:
-        adapter_config = json.loads((model_path / "adapter_config.json").read_text())
-        base_model = args.base_model or adapter_config["base_model_name_or_path"]
-        if engine.on_gpu():
-            from vllm.lora.request import LoRARequest
-
-            serving = "vLLM LoRA adapter on the base model"
-            overrides = {"model": base_model, "enable_lora": True, "max_lora_rank": adapter_config["r"]}
-            lora_request = LoRARequest("student", 1, str(model_path))
-        else:
-            serving = "adapter merged into the base (CPU: vLLM's LoRA path is >10x slower)"
-            overrides = {"model": str(merged_copy(model_path, base_model))}
+    try:
+        split_check = serving.check_split(model_path, args.split, args.heldout_fraction, args.split_seed)
+        served = serving.serve(model_path, args.base_model, args.merge_lora, engine.on_gpu())
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    for note in split_check.notes:
+        print(f"evaluate: {note}", file=sys.stderr)
+    if args.teacher_file and not serving.shares_ids(teacher_labels, rows):
+        print(f"evaluate: warning: {args.teacher_file} shares no id with the {len(rows)} rows of the {args.split} "
+              f"split scored: no agreement with the teacher to report", file=sys.stderr)
     mode = "teacher/base model with the prompt" if args.with_prompt else "student without the prompt"
-    print(f"evaluate: {mode}, {args.model_path} ({serving}); {len(rows)} rows of {args.test_file} "
+    print(f"evaluate: {mode}, {args.model_path} ({served.description}); {len(rows)} rows of {args.test_file} "
           f"({args.split} split)")
 
-    llm = engine.build_llm(args, **overrides)
-    tokenizer = llm.get_tokenizer()
+    from transformers import AutoTokenizer
+
+    # Loaded before the engine starts, since max_model_len depends on the prompts; an adapter's own tokenizer is
+    # the one it trained with (and the one its merged copy carries).
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model_path,
+                                              trust_remote_code=args.trust_remote_code)
     if args.with_prompt:
         texts = [render_teacher(tokenizer, prompt.teacher_messages(row["text"])) for row in rows]
     else:
         texts = [render(tokenizer, student_messages(row["text"])) for row in rows]
     prompt_ids = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
-    expects_reasoning = args.with_prompt and texts[0].rstrip().endswith("<think>")
-    outputs, seconds, latencies = generate(llm, prompt_ids, prompt, args, lora_request)
-    predictions = [parse(text, prompt, args, expects_reasoning) for text in outputs]
+    if args.max_model_len is None:
+        served.engine_overrides["max_model_len"] = serving.max_model_len(
+            prompt_ids, args.max_tokens, served.config_source, args.trust_remote_code)
+    llm = engine.build_llm(args, **served.engine_overrides)
+    outputs, predictions, seconds, latencies, sampling = generate(llm, tokenizer, rows, prompt_ids, prompt, args,
+                                                                  served.lora_request())
 
     from distill.metrics import lingua_predictions, score, worst_labels
 
@@ -181,7 +161,10 @@ def main(argv=None):
     full = {
         "mode": mode,
         "model_path": str(model_path),
-        "serving": serving,
+        "serving": served.description,
+        "max_model_len": llm.model_config.max_model_len,
+        "sampling": sampling,
+        "split_check": dataclasses.asdict(split_check),
         "test_file": args.test_file,
         "split": args.split,
         "gold_field": args.label_field,
@@ -196,32 +179,58 @@ def main(argv=None):
     log_wandb(full, output_file)
 
 
-def generate(llm, prompt_ids, prompt, args, lora_request):
-    """Greedy outputs for every row in one batched call, then a few requests one at a time for latency."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-    from vllm.sampling_params import StructuredOutputsParams
+def generate(llm, tokenizer, rows, prompt_ids, prompt, args, lora_request):
+    """Greedy answers for every row, then a few rows one at a time for latency: (raw outputs, predictions, seconds,
+    latencies, effective sampling). Greedy (temperature 0) is evaluation's one override of the model's sampling
+    defaults. With --with_prompt the rows go through stage 1's teacher path (distill.teacher: same rendering,
+    constraint and parsing, no redraws), so a query gets the label create_data.py gives it at --temperature 0."""
+    from distill.teacher import Teacher, VllmEngine, effective_sampling, sampling_params
 
-    constraint = StructuredOutputsParams(choice=list(prompt.labels)) if args.constrain_labels else None
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, structured_outputs=constraint)
-    requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
+    teacher = None
+    if args.with_prompt:
+        teacher = Teacher(tokenizer, prompt, llm.model_config.max_model_len, args.constrain_labels)
+    params = sampling_params(llm.get_default_sampling_params(), {"temperature": 0.0}, max_tokens=args.max_tokens,
+                             structured_outputs=teacher.constraint() if teacher else None)
+    if teacher:
+        answer, items = teacher_answers(VllmEngine(llm, lora_request), teacher, params), rows
+    else:
+        answer, items = student_answers(llm, params, lora_request, prompt.labels), prompt_ids
     started = time.time()
-    outputs = llm.generate(requests, params, lora_request=lora_request)
+    outputs, predictions = answer(items)
     seconds = time.time() - started
     latencies = []
-    for request in requests[: args.latency_requests]:
+    for item in items[: args.latency_requests]:
         started = time.time()
-        llm.generate([request], params, lora_request=lora_request, use_tqdm=False)
+        answer([item])
         latencies.append(time.time() - started)
-    return [output.outputs[0].text for output in outputs], seconds, latencies
+    return outputs, predictions, seconds, latencies, effective_sampling(params)
 
 
-def parse(text, prompt, args, expects_reasoning):
-    from distill.answers import parse_student, parse_teacher
+def teacher_answers(vllm_engine, teacher, params):
+    from distill.teacher import stream
 
-    if args.with_prompt:
-        return parse_teacher(text, prompt, expects_reasoning, args.constrain_labels).label
-    return parse_student(text, prompt.labels)
+    def answer(rows):
+        """Answers stream back in any order; each is put back in its row's place by id."""
+        answers = stream(vllm_engine, teacher, rows, params, max_in_flight=vllm_engine.max_num_seqs)
+        by_id = {a.row["id"]: a for a in answers}
+        answers = [by_id[row["id"]] for row in rows]
+        raw = [(a.samples + a.failures)[0].text if a.samples + a.failures else "" for a in answers]
+        return raw, [a.label for a in answers]
+
+    return answer
+
+
+def student_answers(llm, params, lora_request, labels):
+    from vllm.inputs import TokensPrompt
+
+    from distill.answers import parse_student
+
+    def answer(prompt_ids):
+        requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
+        outputs = [o.outputs[0].text for o in llm.generate(requests, params, lora_request=lora_request, use_tqdm=False)]
+        return outputs, [parse_student(text, labels) for text in outputs]
+
+    return answer
 
 
 def cost_ratio(teacher: dict, student: dict) -> dict:

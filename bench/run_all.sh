@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the three benchmarks in turn (make bench). Each prints ratios measured side by side in one run.
+# Runs the benchmarks in turn (make bench). Each prints ratios measured side by side in one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -7,3 +7,4 @@ export HF_HUB_OFFLINE=1
 "$PYTHON" bench/teacher_throughput.py "$@" 2>&1 | grep -A4 "^bench" || true
 "$PYTHON" bench/prompt_cost.py 2>&1 | grep -A3 "^bench"
 "$PYTHON" bench/train_padding.py 2>&1 | grep -A4 "^bench"
+"$PYTHON" bench/stream_vs_batch.py 2>&1 | grep -A5 "^bench"

@@ -22,7 +22,7 @@ step() { echo; echo "=== [$(( $(date +%s) - started )) s] $*"; }
 
 step "1/6 teacher: $MODEL with prompts/language_identification.md labels $TRAIN_ROWS train-split rows"
 "$PYTHON" create_data.py --model_name "$MODEL" --constrain_labels --split train --max_samples "$TRAIN_ROWS" \
-  --max_tokens 8 --batch_size 16 --output_file "$DEMO_DIR/teacher.jsonl" --overwrite "${engine[@]}"
+  --max_tokens 8 --temperature 0.15 --max_in_flight 16 --output_file "$DEMO_DIR/teacher.jsonl" --overwrite "${engine[@]}"
 
 step "2/6 student on the teacher's labels (LoRA r32, recipes/cpu.yaml, $EPOCHS epoch)"
 RECIPE=recipes/cpu.yaml DATA="$DEMO_DIR/teacher.jsonl" PYTHON="$PYTHON" ./train_trl.sh \

@@ -7,6 +7,7 @@ The tiny model's ~1k-token tokenizer spends ~3.7k tokens on the long prompt, so 
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import create_data
+from distill import shards
 from distill.prompts import load_prompt
 from distill.records import RunRecord, text_id
 from tests.conftest import CLI_ENV, EXAMPLE_DATA, REPO, run_cli
@@ -71,17 +73,6 @@ def run_record(output: Path) -> dict:
 # ---- fast: sharding, resume state and merging without a model -------------------------------------------------
 
 
-@pytest.mark.parametrize("n", [0, 1, 2, 7, 30, 50, 101])
-@pytest.mark.parametrize("count", [1, 2, 3, 4, 8])
-def test_shard_covers_all_rows_once(n, count):
-    rows = list(range(n))
-    shards = [create_data.shard(rows, i, count) for i in range(count)]
-    assert [row for part in shards for row in part] == rows  # contiguous, in order, each row exactly once
-    sizes = [len(part) for part in shards]
-    assert max(sizes) - min(sizes) <= 1
-    assert sizes == sorted(sizes, reverse=True)
-
-
 def test_output_paths():
     out, rejects, record = create_data.output_paths("data/run/teacher.jsonl")
     assert (str(out), str(rejects), str(record)) == ("data/run/teacher.jsonl", "data/run/teacher.rejects.jsonl",
@@ -89,8 +80,9 @@ def test_output_paths():
 
 
 def _settings(**changes):
-    return {"model": "m", "prompt_sha256": "abc", "temperature": 0.15, "num_samples": 1, "constrain_labels": True,
-            "max_tokens": 8192, **changes}
+    return {"model": "m", "prompt_sha256": "abc", "num_samples": 1, "constrain_labels": True, "temperature": 0.6,
+            "top_p": 0.95, "top_k": 20, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+            "frequency_penalty": 0.0, "max_tokens": 8192, **changes}
 
 
 def test_resume_state_unit(tmp_path):
@@ -101,35 +93,55 @@ def test_resume_state_unit(tmp_path):
     RunRecord("create_data", {}).finish(record, status="running", settings=_settings())
     assert create_data.resume_state(out, rejects, record, _settings(), overwrite=False) == {"a", "b", "d"}
     assert out.read_text() == '{"id": "a"}\n{"id": "b"}\n'  # the torn line is cut
-    for change in ({"temperature": 0.7}, {"model": "other"}, {"prompt_sha256": "def"}, {"constrain_labels": False}):
+    for change in ({"temperature": 0.7}, {"top_k": 40}, {"model": "other"}, {"prompt_sha256": "def"},
+                   {"constrain_labels": False}):
         with pytest.raises(create_data.InputError, match=f"{next(iter(change))}.*--overwrite"):
             create_data.resume_state(out, rejects, record, _settings(**change), overwrite=False)
     assert create_data.resume_state(out, rejects, record, _settings(temperature=0.7), overwrite=True) == set()
     assert not out.exists() and not rejects.exists() and not record.exists()
 
 
-def _shard_files(tmp_path, rows, count):
+def _shard_files(tmp_path, rows, count, settings=None):
     for i in range(count):
-        part = create_data.shard(rows, i, count)
+        part = shards.select_shard(rows, i, count)
         out, rejects, record = paths(tmp_path / f"shard-{i}-of-{count}.jsonl")
         out.write_text("".join(json.dumps({"id": r["id"], "teacher": {"label": "en"}}) + "\n" for r in part[1:]))
         rejects.write_text("".join(json.dumps({"id": r["id"], "reason": "no_answer_line"}) + "\n" for r in part[:1]))
         RunRecord("create_data", {}).finish(record, status="finished", counts={"selected": len(part)},
-                                            generation_seconds=1.5 + i)
+                                            settings=settings or _settings(), generation_seconds=1.5 + i)
     return str(tmp_path / f"shard-*-of-{count}.jsonl")
+
+
+def _merge(tmp_path, pattern, rows, settings=None):
+    out, rejects, record = paths(tmp_path / "merged.jsonl")
+    create_data.merge_shards(pattern, rows, out, rejects, record, RunRecord("create_data", {}), settings or _settings())
+    return out, rejects, record
 
 
 def test_merge_shards_unit(tmp_path, capsys):
     rows = [{"id": f"r{i}", "text": f"t{i}"} for i in range(11)]
     pattern = _shard_files(tmp_path, rows, 3)
-    out, rejects, record = paths(tmp_path / "merged.jsonl")
-    create_data.merge_shards(pattern, rows, out, rejects, record, RunRecord("create_data", {}))
+    out, rejects, record = _merge(tmp_path, pattern, rows)
     merged = complete_rows(out) + complete_rows(rejects)
     assert sorted(row["id"] for row in merged) == sorted(row["id"] for row in rows)
-    assert len(complete_rows(rejects)) == 3
+    assert len(complete_rows(rejects)) == sum(1 for i in range(3) if shards.select_shard(rows, i, 3))
     saved = json.loads(record.read_text())
-    assert saved["counts"] == {"selected": 11, "written_total": 8, "rejected_total": 3}
+    assert saved["counts"] == {"selected": 11, "written_total": len(complete_rows(out)),
+                               "rejected_total": len(complete_rows(rejects))}
     assert saved["generation_seconds"] == 3.5 and len(saved["merged_from"]) == 3
+    # the merged record keeps the settings: the same command run on the merged output resumes with nothing to do
+    assert saved["settings"] == _settings()
+    done = create_data.resume_state(out, rejects, record, _settings(), overwrite=False)
+    assert done == {row["id"] for row in rows}
+
+
+def test_merge_refuses_shards_made_with_other_settings(tmp_path):
+    rows = [{"id": f"r{i}", "text": f"t{i}"} for i in range(10)]
+    pattern = _shard_files(tmp_path, rows, 2, settings=_settings(temperature=0.15))
+    with pytest.raises(SystemExit) as exit_:
+        _merge(tmp_path, pattern, rows)
+    assert "shard-0-of-2.jsonl was made with other settings (temperature)" in str(exit_.value)
+    assert not paths(tmp_path / "merged.jsonl")[0].exists()
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -146,9 +158,9 @@ def test_merge_shards_unit_detects_bad_coverage(tmp_path, damage, message):
         shard1.write_text("".join(lines[1:]))
     else:
         shard1.write_text("".join(lines) + json.dumps({"id": "stranger"}) + "\n")
-    out, rejects, record = paths(tmp_path / "merged.jsonl")
     with pytest.raises(SystemExit) as exit_:
-        create_data.merge_shards(pattern, rows, out, rejects, record, RunRecord("create_data", {}))
+        _merge(tmp_path, pattern, rows)
+    out, rejects, record = paths(tmp_path / "merged.jsonl")
     assert message in str(exit_.value)
     assert not out.exists() and not record.exists()
 
@@ -351,6 +363,9 @@ class Launch:
             pass
         self.handle.close()
 
+    def terminate(self) -> None:
+        os.kill(self.proc.pid, signal.SIGTERM)
+
     def finish(self, timeout: float = 300) -> int:
         try:
             return self.proc.wait(timeout=timeout)
@@ -358,7 +373,8 @@ class Launch:
             self.handle.close()
 
     def output(self) -> str:
-        self.handle.flush()
+        if not self.handle.closed:
+            self.handle.flush()
         return self.log.read_text(errors="replace")[-3000:]
 
 
@@ -372,14 +388,32 @@ def newline_count(*files: Path) -> int:
     return total
 
 
+def check_survivors(finished: dict, output: Path, when: str) -> dict:
+    """Every row that was on disk at an earlier kill is still there, unchanged, and every id is there once.
+    Returns the rows on disk now, by id: the log of finished ids the next kill is checked against."""
+    out, rejects, _ = paths(output)
+    rows = complete_rows(out) + complete_rows(rejects)
+    ids = Counter(row["id"] for row in rows)
+    assert max(ids.values(), default=1) == 1, f"{when}: duplicated ids {[i for i, n in ids.items() if n > 1]}"
+    now = {row["id"]: row for row in rows}
+    lost = [row_id for row_id, row in finished.items() if now.get(row_id) != row]
+    assert not lost, f"{when}: rows finished before an earlier kill were lost or changed: {lost}"
+    return now
+
+
 @pytest.mark.slow
-def test_sigkill_and_resume(tiny_model, tmp_path):
+def test_kills_at_random_moments_then_resume(tiny_model, tmp_path):
+    """SIGKILL during start-up and at random moments mid-stream, a SIGTERM (a clean stop), torn last lines, then a
+    resume to the end: every selected id exactly once, and no row that finished before a kill is lost."""
+    seed = time.time_ns() % 10_000
+    moments = random.Random(seed)
     queries = example_subset(tmp_path / "in40.jsonl", 40, start=100)
     selected = input_ids(queries)
     output = tmp_path / "kill" / "teacher.jsonl"
     out, rejects, record = paths(output)
+    # free-form with 16 tokens per answer and a redraw: slow enough on the tiny model that a kill lands mid-stream
     command = ["create_data.py", "--input_file", queries, "--output_file", output, "--model_name", tiny_model,
-               "--constrain_labels", "--batch_size", "2", *MAX_LEN]
+               "--max_tokens", "16", "--max_retries", "1", "--max_in_flight", "2", *MAX_LEN]
 
     # 1. during start-up: the run record says "running", the engine is still starting
     run = Launch(command, tmp_path / "run1.log")
@@ -388,42 +422,54 @@ def test_sigkill_and_resume(tiny_model, tmp_path):
     assert json.loads(record.read_text())["status"] == "running"
     assert newline_count(out, rejects) == 0
 
-    # 2. and 3. mid-generation, at two different points
-    done = 0
-    for number, step in ((2, 6), (3, 10)):
+    # 2. and 3. SIGKILL mid-stream at random moments; 4. SIGTERM: stop admitting, keep what finished, say so
+    finished = {}
+    for number, how in ((2, "kill"), (3, "kill"), (4, "term")):
         run = Launch(command, tmp_path / f"run{number}.log")
-        target = done + step
+        target = len(finished) + moments.randint(1, 6)
         run.wait_for(lambda: newline_count(out, rejects) >= target, f"{target} rows were on disk")
-        run.kill()
-        rows = complete_rows(out) + complete_rows(rejects)
-        assert f"{done} done by an earlier run, {40 - done} to go" in run.log.read_text()
-        assert target <= len(rows) < 40, f"kill {number} came too late to interrupt the run ({len(rows)} rows)"
-        assert max(Counter(row["id"] for row in rows).values()) == 1
-        assert json.loads(record.read_text())["status"] == "running"
-        done = len(rows)
+        time.sleep(moments.uniform(0, 0.4))
+        if how == "kill":
+            run.kill()
+        else:
+            run.terminate()
+            assert run.finish() == 128 + signal.SIGTERM, f"seed {seed}: {run.output()}"
+        before = len(finished)
+        finished = check_survivors(finished, output, f"after kill {number} (seed {seed})")
+        assert f"{before} done by an earlier run, {40 - before} to go" in run.log.read_text()
+        assert target <= len(finished) < 40, f"kill {number} came too late to interrupt the run (seed {seed})"
+        saved = json.loads(record.read_text())
+        if how == "kill":
+            assert saved["status"] == "running"
+        else:
+            assert saved["status"] == "interrupted", saved["status"]
+            this_run = saved["counts"]["written_this_run"] + saved["counts"]["rejected_this_run"]
+            assert this_run == len(finished) - before and "interrupted (SIGTERM)" in run.log.read_text()
 
     # a crash mid-write: torn last lines in both files
-    pending = next(i for i in selected if i not in ids_once(output))
+    pending = next(i for i in selected if i not in finished)
     with open(out, "ab") as handle:
         handle.write(f'{{"id": "{pending}", "messages": [{{"role": "user", "content": "Die B'.encode())
     with open(rejects, "ab") as handle:
         handle.write(b'{"id": "x", "reason": "too_')
 
-    # 4. resume to the end
-    run = Launch(command, tmp_path / "run4.log")
+    # 5. resume to the end
+    run = Launch(command, tmp_path / "run5.log")
     assert run.finish() == 0, run.output()
     log = run.log.read_text()
     assert "cut a torn last line" in log and str(out) in log and str(rejects) in log
-    assert f"{done} done by an earlier run, {40 - done} to go" in log
+    assert f"{len(finished)} done by an earlier run, {40 - len(finished)} to go" in log
 
-    ids = ids_once(output)  # complete_rows asserts that every line parses
-    assert sorted(ids) == sorted(selected), "every selected id must be in the output or the rejects"
-    assert set(ids.values()) == {1}, [i for i, n in ids.items() if n > 1]
+    final = check_survivors(finished, output, "after the resume")
+    assert sorted(final) == sorted(selected), "every selected id must be in the output or the rejects"
     saved = run_record(output)
     assert saved["status"] == "finished"
-    assert saved["counts"]["resumed"] == done
-    assert saved["counts"]["written_this_run"] + saved["counts"]["rejected_this_run"] == 40 - done
+    assert saved["counts"]["resumed"] == len(finished)
+    assert saved["counts"]["written_this_run"] + saved["counts"]["rejected_this_run"] == 40 - len(finished)
     assert saved["counts"]["written_total"] + saved["counts"]["rejected_total"] == 40
+    stream = saved["stream"]
+    assert stream["finished"] == 40 - len(finished) and stream["generated_tokens_per_second"] > 0
+    assert 0 < stream["prefix_cache_hit_rate"] < 1  # the long prompt is cached; each query's own tokens are not
 
 
 # ---- slow: the multi-instance launcher ---------------------------------------------------------------------------
@@ -443,20 +489,26 @@ def test_launcher_matches_single_run(single_run, tiny_model, work, input50):
     assert merged == ids_once(single_output)  # same ids, each exactly once
     assert sorted(merged) == sorted(input_ids(input50))
     per_shard = [ids_once(shard_dir / f"shard-{i}-of-2.jsonl") for i in range(2)]
-    assert [sum(c.values()) for c in per_shard] == [25, 25]
-    assert not set(per_shard[0]) & set(per_shard[1])
+    assert [set(c) for c in per_shard] == [{i for i in input_ids(input50) if shards.shard_of(i, 2) == index}
+                                           for index in range(2)]
+    assert all(c and max(c.values()) == 1 for c in per_shard)
     record = run_record(output)
     assert record["counts"]["selected"] == 50 and len(record["merged_from"]) == 2
     assert record["counts"]["written_total"] + record["counts"]["rejected_total"] == 50
     for row in complete_rows(paths(output)[0]):
         assert row["teacher"]["label"] in LABELS
 
+    # the merged record keeps the settings: the same command on the merged output resumes and has nothing to do
+    rerun = run_cli("create_data.py", "--input_file", input50, "--model_name", tiny_model, "--output_file", output,
+                    "--constrain_labels", *MAX_LEN, timeout=180)
+    assert "50 done by an earlier run, 0 to go" in rerun.stdout
+
     # the merge on its own notices a row that went missing from a shard
     shard1 = shard_dir / "shard-1-of-2.jsonl"
     lines = shard1.read_text(encoding="utf-8").splitlines(keepends=True)
     lost = json.loads(lines[0])["id"]
     shard1.write_text("".join(lines[1:]), encoding="utf-8")
-    merge = run_cli("create_data.py", "--input_file", input50, "--model_name", tiny_model,
+    merge = run_cli("create_data.py", "--input_file", input50, "--model_name", tiny_model, "--constrain_labels",
                     "--output_file", work / "launcher" / "remerged.jsonl",
                     "--merge_shards", f"{shard_dir}/shard-*-of-2.jsonl", check=False, timeout=180)
     assert merge.returncode != 0

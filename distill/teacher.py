@@ -1,0 +1,288 @@
+"""The one teacher path that stage 1 and `evaluate.py --with_prompt` share: render a query with the long prompt,
+choose the sampling parameters (the model's defaults plus what the user set), constrain and parse the answer, and
+stream requests through vLLM so each query's answer is handed back the moment its last sample finishes.
+
+    teacher = Teacher(tokenizer, prompt, max_model_len, constrain_labels=True)
+    params = sampling_params(llm.get_default_sampling_params(), {"temperature": 0.0}, max_tokens=8192,
+                             structured_outputs=teacher.constraint())
+    for answer in stream(VllmEngine(llm), teacher, rows, params, max_retries=3, max_in_flight=256):
+        ...  # answer.row, answer.label (None: rejected, see answer.reason), answer.samples, answer.failures
+
+The stream keeps at most `max_in_flight` requests in the engine, pairs every output with its query by request id
+(never by position: completions arrive in any order), redraws a sample that breaks the answer contract at once
+(not after a batch), and on `stop()` aborts what is in flight and hands back only queries that really finished.
+"""
+
+import time
+from collections import Counter
+from copy import copy
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+from distill.answers import Parsed, parse_teacher
+from distill.prompts import TaskPrompt, render_teacher
+
+# Sampling fields a user may set; each defaults to the model's generation_config (as vLLM reads it), then vLLM's.
+SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty")
+# The generation_config keys vLLM turns into default sampling parameters (vllm ModelConfig.get_diff_sampling_param).
+GENERATION_CONFIG_KEYS = (*SAMPLING_FLAGS, "max_new_tokens")
+
+
+# ---- sampling: the model's defaults, then the user's flags ------------------------------------------------------
+
+
+def add_sampling_args(parser) -> None:
+    group = parser.add_argument_group("sampling (unset: the model's generation_config, as vLLM reads it)")
+    for flag, kind in zip(SAMPLING_FLAGS, (float, float, int, float, float, float, float)):
+        group.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None)
+
+
+def model_sampling_defaults(args) -> dict:
+    """The model's default sampling parameters as vLLM derives them (LLM.get_default_sampling_params), read from
+    the model's generation_config.json without starting an engine, so a resume check fails in seconds.
+    Honours --generation-config (auto / vllm / a folder) and --override-generation-config."""
+    from vllm.transformers_utils.config import try_get_generation_config
+
+    source = args.generation_config
+    config = {}
+    if source != "vllm":
+        found = try_get_generation_config(args.model if source == "auto" else source,
+                                          trust_remote_code=args.trust_remote_code)
+        config = found.to_diff_dict() if found else {}
+    config.update(args.override_generation_config or {})
+    defaults = {key: config[key] for key in GENERATION_CONFIG_KEYS if config.get(key) is not None}
+    if "max_new_tokens" in defaults:
+        defaults["max_tokens"] = defaults.pop("max_new_tokens")
+    return defaults
+
+
+def sampling_params(defaults, overrides: dict, **fixed):
+    """`defaults` (a SamplingParams, e.g. from get_default_sampling_params()) with only the `overrides` that are set
+    (None means "keep the model's"), plus `fixed` settings that are ours (max_tokens, the label constraint)."""
+    from vllm import SamplingParams
+
+    chosen = {flag: getattr(defaults, flag) for flag in SAMPLING_FLAGS}
+    chosen.update({flag: value for flag, value in overrides.items() if value is not None})
+    return SamplingParams(**chosen, **fixed)
+
+
+def effective_sampling(params) -> dict:
+    """What goes into run records: every field a user could set, as the engine will use it."""
+    return {flag: getattr(params, flag) for flag in (*SAMPLING_FLAGS, "max_tokens")}
+
+
+# ---- the teacher: rendering, constraint, parsing ----------------------------------------------------------------
+
+
+@dataclass
+class Teacher:
+    tokenizer: object
+    prompt: TaskPrompt
+    max_model_len: int
+    constrain_labels: bool = False
+    # Thinking templates (Qwen3 Thinking-2507) open <think> in the prompt: the output then holds only </think>.
+    expects_reasoning: bool = field(init=False)
+
+    def __post_init__(self):
+        self.expects_reasoning = self.render("x").rstrip().endswith("<think>")
+
+    def render(self, query: str) -> str:
+        return render_teacher(self.tokenizer, self.prompt.teacher_messages(query))
+
+    def token_ids(self, query: str) -> list[int]:
+        return self.tokenizer(self.render(query), add_special_tokens=False).input_ids
+
+    def constraint(self):
+        """vLLM structured outputs over the label set (after the reasoning, with a reasoning parser), or None."""
+        if not self.constrain_labels:
+            return None
+        from vllm.sampling_params import StructuredOutputsParams
+
+        return StructuredOutputsParams(choice=list(self.prompt.labels))
+
+    def parse(self, text: str) -> Parsed:
+        return parse_teacher(text, self.prompt, self.expects_reasoning, self.constrain_labels)
+
+
+# ---- one query's outcome ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    parsed: Parsed
+    text: str
+    finish_reason: str | None
+
+
+@dataclass
+class Answer:
+    row: dict
+    samples: list[Sample] = field(default_factory=list)  # valid samples
+    failures: list[Sample] = field(default_factory=list)  # samples that broke the answer contract
+    too_long: bool = False
+
+    @property
+    def votes(self) -> Counter:
+        return Counter(sample.parsed.label for sample in self.samples)
+
+    @property
+    def label(self) -> str | None:
+        """The majority of the valid samples; None when there is none (the query is rejected)."""
+        return self.votes.most_common(1)[0][0] if self.samples else None
+
+    @property
+    def reason(self) -> str:
+        if self.samples:
+            return "ok"
+        if self.too_long:
+            return "too_long"
+        return Counter(sample.parsed.reason for sample in self.failures).most_common(1)[0][0]
+
+
+@dataclass
+class StreamStats:
+    """Live and final figures of a stream. The prefix-cache hit rate is read from each output's num_cached_tokens."""
+
+    started: float = field(default_factory=time.monotonic)
+    labelled: int = 0
+    rejected: int = 0
+    samples: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int | None = None  # None while the engine reports no cached-token counts
+    reject_reasons: Counter = field(default_factory=Counter)
+
+    def add_output(self, output) -> None:
+        self.samples += 1
+        self.generated_tokens += sum(len(sample.token_ids) for sample in output.outputs)
+        self.prompt_tokens += len(output.prompt_token_ids or ())
+        if output.num_cached_tokens is not None:
+            self.cached_tokens = (self.cached_tokens or 0) + output.num_cached_tokens
+
+    def add_answer(self, answer: Answer) -> None:
+        if answer.label is None:
+            self.rejected += 1
+            self.reject_reasons[answer.reason] += 1
+        else:
+            self.labelled += 1
+
+    def summary(self) -> dict:
+        seconds = max(time.monotonic() - self.started, 1e-9)
+        return {
+            "finished": self.labelled + self.rejected,
+            "labelled": self.labelled,
+            "rejected": self.rejected,
+            "reject_reasons": dict(self.reject_reasons),
+            "samples": self.samples,
+            "seconds": round(seconds, 2),
+            "queries_per_second": round((self.labelled + self.rejected) / seconds, 3),
+            "generated_tokens_per_second": round(self.generated_tokens / seconds, 1),
+            "prefix_cache_hit_rate": (round(self.cached_tokens / self.prompt_tokens, 4)
+                                      if self.cached_tokens is not None and self.prompt_tokens else None),
+        }
+
+
+# ---- the engine loop --------------------------------------------------------------------------------------------
+
+
+class VllmEngine:
+    """The three calls `stream` makes, on a `vllm.LLM`: the loop LLM.generate runs itself, but with our request ids
+    and requests added while others run. Prompts are rendered as the engine asks (Renderer.render_cmpl)."""
+
+    def __init__(self, llm, lora_request=None):
+        from vllm.renderers.inputs.preprocess import parse_model_prompt
+        from vllm.sampling_params import RequestOutputKind
+
+        self.llm, self.lora_request = llm, lora_request
+        self.parse_model_prompt, self.final_only = parse_model_prompt, RequestOutputKind.FINAL_ONLY
+        self.count = 0
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+
+    def add_request(self, token_ids: list[int], params) -> str:
+        renderer = self.llm.renderer
+        prompt = self.parse_model_prompt(self.llm.model_config, {"prompt_token_ids": token_ids})
+        (engine_input,) = renderer.render_cmpl([prompt], renderer.default_cmpl_tok_params)
+        params.output_kind = self.final_only  # one output per request, when it is done
+        self.count += 1
+        request_id = f"teacher-{self.count}"
+        self.llm.llm_engine.add_request(request_id, engine_input, params, lora_request=self.lora_request)
+        return request_id
+
+    def step(self) -> list:
+        return self.llm.llm_engine.step()
+
+    def abort_request(self, request_ids: list[str]) -> None:
+        self.llm.llm_engine.abort_request(request_ids)
+
+
+@dataclass
+class _Job:
+    answer: Answer
+    token_ids: list[int]
+    params: object
+    retries_left: int
+    pending: int = 0
+    abandoned: bool = False  # a redraw was due when the stream stopped: the query is not finished
+
+
+def stream(engine, teacher: Teacher, rows: Iterable[dict], params, *, num_samples: int = 1, max_retries: int = 0,
+           max_in_flight: int = 256, stop: Callable[[], bool] = lambda: False,
+           stats: StreamStats | None = None) -> Iterator[Answer]:
+    """Each query's Answer as soon as it is final: `num_samples` valid samples, or its redraw budget spent.
+
+    At most `max_in_flight` requests are in the engine (a query's first samples go in together, so one query with
+    more samples than that still runs). Queries are tokenized when admitted, not up front. After `stop()` turns
+    true no request is added, the ones in flight are aborted, and only queries that finished are handed back.
+    """
+    stats = stats or StreamStats()
+    owners: dict[str, _Job] = {}
+    rows = iter(rows)
+    exhausted = False
+
+    def submit(job: _Job) -> None:
+        owners[engine.add_request(job.token_ids, job.params)] = job
+        job.pending += 1
+
+    while True:
+        while not exhausted and not stop() and (not owners or len(owners) + num_samples <= max_in_flight):
+            row = next(rows, None)
+            if row is None:
+                exhausted = True
+                break
+            token_ids = teacher.token_ids(row["text"])
+            if len(token_ids) >= teacher.max_model_len:
+                answer = Answer(row, too_long=True)
+                stats.add_answer(answer)
+                yield answer
+                continue
+            job_params = copy(params)  # the answer budget is what the context has left after this prompt
+            job_params.max_tokens = min(params.max_tokens, teacher.max_model_len - len(token_ids))
+            job = _Job(Answer(row), token_ids, job_params, retries_left=max_retries)
+            for _ in range(num_samples):
+                submit(job)
+        if stop() or not owners:
+            if owners:
+                engine.abort_request(list(owners))
+            return
+        for output in engine.step():
+            if not output.finished:
+                continue
+            job = owners.pop(output.request_id)  # pairing by id: a KeyError here would be an engine bug
+            job.pending -= 1
+            stats.add_output(output)
+            for completion in output.outputs:
+                sample = Sample(teacher.parse(completion.text), completion.text, completion.finish_reason)
+                (job.answer.samples if sample.parsed.label else job.answer.failures).append(sample)
+                if sample.parsed.label is None and job.retries_left and len(job.answer.samples) < num_samples:
+                    if stop():
+                        job.abandoned = True
+                    else:
+                        job.retries_left -= 1
+                        submit(job)
+            if job.pending == 0 and not job.abandoned:
+                stats.add_answer(job.answer)
+                yield job.answer

@@ -441,3 +441,22 @@ def test_wandb_offline_without_network(tiny_model, gold_teacher_file, tmp_path):
     assert len(runs) == 1
     logged = runs[0].read_bytes()
     assert b"heldout_fraction" in logged, "WandbConfigCallback adds the data settings to the run config"
+
+
+@pytest.mark.slow
+def test_fast_recipe_settings_give_the_same_losses_as_the_old_ones(tiny_model, gold_teacher_file, tmp_path):
+    """The GPU speed-up (token-budget micro-batches, padding-free, no checkpointing) changes how a step is computed,
+    not what: the same rows per step give the same loss as micro-batch 8, gradient checkpointing and padding."""
+    def losses(name, *extra):
+        out = tmp_path / name
+        run_cli("train_sft_trl.py", *train_args(tiny_model, gold_teacher_file, out, "--max_steps", 3,
+                                                "--global_batch_size", 16, "--logging_steps", 1, *extra))
+        record = json.loads((out / "distill_run.json").read_text())
+        return [entry["loss"] for entry in record["log_history"] if "loss" in entry], record["counts"]["batch"]
+
+    old, old_batch = losses("old", "--per_device_train_batch_size", 8, "--gradient_checkpointing", "true",
+                            "--padding_free", "false", "--max_length", 2048)
+    new, new_batch = losses("new", "--micro_batch_tokens", 1000)
+    assert (old_batch["micro_batch"], old_batch["gradient_accumulation_steps"]) == (8, 2)
+    assert new_batch["micro_batch"] == 16 and new_batch["gradient_accumulation_steps"] == 1
+    assert new == pytest.approx(old, rel=1e-4)

@@ -6,10 +6,17 @@
     # CPU, the embedded model, answers restricted to the label set:
     python create_data.py --model_name models/SmolLM2-135M-Instruct --constrain_labels --max_samples 50
 
+    # a generative task (the prompt file declares a `check`, no labels): the target is the whole final answer
+    python create_data.py --prompt_file prompts/answer_in_french.md --input_file example-data/general_questions.jsonl
+
 Writes, beside --output_file:
   <output>.jsonl          one row per answered query: {"id", "messages": [user query, assistant label],
-                          the input's other columns, "teacher": {label, votes, finish reasons, ...}}
-  <output>.rejects.jsonl  queries without a valid answer after --max_retries: id, text, reason, raw outputs
+                          the input's other columns, "teacher": {label, votes, finish reasons, ...}}; for a
+                          generative task the assistant turn is the teacher's whole final answer (after any
+                          reasoning) and "teacher" holds answer_chars instead of label and votes
+  <output>.rejects.jsonl  queries without a valid answer after --max_retries: id, text, reason, raw outputs.
+                          A generative answer is rejected when cut at --max_tokens (cut_at_max_tokens), empty
+                          (empty_answer) or still inside the reasoning (unclosed_reasoning)
   <output>.run.json       resolved args, command line, git revision, effective sampling, counts, throughput
 
 Queries stream through the engine: at most --max_in_flight requests are in it, each query's row is written (and
@@ -54,14 +61,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int,
                         help=f"per answer, reasoning included (default: the model's, else {DEFAULT_MAX_TOKENS})")
     parser.add_argument("--max-retries", type=int, default=3, help="fresh samples for an answer that breaks the contract")
-    parser.add_argument("--num-samples", type=int, default=1, help="answers per query; the label is their majority")
+    parser.add_argument("--num-samples", type=int, default=1,
+                        help="answers per query; the label is their majority (a generative task keeps the first "
+                             "valid answer: free texts are not voted on)")
     parser.add_argument("--max-samples", type=int, help="use only the first N selected queries (before sharding)")
     parser.add_argument("--split", choices=["all", "train", "heldout"], default="all",
                         help="keep only this side of the group split that training and evaluation use")
     parser.add_argument("--shard-index", type=int, default=0)
     parser.add_argument("--num-shards", type=int, default=1, help="a query goes to shard hash(id) mod num_shards")
     parser.add_argument("--constrain-labels", action="store_true",
-                        help="vLLM structured outputs: the answer (after any reasoning) must be one of the labels")
+                        help="vLLM structured outputs: the answer (after any reasoning) must be one of the labels "
+                             "(label tasks only)")
     parser.add_argument("--max-in-flight", type=int,
                         help="requests kept in the engine at once (default: the engine's --max-num-seqs)")
     parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)  # removed; kept to explain why
@@ -156,6 +166,9 @@ def main(argv=None):
         queries = read_queries(args.input_file, args.text_field)
     except (InputError, ValueError, OSError) as error:
         sys.exit(f"error: {error}")
+    if args.constrain_labels and prompt.is_generative:
+        sys.exit(f"error: --constrain_labels needs a label set, and {args.prompt_file} declares a generative task "
+                 f"(check: {prompt.check}); drop the flag")
     rows = select(queries.rows, args.split)[: args.max_samples]
     try:
         model_defaults = model_sampling_defaults(args)
@@ -196,6 +209,7 @@ def main(argv=None):
         model_sampling_defaults=model_defaults,
         model=args.model,
         prompt_file=args.prompt_file,
+        task="generative" if prompt.is_generative else "label",
         expects_reasoning=teacher.expects_reasoning,
         counts={
             "input_lines": queries.lines,
@@ -262,9 +276,11 @@ def carried(row: dict) -> dict:
 
 def labelled_row(answer, save_raw: bool) -> dict:
     row = answer.row
+    # A generative answer is free text: its length says more than a vote count over distinct texts.
+    outcome = {"answer_chars": len(answer.label)} if answer.generative else {"label": answer.label,
+                                                                               "votes": dict(answer.votes)}
     teacher = {
-        "label": answer.label,
-        "votes": dict(answer.votes),
+        **outcome,
         "invalid_samples": len(answer.failures),
         "finish_reasons": [sample.finish_reason for sample in answer.samples],
         "reasoning_chars": [sample.parsed.reasoning_chars for sample in answer.samples],

@@ -15,6 +15,13 @@ report says those rows were trained on.
 --teacher_file takes stage 1's JSONL or a results JSON of a --with_prompt run (which also yields the cost ratio).
 Writes the results JSON (metrics, confusion matrix, per-example predictions with raw outputs) and a PNG heatmap
 beside it; logs the same to wandb when WANDB_API_KEY or WANDB_MODE is set.
+
+A generative prompt file (a `check` instead of labels, e.g. prompts/answer_in_french.md) is scored by that check:
+the share of answers that pass it, chrF against the teacher's answer to the same query (with --teacher_file), mean
+answer length, failures and cost; no heatmap. The student then answers in up to 64 tokens (--max_tokens).
+
+    python evaluate.py --model_path models/<run> --prompt_file prompts/answer_in_french.md \
+        --test_file example-data/general_questions.jsonl --teacher_file data/french.jsonl
 """
 
 import argparse
@@ -51,7 +58,9 @@ def parse_args(argv=None):
                         help="evaluate a teacher/base model given the prompt, parsed exactly as stage 1 parses")
     parser.add_argument("--constrain-labels", action="store_true", help="with --with_prompt: as create_data.py's")
     parser.add_argument("--teacher-file", help="stage-1 JSONL or a --with_prompt results JSON: adds agreement")
-    parser.add_argument("--max-tokens", type=int, help="default 16 for the student, 8192 with --with_prompt")
+    parser.add_argument("--max-tokens", type=int,
+                        help="default 16 for the student on a label task, 64 on a generative task, 8192 with "
+                             "--with_prompt")
     parser.add_argument("--latency-requests", type=int, default=20,
                         help="requests timed one at a time for the median latency (0 to skip)")
     parser.add_argument("--no-lingua", action="store_true", help="skip the lingua baseline")
@@ -62,7 +71,6 @@ def parse_args(argv=None):
     engine.add_engine_args(parser)
     args = parser.parse_args(argv)
     args.model_path = args.model_path or newest_adapter()
-    args.max_tokens = args.max_tokens or (8192 if args.with_prompt else 16)
     if args.constrain_labels and not args.with_prompt:
         parser.error("--constrain_labels applies to --with_prompt runs; the student is scored on what it writes")
     return args
@@ -75,11 +83,21 @@ def newest_adapter(root: Path = Path("models")) -> str:
     return str(adapters[-1].parent)
 
 
+def default_max_tokens(with_prompt: bool, generative: bool) -> int:
+    # A label student answers in a few tokens; a free-form answer of a sentence or two needs room.
+    if with_prompt:
+        return 8192
+    return 64 if generative else 16
+
+
 def load_teacher_labels(path: str) -> tuple[dict, dict | None]:
-    """id -> teacher label, and the cost block when the file is a --with_prompt results JSON."""
+    """id -> teacher label (or generative answer), and the cost block when the file is a --with_prompt results
+    JSON. A generative teacher's empty answer (its output broke the contract) is no reference and is left out."""
     if path.endswith(".jsonl"):
         return {row["id"]: row["messages"][-1]["content"] for row in read_jsonl(path)}, None
     results = json.loads(Path(path).read_text())
+    if results.get("task") == "generative":
+        return {e["id"]: e["answer"] for e in results["examples"] if e["answer"]}, results.get("cost")
     return {e["id"]: e["prediction"] for e in results["examples"]}, results.get("cost")
 
 
@@ -92,6 +110,9 @@ def main(argv=None):
         teacher_labels, teacher_cost = load_teacher_labels(args.teacher_file) if args.teacher_file else ({}, None)
     except (InputError, ValueError, OSError, KeyError) as error:
         sys.exit(f"error: {error}")
+    if args.constrain_labels and prompt.is_generative:
+        sys.exit(f"error: --constrain_labels needs a label set, and {args.prompt_file} declares a generative task")
+    args.max_tokens = args.max_tokens or default_max_tokens(args.with_prompt, prompt.is_generative)
     rows = select(queries.rows, args.split, args.heldout_fraction, args.split_seed)[: args.max_samples]
     if not rows:
         sys.exit(f"error: no rows of {args.test_file} on the {args.split} split")
@@ -126,35 +147,15 @@ def main(argv=None):
         served.engine_overrides["max_model_len"] = serving.max_model_len(
             prompt_ids, args.max_tokens, served.config_source, args.trust_remote_code)
     llm = engine.build_llm(args, **served.engine_overrides)
-    outputs, predictions, seconds, latencies, sampling = generate(llm, tokenizer, rows, prompt_ids, prompt, args,
-                                                                  served.lora_request())
+    generation = generate(llm, tokenizer, rows, prompt_ids, prompt, args, served.lora_request())
 
-    from distill.metrics import lingua_predictions, score, worst_labels
-
-    golds = [row.get(args.label_field) for row in rows]
     teacher = [teacher_labels.get(row["id"]) for row in rows] if args.teacher_file else None
-    examples = [
-        {"id": row["id"], "text": row["text"], "gold": gold, "prediction": pred, "raw": raw,
-         **({"teacher": t} if teacher else {}), "input_tokens": len(ids)}
-        for row, gold, pred, raw, ids, t in zip(rows, golds, predictions, outputs, prompt_ids, teacher or [None] * len(rows))
-    ]
-    if not args.quiet:
-        print_live(examples)
-    results = score(golds, predictions, prompt.labels, teacher)
-    results["worst_labels"] = worst_labels(results, examples)
-    if not args.no_lingua and any(g is not None for g in golds):
-        lingua = lingua_predictions([row["text"] for row in rows], prompt.labels)
-        results.setdefault("baselines", {})["lingua"] = {
-            "accuracy": score(golds, lingua, prompt.labels)["accuracy_vs_gold"],
-            "agreement_with_teacher": score(golds, lingua, prompt.labels, teacher)["agreement_with_teacher"],
-        }
-    results["cost"] = {
-        "input_tokens_per_request": statistics.mean(len(ids) for ids in prompt_ids),
-        "median_latency_seconds": statistics.median(latencies) if latencies else None,
-        "latency_requests": len(latencies),
-        "batch_seconds": round(seconds, 2),
-        "requests_per_second": round(len(rows) / seconds, 2),
-    }
+    if prompt.is_generative:
+        results = generative_results(prompt, rows, prompt_ids, generation, teacher, tokenizer, args.quiet)
+    else:
+        results = label_results(prompt, rows, prompt_ids, generation, teacher, args)
+    examples = results.pop("examples")
+    results["cost"] = cost(prompt_ids, generation, prompt.is_generative)
     if teacher_cost and not args.with_prompt:
         results["cost"]["vs_teacher_with_prompt"] = cost_ratio(teacher_cost, results["cost"])
     output_file = Path(args.output_file or model_path / f"eval_{args.split}.json")
@@ -163,7 +164,7 @@ def main(argv=None):
         "model_path": str(model_path),
         "serving": served.description,
         "max_model_len": llm.model_config.max_model_len,
-        "sampling": sampling,
+        "sampling": generation.sampling,
         "split_check": dataclasses.asdict(split_check),
         "test_file": args.test_file,
         "split": args.split,
@@ -173,17 +174,92 @@ def main(argv=None):
         "examples": examples,
     }
     record.finish(output_file, **full)
-    plot_confusion(results, output_file.with_suffix(".png"), f"{Path(args.model_path).name}: {mode}, {args.split}")
-    print_report(full)
-    print(f"evaluate: results -> {output_file}, heatmap -> {output_file.with_suffix('.png')}")
+    if prompt.is_generative:
+        print_generative_report(full)
+        print(f"evaluate: results -> {output_file}")
+    else:
+        plot_confusion(results, output_file.with_suffix(".png"), f"{Path(args.model_path).name}: {mode}, {args.split}")
+        print_report(full)
+        print(f"evaluate: results -> {output_file}, heatmap -> {output_file.with_suffix('.png')}")
     log_wandb(full, output_file)
 
 
-def generate(llm, tokenizer, rows, prompt_ids, prompt, args, lora_request):
-    """Greedy answers for every row, then a few rows one at a time for latency: (raw outputs, predictions, seconds,
-    latencies, effective sampling). Greedy (temperature 0) is evaluation's one override of the model's sampling
-    defaults. With --with_prompt the rows go through stage 1's teacher path (distill.teacher: same rendering,
-    constraint and parsing, no redraws), so a query gets the label create_data.py gives it at --temperature 0."""
+def label_results(prompt, rows, prompt_ids, generation, teacher, args) -> dict:
+    """Accuracy, agreement, confusion matrix, baselines and the examples of a label task."""
+    from distill.metrics import lingua_predictions, score, worst_labels
+
+    golds = [row.get(args.label_field) for row in rows]
+    predictions = generation.answers
+    examples = [
+        {"id": row["id"], "text": row["text"], "gold": gold, "prediction": pred, "raw": raw,
+         **({"teacher": t} if teacher else {}), "input_tokens": len(ids)}
+        for row, gold, pred, raw, ids, t in zip(rows, golds, predictions, generation.raw, prompt_ids,
+                                                teacher or [None] * len(rows))
+    ]
+    if not args.quiet:
+        print_live(examples)
+    results = {"task": "label", **score(golds, predictions, prompt.labels, teacher)}
+    results["worst_labels"] = worst_labels(results, examples)
+    if not args.no_lingua and any(g is not None for g in golds):
+        lingua = lingua_predictions([row["text"] for row in rows], prompt.labels)
+        results.setdefault("baselines", {})["lingua"] = {
+            "accuracy": score(golds, lingua, prompt.labels)["accuracy_vs_gold"],
+            "agreement_with_teacher": score(golds, lingua, prompt.labels, teacher)["agreement_with_teacher"],
+        }
+    return {**results, "examples": examples}
+
+
+def generative_results(prompt, rows, prompt_ids, generation, teacher, tokenizer, quiet: bool) -> dict:
+    """Pass rate under the prompt's check, chrF against the teacher's answers, lengths, failures and examples.
+    A --with_prompt output that breaks stage 1's contract (cut, empty, still reasoning) is scored as an empty
+    answer: it fails, and its raw output is kept."""
+    from distill.checks import describe
+    from distill.metrics import judge_answers, score_generative
+
+    answers = [answer or "" for answer in generation.answers]
+    teacher = teacher or [None] * len(rows)
+    judged = judge_answers(prompt.check, answers, teacher)
+    examples = []
+    for row, answer, raw, ids, output_tokens, reference, verdict in zip(
+            rows, answers, generation.raw, prompt_ids, generation.output_tokens, teacher, judged):
+        known = {"teacher": reference, "chrf": verdict["chrf"]} if reference is not None else {}
+        examples.append({"id": row["id"], "text": row["text"], "answer": answer, "passed": verdict["passed"], **known,
+                         "raw": raw, "input_tokens": len(ids), "output_tokens": output_tokens,
+                         "answer_tokens": len(tokenizer(answer, add_special_tokens=False).input_ids)})
+    if not quiet:
+        print_live_generative(examples)
+    return {"task": "generative", "check": prompt.check, "check_description": describe(prompt.check),
+            **score_generative(examples), "examples": examples}
+
+
+def cost(prompt_ids, generation, generative: bool) -> dict:
+    figures = {
+        "input_tokens_per_request": statistics.mean(len(ids) for ids in prompt_ids),
+        "median_latency_seconds": statistics.median(generation.latencies) if generation.latencies else None,
+        "latency_requests": len(generation.latencies),
+        "batch_seconds": round(generation.seconds, 2),
+        "requests_per_second": round(len(prompt_ids) / generation.seconds, 2),
+    }
+    if generative:  # free text: what the model writes (reasoning included) costs as much as what it reads
+        figures["output_tokens_per_request"] = statistics.mean(generation.output_tokens)
+    return figures
+
+
+@dataclasses.dataclass
+class Generation:
+    raw: list[str]  # every row's output as the model wrote it
+    answers: list[str | None]  # labels (None: unparsed), or generative answers (None: broke the contract)
+    output_tokens: list[int]
+    seconds: float
+    latencies: list[float]
+    sampling: dict
+
+
+def generate(llm, tokenizer, rows, prompt_ids, prompt, args, lora_request) -> Generation:
+    """Greedy answers for every row, then a few rows one at a time for latency. Greedy (temperature 0) is
+    evaluation's one override of the model's sampling defaults. With --with_prompt the rows go through stage 1's
+    teacher path (distill.teacher: same rendering, constraint and parsing, no redraws), so a query gets the label
+    (or generative answer) create_data.py gives it at --temperature 0."""
     from distill.teacher import Teacher, VllmEngine, effective_sampling, sampling_params
 
     teacher = None
@@ -194,16 +270,16 @@ def generate(llm, tokenizer, rows, prompt_ids, prompt, args, lora_request):
     if teacher:
         answer, items = teacher_answers(VllmEngine(llm, lora_request), teacher, params), rows
     else:
-        answer, items = student_answers(llm, params, lora_request, prompt.labels), prompt_ids
+        answer, items = student_answers(llm, params, lora_request, prompt), prompt_ids
     started = time.time()
-    outputs, predictions = answer(items)
+    outputs, answers, output_tokens = answer(items)
     seconds = time.time() - started
     latencies = []
     for item in items[: args.latency_requests]:
         started = time.time()
         answer([item])
         latencies.append(time.time() - started)
-    return outputs, predictions, seconds, latencies, effective_sampling(params)
+    return Generation(outputs, answers, output_tokens, seconds, latencies, effective_sampling(params))
 
 
 def teacher_answers(vllm_engine, teacher, params):
@@ -214,21 +290,28 @@ def teacher_answers(vllm_engine, teacher, params):
         answers = stream(vllm_engine, teacher, rows, params, max_in_flight=vllm_engine.max_num_seqs)
         by_id = {a.row["id"]: a for a in answers}
         answers = [by_id[row["id"]] for row in rows]
-        raw = [(a.samples + a.failures)[0].text if a.samples + a.failures else "" for a in answers]
-        return raw, [a.label for a in answers]
+        first = [(a.samples + a.failures)[0] if a.samples + a.failures else None for a in answers]
+        raw = [sample.text if sample else "" for sample in first]
+        return raw, [a.label for a in answers], [sample.output_tokens if sample else 0 for sample in first]
 
     return answer
 
 
-def student_answers(llm, params, lora_request, labels):
+def student_answers(llm, params, lora_request, prompt):
+    """The student answers with a bare label, or on a generative task with its whole (stripped) text."""
     from vllm.inputs import TokensPrompt
 
     from distill.answers import parse_student
 
     def answer(prompt_ids):
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
-        outputs = [o.outputs[0].text for o in llm.generate(requests, params, lora_request=lora_request, use_tqdm=False)]
-        return outputs, [parse_student(text, labels) for text in outputs]
+        completions = [o.outputs[0] for o in llm.generate(requests, params, lora_request=lora_request, use_tqdm=False)]
+        outputs = [completion.text for completion in completions]
+        if prompt.is_generative:
+            answers = [text.strip() for text in outputs]
+        else:
+            answers = [parse_student(text, prompt.labels) for text in outputs]
+        return outputs, answers, [len(completion.token_ids) for completion in completions]
 
     return answer
 
@@ -258,6 +341,25 @@ def print_live(examples):
               f"acc={fmt(right / seen if seen else None):>6}  {text}")
 
 
+def print_live_generative(examples):
+    passed = 0
+    for seen, e in enumerate(examples, start=1):
+        passed += e["passed"]
+        text, answer = (value.replace("\n", " ") for value in (e["text"][:40], e["answer"][:50]))
+        print(f"{'✓' if e['passed'] else '✗'} pass={fmt(passed / seen):>6}  {text!r} -> {answer or 'EMPTY'!r}")
+
+
+def print_generative_report(r):
+    print(f"\n== {r['mode']} | {r['model_path']} | {r['split']} split of {r['test_file']}, n={r['n']}")
+    print(f"pass rate: {fmt(r['pass_rate'])} ({r['n_passed']} of {r['n']} pass the check: {r['check_description']})   "
+          f"chrF vs teacher: {fmt(r['agreement_with_teacher_chrf'], False)} (n={r['n_with_teacher']})")
+    print(f"mean answer: {r['mean_answer_chars']:.1f} characters, {r['mean_answer_tokens']:.1f} tokens; "
+          f"{r['empty_answers']} empty")
+    for failure in r["failures"][:3]:
+        print(f"failed: {failure['text'][:50]!r} -> {failure['answer'][:80]!r}")
+    print_cost(r["cost"])
+
+
 def print_report(r):
     print(f"\n== {r['mode']} | {r['model_path']} | {r['split']} split of {r['test_file']}, n={r['n']}")
     print(f"accuracy vs gold '{r['gold_field']}': {fmt(r['accuracy_vs_gold'])} (n={r['n_with_gold']})   "
@@ -280,10 +382,15 @@ def print_report(r):
         for worst in r["worst_labels"]:
             print(f"worst: {worst['label']} (F1 {worst['f1']:.2f}): " + "; ".join(
                 f"{e['text'][:40]!r} -> {e['predicted']}" for e in worst["errors"]))
-    c = r["cost"]
+    print_cost(r["cost"])
+
+
+def print_cost(c):
     print(f"cost: {c['input_tokens_per_request']:.1f} input tokens/request, median latency "
           f"{fmt(c['median_latency_seconds'], False)} s (batch 1, {c['latency_requests']} requests), "
-          f"{c['requests_per_second']} requests/s batched")
+          f"{c['requests_per_second']} requests/s batched"
+          + (f", {c['output_tokens_per_request']:.1f} output tokens/request" if "output_tokens_per_request" in c
+             else ""))
     if "vs_teacher_with_prompt" in c:
         v = c["vs_teacher_with_prompt"]
         print(f"vs the teacher with its prompt: {v['input_tokens']:.1f}x fewer input tokens"
@@ -318,6 +425,14 @@ def plot_confusion(results, path: Path, title: str):
     plt.close(fig)
 
 
+# What a wandb eval run's summary holds, per kind of task.
+SUMMARY_KEYS = {
+    "label": ("accuracy_vs_gold", "agreement_with_teacher", "parse_rate", "n"),
+    "generative": ("pass_rate", "n_passed", "agreement_with_teacher_chrf", "n_with_teacher", "mean_answer_chars",
+                   "mean_answer_tokens", "empty_answers", "n"),
+}
+
+
 def log_wandb(full, output_file: Path):
     import os
 
@@ -328,8 +443,14 @@ def log_wandb(full, output_file: Path):
     run = wandb.init(project=os.environ.get("WANDB_PROJECT", "prompt-distillation"), job_type="eval",
                      name=f"eval-{Path(full['model_path']).name}-{full['split']}",
                      config={k: full[k] for k in ("mode", "model_path", "serving", "test_file", "split")})
-    run.summary.update({k: full[k] for k in ("accuracy_vs_gold", "agreement_with_teacher", "parse_rate", "n")})
+    run.summary.update({k: full[k] for k in SUMMARY_KEYS[full["task"]]})
     run.summary.update({f"cost/{k}": v for k, v in full["cost"].items() if not isinstance(v, dict)})
+    if full["task"] == "generative":
+        columns = ["id", "text", "answer", "passed", "teacher", "chrf"]
+        table = wandb.Table(columns=columns, data=[[e.get(c) for c in columns] for e in full["examples"]])
+        run.log({"answers": table})
+        run.finish()
+        return
     if "confusion_matrix" in full:
         cm = full["confusion_matrix"]
         keep = [e for e in full["examples"] if e["gold"] is not None]

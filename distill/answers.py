@@ -1,5 +1,6 @@
-"""A model's output -> a label, or the reason it is not one. Strict by design: no label is ever read out of the
-reasoning, and an answer that breaks the contract is a counted failure, never a guess.
+"""A model's output -> a label (or, for a generative task, the whole final answer), or the reason it is not one.
+Strict by design: no answer is ever read out of the reasoning, and an answer that breaks the contract is a counted
+failure, never a guess.
 """
 
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 @dataclass(frozen=True)
 class Parsed:
-    label: str | None  # None when the output breaks the contract
+    label: str | None  # a label, or a generative task's whole final answer; None when the output breaks the contract
     reason: str  # "ok" or why it failed
     reasoning_chars: int = 0
 
@@ -49,6 +50,21 @@ def parse_teacher(output: str, prompt: TaskPrompt, expects_reasoning: bool = Fal
     if label not in prompt.labels:
         return Parsed(None, "label_not_in_set", reasoning_chars)
     return Parsed(label, "ok", reasoning_chars)
+
+
+def parse_generative(output: str, finish_reason: str | None, expects_reasoning: bool = False) -> Parsed:
+    """A generative task's answer is the whole text after the reasoning, stripped. It must be complete: an output
+    the engine cut at max_tokens is a truncated answer, not a short one, so it is refused even when text is there.
+    The cut is named before an open reasoning block, because the fix for both is then the same (more max_tokens);
+    unclosed_reasoning is left for a model that stopped by itself while still reasoning."""
+    final, reasoning_chars = split_reasoning(output, expects_reasoning)
+    if finish_reason == "length":
+        return Parsed(None, "cut_at_max_tokens", reasoning_chars)
+    if final is None:
+        return Parsed(None, "unclosed_reasoning", reasoning_chars)
+    if not final.strip():
+        return Parsed(None, "empty_answer", reasoning_chars)
+    return Parsed(final.strip(), "ok", reasoning_chars)
 
 
 def parse_student(output: str, labels: tuple[str, ...]) -> str | None:

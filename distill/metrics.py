@@ -84,3 +84,42 @@ def lingua_predictions(texts: list[str], labels: tuple[str, ...], other: str = "
         code = language.iso_code_639_1.name.lower() if language else None
         predictions.append(code if code in labels else other)
     return predictions
+
+
+# ---- generative tasks: the prompt's check, and closeness to the teacher's answer ----------------------------------
+
+
+def sentence_chrf(hypothesis: str, reference: str) -> float:
+    """sacrebleu's sentence-level chrF (0-100) of one answer against one reference answer."""
+    from sacrebleu.metrics import CHRF
+
+    return CHRF().sentence_score(hypothesis, [reference]).score
+
+
+def judge_answers(check: dict, answers: list[str], teacher_answers: list[str | None]) -> list[dict]:
+    """Per answer: whether it passes the check, and its chrF against the teacher's answer (None without one)."""
+    from distill.checks import passes_each
+
+    passed = passes_each(check, answers)
+    return [{"passed": ok, "chrf": None if teacher is None else round(sentence_chrf(answer, teacher), 4)}
+            for answer, ok, teacher in zip(answers, passed, teacher_answers)]
+
+
+def score_generative(examples: list[dict], max_failures: int = 5) -> dict:
+    """The generative summary from scored examples (each with answer, passed, answer_tokens and maybe chrf), so the
+    summary can always be recomputed from the examples saved beside it. An empty answer stays in every
+    denominator: it is an answer that fails."""
+    n = len(examples)
+    chrfs = [e["chrf"] for e in examples if e.get("chrf") is not None]
+    return {
+        "n": n,
+        "pass_rate": sum(e["passed"] for e in examples) / n if n else None,
+        "n_passed": sum(e["passed"] for e in examples),
+        "agreement_with_teacher_chrf": sum(chrfs) / len(chrfs) if chrfs else None,
+        "n_with_teacher": len(chrfs),
+        "mean_answer_chars": sum(len(e["answer"]) for e in examples) / n if n else None,
+        "mean_answer_tokens": sum(e["answer_tokens"] for e in examples) / n if n else None,
+        "empty_answers": sum(not e["answer"] for e in examples),
+        "failures": [{"id": e["id"], "text": e["text"], "answer": e["answer"]}
+                     for e in examples if not e["passed"]][:max_failures],
+    }

@@ -11,6 +11,9 @@ stream requests through vLLM so each query's answer is handed back the moment it
 The stream keeps at most `max_in_flight` requests in the engine, pairs every output with its query by request id
 (never by position: completions arrive in any order), redraws a sample that breaks the answer contract at once
 (not after a batch), and on `stop()` aborts what is in flight and hands back only queries that really finished.
+
+A generative prompt (a `check` instead of labels) keeps the teacher's whole final answer: answer.label is then that
+text. With num_samples > 1 the first valid sample is the answer, since votes between free texts mean nothing.
 """
 
 import time
@@ -19,7 +22,7 @@ from copy import copy
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-from distill.answers import Parsed, parse_teacher
+from distill.answers import Parsed, parse_generative, parse_teacher
 from distill.prompts import TaskPrompt, render_teacher
 
 # Sampling fields a user may set; each defaults to the model's generation_config (as vLLM reads it), then vLLM's.
@@ -101,7 +104,9 @@ class Teacher:
 
         return StructuredOutputsParams(choice=list(self.prompt.labels))
 
-    def parse(self, text: str) -> Parsed:
+    def parse(self, text: str, finish_reason: str | None = None) -> Parsed:
+        if self.prompt.is_generative:
+            return parse_generative(text, finish_reason, self.expects_reasoning)
         return parse_teacher(text, self.prompt, self.expects_reasoning, self.constrain_labels)
 
 
@@ -113,6 +118,7 @@ class Sample:
     parsed: Parsed
     text: str
     finish_reason: str | None
+    output_tokens: int = 0  # generated, reasoning included: the cost of this sample
 
 
 @dataclass
@@ -121,6 +127,7 @@ class Answer:
     samples: list[Sample] = field(default_factory=list)  # valid samples
     failures: list[Sample] = field(default_factory=list)  # samples that broke the answer contract
     too_long: bool = False
+    generative: bool = False  # free text: the first valid sample is the answer, not a vote
 
     @property
     def votes(self) -> Counter:
@@ -128,8 +135,11 @@ class Answer:
 
     @property
     def label(self) -> str | None:
-        """The majority of the valid samples; None when there is none (the query is rejected)."""
-        return self.votes.most_common(1)[0][0] if self.samples else None
+        """The majority of the valid samples (a generative task: the first valid one); None when there is none
+        (the query is rejected)."""
+        if not self.samples:
+            return None
+        return self.samples[0].parsed.label if self.generative else self.votes.most_common(1)[0][0]
 
     @property
     def reason(self) -> str:
@@ -254,14 +264,15 @@ def stream(engine, teacher: Teacher, rows: Iterable[dict], params, *, num_sample
                 exhausted = True
                 break
             token_ids = teacher.token_ids(row["text"])
+            generative = teacher.prompt.is_generative
             if len(token_ids) >= teacher.max_model_len:
-                answer = Answer(row, too_long=True)
+                answer = Answer(row, too_long=True, generative=generative)
                 stats.add_answer(answer)
                 yield answer
                 continue
             job_params = copy(params)  # the answer budget is what the context has left after this prompt
             job_params.max_tokens = min(params.max_tokens, teacher.max_model_len - len(token_ids))
-            job = _Job(Answer(row), token_ids, job_params, retries_left=max_retries)
+            job = _Job(Answer(row, generative=generative), token_ids, job_params, retries_left=max_retries)
             for _ in range(num_samples):
                 submit(job)
         if stop() or not owners:
@@ -275,7 +286,8 @@ def stream(engine, teacher: Teacher, rows: Iterable[dict], params, *, num_sample
             job.pending -= 1
             stats.add_output(output)
             for completion in output.outputs:
-                sample = Sample(teacher.parse(completion.text), completion.text, completion.finish_reason)
+                sample = Sample(teacher.parse(completion.text, completion.finish_reason), completion.text,
+                                completion.finish_reason, len(completion.token_ids))
                 (job.answer.samples if sample.parsed.label else job.answer.failures).append(sample)
                 if sample.parsed.label is None and job.retries_left and len(job.answer.samples) < num_samples:
                     if stop():

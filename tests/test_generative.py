@@ -1,0 +1,309 @@
+"""Generative (free-form) prompt distillation: the teacher's whole final answer is the target. The parser on
+hand-made outputs, the stream through the fake engine of test_teacher_stream (a cut answer is redrawn, then
+rejected with every raw output), pass-rate and chrF scoring on known answers, flag checks before any model loads,
+and (slow) stage 1 -> stage 2 -> stage 3 on the tiny model."""
+
+import json
+
+import pytest
+from vllm import SamplingParams
+
+import create_data
+from distill.answers import parse_generative
+from distill.metrics import judge_answers, score_generative, sentence_chrf
+from distill.prompts import load_prompt
+from distill.records import read_jsonl
+from distill.teacher import Teacher, stream
+from tests.conftest import REPO, run_cli
+from tests.test_serving import stop_at_the_engine
+from tests.test_teacher_stream import IndexTokenizer, ScramblingEngine
+
+GENERAL_QUESTIONS = REPO / "example-data" / "general_questions.jsonl"
+# Any non-blank answer passes, so the tiny random model's answers can pass and fail only by being empty.
+ANY_TEXT_PROMPT = '---\ncheck: {regex: "\\\\S"}\n---\nYou answer every question in one short sentence.\n'
+
+
+@pytest.fixture()
+def generative_prompt(tmp_path):
+    path = tmp_path / "any_text.md"
+    path.write_text(ANY_TEXT_PROMPT, encoding="utf-8")
+    return path
+
+
+# ---- the parser -------------------------------------------------------------------------------------------------
+
+
+def test_the_answer_is_the_whole_text_after_the_reasoning():
+    parsed = parse_generative("<think>French, short.</think>\n\n  Le ciel est bleu.\nVoilà.  ", "stop")
+    assert (parsed.label, parsed.reason, parsed.reasoning_chars) == ("Le ciel est bleu.\nVoilà.", "ok", 14)
+    assert parse_generative(" Bonjour ", "stop").label == "Bonjour"  # no reasoning at all: the whole text
+
+
+def test_a_thinking_template_output_holds_only_the_closing_tag():
+    parsed = parse_generative("let me think\n</think>\nOui.", "stop", expects_reasoning=True)
+    assert (parsed.label, parsed.reasoning_chars) == ("Oui.", len("let me think\n"))
+
+
+@pytest.mark.parametrize("output, finish_reason, expects_reasoning, reason", [
+    ("<think>still weighing it", "stop", False, "unclosed_reasoning"),
+    ("still weighing it", "stop", True, "unclosed_reasoning"),
+    ("<think>ok</think>Le ciel est", "length", False, "cut_at_max_tokens"),
+    ("<think>cut while still thinking", "length", False, "cut_at_max_tokens"),
+    ("<think>done</think>\n \n", "stop", False, "empty_answer"),
+    ("", "stop", False, "empty_answer"),
+])
+def test_outputs_that_break_the_contract_are_refused_with_the_reason(output, finish_reason, expects_reasoning,
+                                                                       reason):
+    parsed = parse_generative(output, finish_reason, expects_reasoning)
+    assert (parsed.label, parsed.reason) == (None, reason)
+
+
+def test_the_label_path_ignores_the_finish_reason():
+    teacher = Teacher(IndexTokenizer(), load_prompt(), 4096)
+    assert teacher.parse("Final Answer: fr", "length").label == "fr"
+
+
+# ---- the stream, through the fake engine ------------------------------------------------------------------------
+
+
+class CuttingEngine(ScramblingEngine):
+    """The fake engine, with the finish reason `cut(query, attempt)` chooses: "length" means cut at max_tokens."""
+
+    def __init__(self, script, cut, **options):
+        super().__init__(script, **options)
+        self.cut = cut
+
+    def step(self):
+        finished = super().step()
+        for output in finished:
+            output.outputs[0].finish_reason = "length" if self.cut(output.query, output.attempt) else "stop"
+        return finished
+
+
+def generative_teacher(prompt_path):
+    return Teacher(IndexTokenizer(), load_prompt(prompt_path), 4096)
+
+
+ROWS = [{"id": f"r{i}", "text": f"text {i}", "group": "g"} for i in range(4)]
+
+
+def test_a_cut_answer_is_redrawn_then_rejected_with_every_raw_output(generative_prompt):
+    # r0 is cut on every try; r1 is cut once, then finishes; the others finish at once
+    engine = CuttingEngine(lambda query, attempt: f"answer {query}.{attempt}",
+                           cut=lambda query, attempt: query == 0 or (query == 1 and attempt == 0))
+    answers = list(stream(engine, generative_teacher(generative_prompt), ROWS, SamplingParams(max_tokens=8),
+                          max_retries=2, max_in_flight=4))
+    by_id = {answer.row["id"]: answer for answer in answers}
+    assert sorted(by_id) == ["r0", "r1", "r2", "r3"]
+    assert [event[2] for event in engine.log if event[0] == "add" and event[1] == 0] == [0, 1, 2]  # 1 + 2 redraws
+    rejected = create_data.rejected_row(by_id["r0"])
+    assert rejected["reason"] == "cut_at_max_tokens" and rejected["group"] == "g"
+    assert [failure["raw"] for failure in rejected["failures"]] == ["answer 0.0", "answer 0.1", "answer 0.2"]
+    assert {failure["finish_reason"] for failure in rejected["failures"]} == {"length"}
+    assert by_id["r1"].label == "answer 1.1" and [s.text for s in by_id["r1"].failures] == ["answer 1.0"]
+
+
+def test_a_generative_row_carries_the_whole_answer(generative_prompt):
+    engine = CuttingEngine(lambda query, attempt: f"<think>hm</think>\nLine one.\nLine two {attempt}.\n",
+                           cut=lambda query, attempt: False)
+    (answer,) = stream(engine, generative_teacher(generative_prompt), ROWS[:1], SamplingParams(max_tokens=8),
+                       num_samples=3)
+    # three valid samples, all different: the first valid one is the answer, not a vote
+    assert len(answer.samples) == 3 and answer.label == answer.samples[0].parsed.label
+    row = create_data.labelled_row(answer, save_raw=True)
+    first = answer.samples[0].parsed.label
+    assert row["messages"] == [{"role": "user", "content": "text 0"}, {"role": "assistant", "content": first}]
+    assert first.startswith("Line one.\nLine two ")
+    assert row["teacher"]["answer_chars"] == len(first) and "label" not in row["teacher"]
+    assert row["teacher"]["finish_reasons"] == ["stop"] * 3 and row["teacher"]["reasoning_chars"] == [2] * 3
+    assert len(row["teacher"]["raw"]) == 3
+
+
+# ---- scoring ----------------------------------------------------------------------------------------------------
+
+
+def test_pass_rate_and_chrf_on_known_answers():
+    from sacrebleu.metrics import CHRF
+
+    check = {"regex": "^Le "}
+    answers = ["Le chat dort sur le canapé.", "The cat sleeps.", ""]
+    teachers = ["Le chat dort sur le lit.", "Le chat dort.", None]
+    judged = judge_answers(check, answers, teachers)
+    expected = [CHRF().sentence_score(answers[0], [teachers[0]]).score,
+                CHRF().sentence_score(answers[1], [teachers[1]]).score]
+    assert 0 < expected[1] < expected[0] < 100  # a closer answer scores higher
+    assert [j["passed"] for j in judged] == [True, False, False]
+    assert [j["chrf"] for j in judged] == [pytest.approx(expected[0], abs=1e-3), pytest.approx(expected[1], abs=1e-3),
+                                           None]
+    assert sentence_chrf("same words", "same words") == pytest.approx(100)
+
+    examples = [{"id": str(i), "text": f"q{i}", "answer": answer, "answer_tokens": tokens, **judgement}
+                for i, (answer, tokens, judgement) in enumerate(zip(answers, [7, 4, 0], judged))]
+    summary = score_generative(examples)
+    assert summary["n"] == 3 and summary["n_passed"] == 1 and summary["pass_rate"] == pytest.approx(1 / 3)
+    assert summary["agreement_with_teacher_chrf"] == pytest.approx(sum(expected) / 2, abs=1e-3)
+    assert summary["n_with_teacher"] == 2 and summary["empty_answers"] == 1
+    assert summary["mean_answer_chars"] == pytest.approx((27 + 15) / 3) and summary["mean_answer_tokens"] == 11 / 3
+    assert summary["failures"] == [{"id": "1", "text": "q1", "answer": "The cat sleeps."},
+                                   {"id": "2", "text": "q2", "answer": ""}]
+
+
+def test_agreement_is_null_without_a_teacher():
+    examples = [{"id": "a", "text": "q", "answer": "x", "answer_tokens": 1, "passed": True, "chrf": None}]
+    summary = score_generative(examples)
+    assert summary["agreement_with_teacher_chrf"] is None and summary["n_with_teacher"] == 0
+
+
+def test_teacher_answers_from_a_generative_results_json(tmp_path):
+    import evaluate
+
+    results = {"task": "generative", "cost": {"input_tokens_per_request": 900.0},
+               "examples": [{"id": "a", "answer": "Oui."}, {"id": "b", "answer": ""}]}
+    path = tmp_path / "teacher.json"
+    path.write_text(json.dumps(results))
+    # b's teacher output broke the contract: no reference to compare with
+    assert evaluate.load_teacher_labels(str(path)) == ({"a": "Oui."}, {"input_tokens_per_request": 900.0})
+
+
+# ---- flags checked before any model loads -----------------------------------------------------------------------
+
+
+def test_constrain_labels_on_a_generative_prompt_is_refused_before_the_model(generative_prompt, tmp_path,
+                                                                              monkeypatch):
+    from distill import engine
+
+    monkeypatch.setattr(engine, "configure_env", lambda: None)
+    with pytest.raises(SystemExit, match="--constrain_labels needs a label set"):
+        create_data.main(["--prompt_file", str(generative_prompt), "--input_file", str(GENERAL_QUESTIONS),
+                          "--output_file", str(tmp_path / "out.jsonl"), "--model_name", "no/such-model",
+                          "--constrain_labels"])
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_the_generative_student_answers_in_64_tokens_by_default(tiny_model, generative_prompt, monkeypatch):
+    import evaluate
+    from transformers import AutoTokenizer
+
+    from distill.prompts import render, student_messages
+    from distill.splits import select
+
+    started = stop_at_the_engine(monkeypatch)
+    with pytest.raises(SystemExit, match="stopped before the engine"):
+        evaluate.main(["--model_path", str(tiny_model), "--test_file", str(GENERAL_QUESTIONS), "--max_samples", "5",
+                       "--prompt_file", str(generative_prompt)])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    rows = select([json.loads(line) for line in GENERAL_QUESTIONS.read_text().splitlines()], "heldout")[:5]
+    longest = max(len(tokenizer(render(tokenizer, student_messages(row["text"])), add_special_tokens=False).input_ids)
+                  for row in rows)
+    assert started["max_model_len"] == longest + 64
+
+
+# ---- slow: stage 1 -> stage 2 -> stage 3 on the tiny model ------------------------------------------------------
+
+
+def eager_to_stop(model_dir, output_dir, eos_advantage=0.7):
+    """A copy of the tiny model that ends its answer early: a random model almost never writes its end-of-turn
+    token (1 in ~1,000 per step), so every answer would be cut at max_tokens. A large constant in one embedding
+    dimension makes the final hidden state point along it at every position; the end-of-turn row gets a little
+    more of it, so its logit leads the others by about 8 x eos_advantage (P(stop) ~ 0.25 a step at 0.7)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, output_dir)
+    weights = load_file(output_dir / "model.safetensors")
+    embeddings = weights["model.embed_tokens.weight"]
+    eos = json.loads((output_dir / "config.json").read_text())["eos_token_id"]
+    embeddings[:, 0] = 50.0
+    embeddings[eos, 0] = 50.0 + eos_advantage
+    save_file({name: tensor.contiguous() for name, tensor in weights.items()}, output_dir / "model.safetensors",
+              metadata={"format": "pt"})
+    assert torch.equal(load_file(output_dir / "model.safetensors")["model.embed_tokens.weight"], embeddings)
+    return output_dir
+
+
+def pick_rows(groups: dict[str, int]) -> list[dict]:
+    rows = [json.loads(line) for line in GENERAL_QUESTIONS.read_text(encoding="utf-8").splitlines()]
+    return [row for group, count in groups.items() for row in [r for r in rows if r["group"] == group][:count]]
+
+
+@pytest.mark.slow
+def test_generative_stages_one_two_three(tiny_model, generative_prompt, tmp_path):
+    from transformers import AutoTokenizer
+
+    from distill.splits import select
+    from distill.training import tokenize
+
+    model = eager_to_stop(tiny_model, tmp_path / "eager-tiny")
+    rows = pick_rows({"space": 8, "physics": 8, "drinks": 6})  # drinks is a held-out group
+    assert [r["group"] for r in select(rows, "heldout")] == ["drinks"] * 6
+    queries = tmp_path / "questions.jsonl"
+    queries.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+    # stage 1: answers cut at 6 tokens or empty go to rejects (no redraws, so some do)
+    stage1 = tmp_path / "teacher.jsonl"
+    run_cli("create_data.py", "--input_file", queries, "--output_file", stage1, "--model_name", model,
+            "--prompt_file", generative_prompt, "--max_tokens", 6, "--max_retries", 0, "--temperature", 1.0,
+            "--save_raw", "--max-model-len", 1024)
+    out, rejects_path, record_path = create_data.output_paths(str(stage1))
+    written, rejected = read_jsonl(out), read_jsonl(rejects_path)
+    ids = [row["id"] for row in written + rejected]
+    assert sorted(ids) == sorted(row["id"] for row in rows)  # every input id exactly once
+    assert written and rejected, (len(written), len(rejected))
+    assert {row["reason"] for row in rejected} <= {"cut_at_max_tokens", "empty_answer"}
+    for row in rejected:
+        finish = row["failures"][0]["finish_reason"]
+        assert (row["reason"] == "cut_at_max_tokens") == (finish == "length")
+    for row in written:
+        answer = row["messages"][1]["content"]
+        assert answer == answer.strip() and answer and row["teacher"]["answer_chars"] == len(answer)
+        assert row["teacher"]["finish_reasons"] == ["stop"] and row["teacher"]["raw"][0].strip() == answer
+    record = json.loads(record_path.read_text())
+    assert record["status"] == "finished" and record["task"] == "generative"
+    assert record["counts"]["written_total"] + record["counts"]["rejected_total"] == len(rows)
+
+    # stage 2 on the teacher's answers; the loss mask covers exactly the answer and the end-of-turn token
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    train_row = next(row for row in written if row["group"] != "drinks")
+    encoded = tokenize(tokenizer, train_row["messages"][0]["content"], train_row["messages"][1]["content"])
+    answer_ids = [i for i, keep in zip(encoded["input_ids"], encoded["completion_mask"]) if keep]
+    assert tokenizer.decode(answer_ids) == train_row["messages"][1]["content"] + "<|im_end|>"
+    adapter = tmp_path / "student"
+    run_cli("train_sft_trl.py", "--config", "recipes/cpu.yaml", "--model_name_or_path", model, "--dataset_name",
+            stage1, "--output_dir", adapter, "--report_to", "none", "--max_steps", 2)
+    run = json.loads((adapter / "distill_run.json").read_text())
+    assert run["status"] == "finished"
+
+    # stage 3: the student without the prompt, scored by the check and against the teacher's answers
+    results_path = tmp_path / "eval_student.json"
+    result = run_cli("evaluate.py", "--model_path", adapter, "--test_file", queries, "--prompt_file",
+                     generative_prompt, "--teacher_file", stage1, "--output_file", results_path,
+                     "--latency_requests", 2)
+    results = json.loads(results_path.read_text())
+    keys = {"task", "check", "check_description", "mode", "model_path", "split", "test_file", "n", "pass_rate",
+            "n_passed", "agreement_with_teacher_chrf", "n_with_teacher", "mean_answer_chars", "mean_answer_tokens",
+            "empty_answers", "failures", "cost", "examples"}
+    assert keys <= set(results) and "confusion_matrix" not in results
+    assert results["task"] == "generative" and results["check"] == {"regex": "\\S"}
+    assert not results_path.with_suffix(".png").exists()
+    examples = results["examples"]
+    assert [e["id"] for e in examples] == [row["id"] for row in rows if row["group"] == "drinks"]
+    assert results["n"] == 6 and results["sampling"]["max_tokens"] == 64
+    assert [e["passed"] for e in examples] == [bool(e["answer"].strip()) for e in examples]
+    assert results["pass_rate"] == pytest.approx(sum(e["passed"] for e in examples) / 6)
+    assert results["n_passed"] == sum(e["passed"] for e in examples)
+    teacher_of = {row["id"]: row["messages"][1]["content"] for row in written}
+    with_teacher = [e for e in examples if e["id"] in teacher_of]
+    assert [e["teacher"] for e in with_teacher] == [teacher_of[e["id"]] for e in with_teacher]
+    assert all(e["chrf"] == pytest.approx(sentence_chrf(e["answer"], e["teacher"]), abs=1e-3) for e in with_teacher)
+    assert results["n_with_teacher"] == len(with_teacher)
+    if with_teacher:
+        assert results["agreement_with_teacher_chrf"] == pytest.approx(
+            sum(e["chrf"] for e in with_teacher) / len(with_teacher))
+    assert results["mean_answer_chars"] == pytest.approx(sum(len(e["answer"]) for e in examples) / 6)
+    assert results["empty_answers"] == sum(not e["answer"] for e in examples)
+    assert all(set(e) >= {"id", "text", "answer", "passed", "input_tokens", "output_tokens"} for e in examples)
+    assert results["failures"] == [{"id": e["id"], "text": e["text"], "answer": e["answer"]}
+                                   for e in examples if not e["passed"]][:5]
+    assert "pass rate:" in result.stdout and "chrF vs teacher:" in result.stdout and "cost:" in result.stdout

@@ -38,7 +38,7 @@ from distill import engine, shards
 from distill.prompts import DEFAULT_PROMPT, load_prompt
 from distill.records import InputError, RunRecord, append_jsonl, read_jsonl, read_queries, repair_torn_tail
 from distill.splits import select
-from distill.teacher import (SAMPLING_FLAGS, StreamStats, Teacher, VllmEngine, add_sampling_args,
+from distill.teacher import (SAMPLING_FLAGS, StopRequest, StreamStats, Teacher, VllmEngine, add_sampling_args,
                              effective_sampling, model_sampling_defaults, sampling_params, stream)
 
 DEFAULT_TEACHER = "Qwen/Qwen3-30B-A3B-Thinking-2507"
@@ -139,24 +139,6 @@ def resume_state(out: Path, rejects: Path, record: Path, settings: dict, overwri
     return {row["id"] for path in (out, rejects) if path.exists() for row in read_jsonl(path)}
 
 
-class StopRequest:
-    """The first Ctrl-C or SIGTERM asks the stream to stop cleanly (what finished is on disk, the run record says
-    interrupted); a second one gets the default action and ends the process at once."""
-
-    def __init__(self):
-        self.signal = None
-        for number in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(number, self.handle)
-
-    def handle(self, number, frame):
-        self.signal = number
-        signal.signal(number, signal.SIG_DFL)
-        print(f"\ncreate_data: {signal.Signals(number).name}: no new queries; stopping", file=sys.stderr)
-
-    def requested(self) -> bool:
-        return self.signal is not None
-
-
 def main(argv=None):
     args = parse_args(argv)
     record = RunRecord("create_data", vars(args))
@@ -248,7 +230,7 @@ def label(args, teacher, todo, selected, settings, model_defaults, out, rejects_
         sys.exit(f"error: vLLM's sampling defaults {effective_sampling(params)} differ from the ones read from the "
                  f"model's generation_config ({settings}); the resume check would be wrong")
     vllm_engine = VllmEngine(llm)
-    stop = StopRequest()
+    stop = StopRequest("create_data")
     stats = StreamStats()  # from here: engine start-up is not generation time
     from tqdm import tqdm
 

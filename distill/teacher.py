@@ -193,6 +193,29 @@ class StreamStats:
         }
 
 
+class StopRequest:
+    """The first Ctrl-C or SIGTERM asks a stream to stop cleanly (what finished is on disk, the run record says
+    interrupted); a second one gets the default action and ends the process at once."""
+
+    def __init__(self, program: str):
+        import signal
+
+        self.program, self.signal = program, None
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, self.handle)
+
+    def handle(self, number, frame):
+        import signal
+        import sys
+
+        self.signal = number
+        signal.signal(number, signal.SIG_DFL)
+        print(f"\n{self.program}: {signal.Signals(number).name}: nothing new is sent; stopping", file=sys.stderr)
+
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
 # ---- the engine loop --------------------------------------------------------------------------------------------
 
 

@@ -17,7 +17,6 @@ tokens than with Qwen's tokenizer. Random weights prove code paths, memory and s
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time

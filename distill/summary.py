@@ -1,12 +1,25 @@
-"""The side-by-side table `make demo` ends with, from evaluate.py results files.
+"""The side-by-side tables `make demo` ends with, from evaluate.py results files.
 
-    python -m distill.summary --teacher data/demo/eval_teacher.json \
-        --student data/demo/eval_distilled.json --gold_student data/demo/eval_gold.json
+The kind of task is read from the results (a generative task's results say "task": "generative"):
+
+    # label task (language ID): teacher with the prompt, the distilled student, the student on gold labels
+    python -m distill.summary --teacher data/demo/language_id/eval_teacher.json \
+        --student data/demo/language_id/eval_distilled.json --gold_student data/demo/language_id/eval_gold.json
+    # generative task (answer in French): base model without the prompt, teacher with it, distilled student
+    python -m distill.summary --base data/demo/french/eval_base.json --teacher data/demo/french/eval_teacher.json \
+        --student data/demo/french/eval_distilled.json
 """
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
+
+# The share of the teacher's pass rate a distilled student should reach for the demo to call distillation a success.
+GOAL_SHARE_OF_TEACHER = 0.9
+NAME_WIDTH = 28
+NOTE_WIDTH = 118
+ANSWER_WIDTH = 86  # an answer shown under the table fits one line beside its row name
 
 
 def pct(value) -> str:
@@ -17,38 +30,150 @@ def num(value, scale=1.0, unit="") -> str:
     return "n/a" if value is None else f"{value * scale:.1f}{unit}"
 
 
-def table(teacher: dict, student: dict, gold_student: dict) -> str:
+def is_generative(results: dict) -> bool:
+    # Label-task results predate the "task" key, so its absence means a label task.
+    return results.get("task") == "generative"
+
+
+def label_table(teacher: dict, student: dict, gold_student: dict) -> str:
     lingua = student.get("baselines", {}).get("lingua", {})
     rows = [
-        ("teacher + prompt", teacher["accuracy_vs_gold"], None, teacher["cost"]),
-        ("distilled student, no prompt", student["accuracy_vs_gold"], student["agreement_with_teacher"], student["cost"]),
+        ("teacher + prompt", teacher["accuracy_vs_gold"], None, teacher["cost"], "the labels the students learn from"),
+        ("distilled student, no prompt", student["accuracy_vs_gold"], student["agreement_with_teacher"],
+         student["cost"], "copies its teacher (agreement)"),
         ("student on gold labels", gold_student["accuracy_vs_gold"], gold_student["agreement_with_teacher"],
-         gold_student["cost"]),
-        ("lingua (classical baseline)", lingua.get("accuracy"), lingua.get("agreement_with_teacher"), {}),
-        ("majority class", student["baselines"]["majority_class"]["accuracy"], None, {}),
+         gold_student["cost"], "the student can learn the task"),
+        ("lingua (classical baseline)", lingua.get("accuracy"), lingua.get("agreement_with_teacher"), {},
+         "a detector built for the task"),
+        ("majority class", student["baselines"]["majority_class"]["accuracy"], None, {}, "the floor"),
     ]
-    lines = [f"{'':30} {'acc vs gold':>12} {'agree w/ teacher':>17} {'input tok/req':>14} {'median latency':>15}"]
-    for name, accuracy, agreement, cost in rows:
-        lines.append(f"{name:30} {pct(accuracy):>12} {pct(agreement):>17} "
-                     f"{num(cost.get('input_tokens_per_request')):>14} "
-                     f"{num(cost.get('median_latency_seconds'), 1000, ' ms'):>15}")
+    titles = ("acc vs gold", "agree w/ teacher", "input tok/req", "median latency")
+    lines = grid(titles, [(name, (pct(accuracy), pct(agreement), num(cost.get("input_tokens_per_request")),
+                                  num(cost.get("median_latency_seconds"), 1000, " ms")), shows)
+                          for name, accuracy, agreement, cost, shows in rows])
+    notes = [f"{student['split']} split of {student['test_file']}, n={student['n']} rows no student trained on"
+             f"{n_note(teacher, student)}; accuracy is against the gold labels, agreement against the "
+             f"teacher-with-prompt's answers.", *cost_line(student)]
+    return "\n".join(lines + [""] + [textwrap.fill(note, NOTE_WIDTH) for note in notes])
+
+
+def generative_table(base: dict, teacher: dict, student: dict) -> str:
+    header = pass_header(teacher["check"])
+    rows = [
+        ("base model, no prompt", base, "what the student starts from"),
+        ("teacher + prompt", teacher, "the behaviour the prompt buys"),
+        ("distilled student, no prompt", student, "the behaviour, without the prompt"),
+    ]
+    titles = (header, "chrF vs teacher", "answer tokens", "input tok/req", "median latency")
+    lines = grid(titles, [(name, (pct(results["pass_rate"]), num(results["agreement_with_teacher_chrf"]),
+                                  num(results["mean_answer_tokens"]), num(results["cost"]["input_tokens_per_request"]),
+                                  num(results["cost"]["median_latency_seconds"], 1000, " ms")), shows)
+                          for name, results, shows in rows])
+    notes = [f"{student['split']} split of {student['test_file']}, n={student['n']} questions no student trained on"
+             f"{n_note(teacher, student)}; pass = {teacher['check_description']}; chrF (0-100) compares each answer "
+             f"with the teacher-with-prompt's answer to the same question.",
+             share_line(teacher["pass_rate"], student["pass_rate"]), *cost_line(student)]
+    return "\n".join(lines + [""] + [textwrap.fill(note, NOTE_WIDTH) for note in notes] + [""]
+                     + one_question(base, teacher, student))
+
+
+def one_question(base: dict, teacher: dict, student: dict) -> list[str]:
+    """The three answers to the first held-out question all three were asked: the numbers, seen on one case."""
+    answers = [{example["id"]: example for example in results["examples"]} for results in (base, teacher, student)]
+    shared = [example for example in student["examples"] if all(example["id"] in by_id for by_id in answers)]
+    if not shared:
+        return []
+    question = shared[0]
+    lines = [f"One held-out question ({question['id']}): {shorten(question['text'])}"]
+    for name, by_id in zip(("base model, no prompt", "teacher + prompt", "distilled student, no prompt"), answers):
+        lines.append(f"  {name + ':':30} {shorten(by_id[question['id']]['answer'])}")
+    return lines
+
+
+def shorten(text: str) -> str:
+    return textwrap.shorten(text, ANSWER_WIDTH, placeholder=" ...")
+
+
+def grid(titles: tuple[str, ...], rows: list[tuple[str, tuple[str, ...], str]]) -> list[str]:
+    """One line per (name, numbers, what the row shows): numbers right-aligned under their titles."""
+    def line(name, cells, shows):
+        return f"{name:{NAME_WIDTH}}" + "".join(f"  {cell:>{len(title)}}" for cell, title in zip(cells, titles)) + \
+            f"  {shows}"
+
+    return [line("", titles, "what the row shows")] + [line(*row) for row in rows]
+
+
+def pass_header(check: dict) -> str:
+    """A column title a reader understands, e.g. 'answers in French' for {answer_language: fr}."""
+    (kind, value), = check.items()
+    if kind != "answer_language":
+        return "passes check"
+    from lingua import IsoCode639_1, Language
+
+    return f"answers in {Language.from_iso_code_639_1(IsoCode639_1.from_str(str(value))).name.title()}"
+
+
+def share_line(teacher_rate, student_rate) -> str:
+    goal = f"goal >= {100 * GOAL_SHARE_OF_TEACHER:.0f}%"
+    if not teacher_rate:
+        return f"The teacher passes no answer, so the student's share of its pass rate is undefined ({goal})."
+    share = student_rate / teacher_rate
+    verdict = "met" if share >= GOAL_SHARE_OF_TEACHER else "not met"
+    return (f"The distilled student reaches {100 * share:.0f}% of the teacher's pass rate ({pct(student_rate)} vs "
+            f"{pct(teacher_rate)}); {goal}: {verdict}.")
+
+
+def n_note(teacher: dict, student: dict) -> str:
+    # A teacher run limited by --max_samples is scored on fewer rows; its numbers then describe only those.
+    return "" if teacher["n"] == student["n"] else f" (the teacher: the first {teacher['n']} of them)"
+
+
+def cost_line(student: dict) -> list[str]:
     ratio = student["cost"].get("vs_teacher_with_prompt", {})
-    lines.append(f"\n{student['split']} split of {student['test_file']}, n={student['n']} rows no student trained on; "
-                 f"accuracy is against the gold labels, agreement against the teacher-with-prompt's answers.")
-    if ratio:
-        lines.append(f"The distilled student reads {ratio['input_tokens']:.0f}x fewer input tokens per request"
-                     + (f" and answers {ratio['median_latency']:.1f}x faster (median, batch 1)." if "median_latency" in ratio else "."))
-    return "\n".join(lines)
+    if not ratio:
+        return []
+    line = f"The distilled student reads {ratio['input_tokens']:.0f}x fewer input tokens per request"
+    if "median_latency" not in ratio:
+        return [line + "."]
+    # On a busy machine the student can time slower than the teacher; say so rather than print "0.3x faster".
+    speed = ratio["median_latency"]
+    return [line + (f" and answers {speed:.1f}x faster" if speed >= 1 else f" but answers {1 / speed:.1f}x slower")
+            + " (median, batch 1)."]
 
 
-def main():
+def check_same_rows(named: dict[str, dict]) -> None:
+    """Rows compared side by side must come from the same test file and split, and from the same kind of task."""
+    for key in ("test_file", "split"):
+        values = {name: results[key] for name, results in named.items()}
+        if len(set(values.values())) > 1:
+            raise ValueError(f"the results files do not share one {key}: {values}")
+    kinds = {name: "generative" if is_generative(results) else "label" for name, results in named.items()}
+    if len(set(kinds.values())) > 1:
+        raise ValueError(f"the results files mix task kinds: {kinds}")
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", required=True)
-    parser.add_argument("--student", required=True)
-    parser.add_argument("--gold_student", required=True)
-    args = parser.parse_args()
+    parser.add_argument("--teacher", required=True, help="evaluate.py --with_prompt results JSON")
+    parser.add_argument("--student", required=True, help="the distilled student's results JSON")
+    parser.add_argument("--gold_student", help="label task: the student trained on gold labels")
+    parser.add_argument("--base", help="generative task: the base model without the prompt")
+    args = parser.parse_args(argv)
     load = lambda path: json.loads(Path(path).read_text())  # noqa: E731
-    print(table(load(args.teacher), load(args.student), load(args.gold_student)))
+    teacher, student = load(args.teacher), load(args.student)
+    if is_generative(teacher):
+        if not args.base:
+            parser.error(f"{args.teacher} is a generative task's results: give --base (the base model, no prompt)")
+        named = {"base": load(args.base), "teacher": teacher, "student": student}
+    else:
+        if not args.gold_student:
+            parser.error(f"{args.teacher} is a label task's results: give --gold_student")
+        named = {"teacher": teacher, "student": student, "gold_student": load(args.gold_student)}
+    try:
+        check_same_rows(named)
+    except ValueError as error:
+        parser.error(str(error))
+    print(generative_table(**named) if is_generative(teacher) else label_table(**named))
 
 
 if __name__ == "__main__":

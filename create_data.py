@@ -17,19 +17,26 @@ Writes, beside --output_file:
   <output>.rejects.jsonl  queries without a valid answer after --max_retries: id, text, reason, raw outputs.
                           A generative answer is rejected when cut at --max_tokens (cut_at_max_tokens), empty
                           (empty_answer) or still inside the reasoning (unclosed_reasoning)
-  <output>.run.json       resolved args, command line, git revision, effective sampling, counts, throughput
+  <output>.run.json       resolved args, command line, git revision, effective sampling, counts, throughput,
+                          the teacher tokenizer's hash (what stage 2 checks before KD)
+  <output>.logprobs.jsonl with --save_logprobs K: per written row, the teacher's top-K log-probabilities of each
+                          answer token (token ids + values), for a label task its distribution over the labels, with
+                          --num_samples > 1 the vote shares (format: distill/soft_targets.py)
 
 Queries stream through the engine: at most --max_in_flight requests are in it, each query's row is written (and
 fsynced) the moment its answer is final, and a sample that breaks the answer contract is redrawn at once. Sampling
 starts from the model's generation_config (e.g. Qwen3 Thinking: temperature 0.6, top_p 0.95, top_k 20); only the
 sampling flags you set change it. Ctrl-C or SIGTERM stops admitting queries, keeps what finished and records the
 run as interrupted. Re-running the same command resumes: ids already in the output or the rejects file are skipped
-and a line torn by a crash is cut. --overwrite starts over. Every vLLM engine flag (e.g. --max-model-len,
---gpu-memory-utilization, --reasoning-parser) is accepted too; underscores and dashes are interchangeable.
+and a line torn by a crash is cut; with --save_logprobs a row counts as done only with its sidecar line (a row or a
+sidecar line without its partner is dropped and the query asked again). --overwrite starts over. Every vLLM engine
+flag (e.g. --max-model-len, --gpu-memory-utilization, --reasoning-parser) is accepted too; underscores and dashes are
+interchangeable.
 """
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -37,6 +44,8 @@ from pathlib import Path
 from distill import engine, shards
 from distill.prompts import DEFAULT_PROMPT, load_prompt
 from distill.records import InputError, RunRecord, append_jsonl, read_jsonl, read_queries, repair_torn_tail
+from distill.soft_targets import (SIDECAR_SUFFIX, read_sidecar, sidecar_line, sidecar_path, sync_sidecar,
+                                  tokenizer_hash)
 from distill.splits import select
 from distill.teacher import (SAMPLING_FLAGS, StopRequest, StreamStats, Teacher, VllmEngine, add_sampling_args,
                              effective_sampling, model_sampling_defaults, sampling_params, stream)
@@ -44,7 +53,8 @@ from distill.teacher import (SAMPLING_FLAGS, StopRequest, StreamStats, Teacher, 
 DEFAULT_TEACHER = "Qwen/Qwen3-30B-A3B-Thinking-2507"
 DEFAULT_MAX_TOKENS = 8192  # when the model's generation_config sets no max_new_tokens
 # Settings that change what the teacher's answers mean: a resumed run must use the same (effective) ones.
-RESUME_KEYS = ("model", "prompt_sha256", "num_samples", "constrain_labels", *SAMPLING_FLAGS, "max_tokens")
+RESUME_KEYS = ("model", "prompt_sha256", "num_samples", "constrain_labels", *SAMPLING_FLAGS, "max_tokens",
+               "save_logprobs")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="requests kept in the engine at once (default: the engine's --max-num-seqs)")
     parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)  # removed; kept to explain why
     parser.add_argument("--save-raw", action="store_true", help="keep the teacher's raw outputs in each row")
+    parser.add_argument("--save-logprobs", type=int, metavar="K",
+                        help="keep the teacher's top-K log-probabilities of every answer token in "
+                             "<output>.logprobs.jsonl, for stage 2's --distill_loss kd")
     parser.add_argument("--overwrite", action="store_true", help="delete the previous output and start over")
     parser.add_argument("--merge-shards", metavar="GLOB",
                         help="no generation: merge shard outputs (and their rejects) into --output_file, checking "
@@ -89,8 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      "it finishes; use --max_in_flight to bound the requests in the engine")
     if not 0 <= args.shard_index < args.num_shards:
         parser.error(f"--shard_index must be in [0, {args.num_shards})")
-    if args.num_samples < 1 or args.max_retries < 0 or (args.max_in_flight or 1) < 1:
-        parser.error("--num_samples and --max_in_flight must be >= 1 and --max_retries >= 0")
+    if min(args.num_samples, args.max_in_flight or 1, args.save_logprobs or 1) < 1 or args.max_retries < 0:
+        parser.error("--num_samples, --max_in_flight and --save_logprobs must be >= 1 and --max_retries >= 0")
     return args
 
 
@@ -107,7 +120,8 @@ def user_sampling(args) -> dict:
 def teacher_params(defaults, args, model_defaults: dict, constraint=None):
     """The teacher's SamplingParams: the model's defaults, then the user's flags."""
     max_tokens = args.max_tokens or model_defaults.get("max_tokens", DEFAULT_MAX_TOKENS)
-    return sampling_params(defaults, user_sampling(args), max_tokens=max_tokens, structured_outputs=constraint)
+    return sampling_params(defaults, user_sampling(args), max_tokens=max_tokens, structured_outputs=constraint,
+                           logprobs=args.save_logprobs)
 
 
 def resume_settings(args, prompt_sha256: str, model_defaults: dict) -> dict:
@@ -116,13 +130,15 @@ def resume_settings(args, prompt_sha256: str, model_defaults: dict) -> dict:
 
     params = teacher_params(SamplingParams.from_optional(**model_defaults), args, model_defaults)
     return {"model": args.model, "prompt_sha256": prompt_sha256, "num_samples": args.num_samples,
-            "constrain_labels": args.constrain_labels, **effective_sampling(params)}
+            "constrain_labels": args.constrain_labels, **effective_sampling(params),
+            "save_logprobs": args.save_logprobs}
 
 
 def resume_state(out: Path, rejects: Path, record: Path, settings: dict, overwrite: bool) -> set[str]:
     """Ids already finished by an earlier run of the same command (none with --overwrite)."""
+    sidecar = sidecar_path(out)
     if overwrite:
-        for path in (out, rejects, record):
+        for path in (out, rejects, record, sidecar):
             path.unlink(missing_ok=True)
         return set()
     if not out.exists() and not rejects.exists():
@@ -136,6 +152,11 @@ def resume_state(out: Path, rejects: Path, record: Path, settings: dict, overwri
         cut = repair_torn_tail(path)
         if cut:
             print(f"resume: cut a torn last line ({cut} bytes) from {path}")
+    if settings["save_logprobs"]:
+        dropped = sync_sidecar(out, sidecar)
+        for what, ids in dropped.items():
+            if ids:
+                print(f"resume: {len(ids)} {what.replace('_', ' ')} dropped, to be asked again: {', '.join(ids[:5])}")
     return {row["id"] for path in (out, rejects) if path.exists() for row in read_jsonl(path)}
 
 
@@ -179,7 +200,9 @@ def main(argv=None):
     if args.constrain_labels and teacher.expects_reasoning and not args.reasoning_parser:
         sys.exit("error: --constrain_labels on a thinking model needs --reasoning-parser (e.g. qwen3), "
                  "else the label constraint would cut the reasoning")
-    record.finish(record_path, status="running", settings=settings, model_sampling_defaults=model_defaults)
+    teacher_tokenizer = {"teacher_tokenizer_sha256": tokenizer_hash(tokenizer), "logprobs_top_k": args.save_logprobs}
+    record.finish(record_path, status="running", settings=settings, model_sampling_defaults=model_defaults,
+                  **teacher_tokenizer)
 
     stats, stopped = label(args, teacher, todo, len(rows), settings, model_defaults, out, rejects_path)
     status = f"interrupted ({signal.Signals(stopped).name})" if stopped else "finished"
@@ -193,6 +216,7 @@ def main(argv=None):
         prompt_file=args.prompt_file,
         task="generative" if prompt.is_generative else "label",
         expects_reasoning=teacher.expects_reasoning,
+        **teacher_tokenizer,
         counts={
             "input_lines": queries.lines,
             "skipped_empty": queries.empty,
@@ -234,7 +258,11 @@ def label(args, teacher, todo, selected, settings, model_defaults, out, rejects_
     stats = StreamStats()  # from here: engine start-up is not generation time
     from tqdm import tqdm
 
+    labels = None if teacher.prompt.is_generative else teacher.prompt.labels
+    # Without --save_logprobs the sidecar handle is /dev/null, only so that one `with` opens every file.
+    sidecar = sidecar_path(out) if args.save_logprobs else os.devnull
     with open(out, "a", encoding="utf-8") as out_file, open(rejects_path, "a", encoding="utf-8") as rejects_file, \
+            open(sidecar, "a", encoding="utf-8") as sidecar_file, \
             tqdm(total=selected, initial=selected - len(todo), desc="teacher", unit="query") as progress:
         for answer in stream(vllm_engine, teacher, todo, params, num_samples=args.num_samples,
                              max_retries=args.max_retries, max_in_flight=args.max_in_flight or vllm_engine.max_num_seqs,
@@ -242,6 +270,8 @@ def label(args, teacher, todo, selected, settings, model_defaults, out, rejects_
             if answer.label is None:
                 append_jsonl(rejects_file, [rejected_row(answer)])
             else:
+                if args.save_logprobs:  # first, so a crash leaves at worst a sidecar line without its row
+                    append_jsonl(sidecar_file, [sidecar_line(answer, teacher.tokenizer, args.save_logprobs, labels)])
                 append_jsonl(out_file, [labelled_row(answer, args.save_raw)])
             progress.update(1)
             figures = stats.summary()
@@ -287,7 +317,7 @@ def merge_shards(pattern: str, rows: list, out: Path, rejects_path: Path, record
     output resumes from it (and finds nothing to do)."""
     from glob import glob
 
-    shard_files = [Path(p) for p in sorted(glob(pattern)) if not p.endswith(".rejects.jsonl")]
+    shard_files = [Path(p) for p in sorted(glob(pattern)) if not p.endswith((".rejects.jsonl", SIDECAR_SUFFIX))]
     if not shard_files:
         sys.exit(f"error: no shard files match {pattern}")
     try:
@@ -303,17 +333,34 @@ def merge_shards(pattern: str, rows: list, out: Path, rejects_path: Path, record
     if errors:
         sys.exit(f"error: shards {pattern} do not cover the input exactly once with the same settings: "
                  + "; ".join(errors))
-    for path, merged in ((out, written), (rejects_path, rejected)):
+    merged_files = [(out, written), (rejects_path, rejected)]
+    if settings["save_logprobs"]:
+        merged_files.append((sidecar_path(out), merged_sidecars(shard_files, written)))
+    for path, merged in merged_files:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in merged), encoding="utf-8")
         tmp.replace(path)
     records = list(shard_records.values())
     record.finish(record_path, status="finished", settings=settings, merged_from=[str(s) for s in shard_files],
+                  teacher_tokenizer_sha256=records[0].get("teacher_tokenizer_sha256"),
+                  logprobs_top_k=settings["save_logprobs"],
                   counts={"selected": len(rows), "written_total": len(written), "rejected_total": len(rejected)},
                   shards=[r.get("counts") for r in records],
                   generation_seconds=max((r.get("generation_seconds") or 0 for r in records), default=0))
     print(f"create_data: merged {len(shard_files)} shards -> {len(written)} written ({out}), {len(rejected)} rejected "
           f"({rejects_path.name}); every one of the {len(rows)} selected ids exactly once")
+
+
+def merged_sidecars(shard_files: list[Path], written: list[dict]) -> list[dict]:
+    """The shards' sidecar lines in the merged rows' order; every written row must have one."""
+    lines = {}
+    for shard in shard_files:
+        lines.update(read_sidecar(sidecar_path(shard)) if sidecar_path(shard).exists() else {})
+    missing = [row["id"] for row in written if row["id"] not in lines]
+    if missing:
+        sys.exit(f"error: {len(missing)} rows have no line in their shard's {SIDECAR_SUFFIX} "
+                 f"(e.g. {', '.join(missing[:5])}); re-run those shards to resume them")
+    return [lines[row["id"]] for row in written]
 
 
 if __name__ == "__main__":

@@ -16,6 +16,14 @@ the world size and the micro-batch, which `--micro_batch_tokens` can size from t
 weight loads, a memory plan (distill/plan.py) is printed and stored; a plan that does not fit the GPUs stops the run.
 Under accelerate/FSDP only rank 0 writes files, and a run is `finished` only once its adapter is on disk and loads.
 
+`--distill_loss kd` (or `kd+ce`, mixed by --kd_alpha) trains on the teacher's soft targets instead of only its
+answer: forward KL from the teacher's renormalised top-K log-probabilities (stage 1's --save_logprobs sidecar) to
+the student, at temperature --kd_temperature, on the answer tokens; the end-of-turn token keeps CE. It needs the
+teacher's tokenizer (checked by hash, refused otherwise). A file without a sidecar whose rows have votes
+(--num_samples > 1) gives vote-share soft labels on the answer's first token instead, for any tokenizer.
+
+    python train_sft_trl.py --config recipes/cpu.yaml --dataset_name data/teacher.jsonl --distill_loss kd
+
 Rows whose group (or id) falls on the held-out side of the split that evaluate.py uses never reach the trainer.
 The output dir (default models/<run name>) gets the adapter, the tokenizer and distill_run.json (resolved config,
 command line, git revision, rows used and dropped, train metrics).
@@ -63,6 +71,12 @@ class DistillArguments:
     plan_gpu_gb: float | None = field(default=None, metadata={
         "help": "GiB per GPU to plan for (default: the visible GPU's; 80, an H100, on a machine without one)"})
     ignore_memory_plan: bool = field(default=False, metadata={"help": "train even if the memory plan does not fit"})
+    distill_loss: str = field(default="ce", metadata={
+        "help": "ce: cross-entropy on the teacher's answer; kd: KL from the teacher's top-K log-probabilities "
+                "(or vote shares) on answer tokens; kd+ce: kd_alpha * KD * T^2 + (1 - kd_alpha) * CE",
+        "choices": ["ce", "kd", "kd+ce"]})
+    kd_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of teacher and student in KD"})
+    kd_alpha: float = field(default=0.5, metadata={"help": "weight of the KD term in --distill_loss kd+ce"})
 
 
 def parse_args(argv=None):
@@ -89,6 +103,12 @@ def parse_args(argv=None):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
     if script_args.micro_batch_tokens and not script_args.global_batch_size:
         parser.error("--micro_batch_tokens sizes micro-batches within --global_batch_size; set both")
+    if script_args.distill_loss != "ce":
+        if script_args.kd_temperature <= 0 or not 0 <= script_args.kd_alpha <= 1:
+            parser.error("--kd_temperature must be > 0 and --kd_alpha in [0, 1]")
+        if training_args.packing or training_args.truncation_mode != "keep_start":
+            parser.error(f"--distill_loss {script_args.distill_loss} places the teacher's targets by token position: "
+                         "it needs --packing false and --truncation_mode keep_start")
     if script_args.global_batch_size and not script_args.micro_batch_tokens:
         from distill.training import derive_batch
 
@@ -124,7 +144,8 @@ def build_trainer(script_args, training_args, model_args):
     from transformers import AutoTokenizer
     from trl import SFTTrainer
 
-    from distill.training import query_and_answer, tokenize, training_rows
+    from distill.soft_targets import check_tokenizer, find_targets, row_targets
+    from distill.training import distillation_trainer, query_and_answer, tokenize, training_rows
 
     rows = load_rows(script_args)
     train, dropped = training_rows(rows, script_args.heldout_fraction, script_args.split_seed)
@@ -132,8 +153,11 @@ def build_trainer(script_args, training_args, model_args):
         train = train[: script_args.max_train_rows]
     if not train:
         raise InputError(f"{script_args.dataset_name}: no training rows left after the held-out split")
+    targets = find_targets(script_args.dataset_name, train) if script_args.distill_loss != "ce" else None
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
                                               trust_remote_code=training_args.trust_remote_code)
+    if targets:
+        check_tokenizer(targets, tokenizer, model_args.model_name_or_path)
     examples = []
     for number, row in enumerate(train, start=1):
         try:
@@ -141,6 +165,9 @@ def build_trainer(script_args, training_args, model_args):
         except (KeyError, StopIteration, TypeError) as error:
             raise InputError(f"{script_args.dataset_name}: row {row.get('id', number)} lacks a user turn or "
                              f"its answer ({error!r})") from None
+    if targets:
+        for example, row in zip(examples, train):
+            example.update(row_targets(targets, row, tokenizer, example))
     batch = size_micro_batches(script_args, training_args, examples)
     training_args.model_init_kwargs = {
         "dtype": model_args.dtype,
@@ -148,7 +175,7 @@ def build_trainer(script_args, training_args, model_args):
         "trust_remote_code": training_args.trust_remote_code,
         "revision": model_args.model_revision,
     }
-    trainer = SFTTrainer(
+    trainer_kwargs = dict(
         model=model_args.model_name_or_path,
         args=training_args,
         train_dataset=Dataset.from_list(examples),
@@ -157,7 +184,19 @@ def build_trainer(script_args, training_args, model_args):
     )
     counts = {"rows_in_file": len(rows), "heldout_rows_dropped": dropped, "rows_used": len(train),
               "answer_source": script_args.answer_field or "assistant turn (teacher)", "batch": batch}
-    return trainer, counts
+    if not targets:
+        return SFTTrainer(**trainer_kwargs), counts
+    distilled = sum(example["teacher_start"] >= 0 for example in examples)
+    # A row falls back to CE when the student's tokens of the answer are not the teacher's (or it had no targets).
+    counts["distillation"] = {"loss": script_args.distill_loss, "source": targets.source, "rows_distilled": distilled,
+                              "rows_ce_fallback": len(examples) - distilled,
+                              "temperature": script_args.kd_temperature, "alpha": kd_weight(script_args)}
+    return distillation_trainer(script_args.kd_temperature, kd_weight(script_args), **trainer_kwargs), counts
+
+
+def kd_weight(script_args) -> float:
+    """The KD weight: 1 for kd (no CE on the distilled tokens), --kd_alpha for kd+ce."""
+    return 1.0 if script_args.distill_loss == "kd" else script_args.kd_alpha
 
 
 def lora_config(model_args, train_router: bool, trust_remote_code: bool = False):
@@ -264,6 +303,11 @@ def main(argv=None):
               f"{'LoRA r%d alpha%d' % (model_args.lora_r, model_args.lora_alpha) if model_args.use_peft else 'full'}; "
               f"batch {batch['global_batch']} = {batch['micro_batch']} rows x {batch['gradient_accumulation_steps']} "
               f"steps x {batch['world_size']} processes; run {training_args.run_name} -> {training_args.output_dir}")
+        if "distillation" in counts:
+            kd = counts["distillation"]
+            print(f"train: --distill_loss {kd['loss']} from {kd['source']} (T {kd['temperature']}, alpha "
+                  f"{kd['alpha']}): {kd['rows_distilled']} rows distilled, {kd['rows_ce_fallback']} on CE (their answer "
+                  "tokens differ from the teacher's, or they have no targets)")
         record.finish(record_path, status="running", **report)
     if "wandb" in trainer.args.report_to:
         trainer.add_callback(WandbConfigCallback(config))

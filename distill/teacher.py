@@ -119,6 +119,8 @@ class Sample:
     text: str
     finish_reason: str | None
     output_tokens: int = 0  # generated, reasoning included: the cost of this sample
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list | None = None  # vLLM's per-token top-K ({token id: Logprob}), when the params asked for them
 
 
 @dataclass
@@ -310,7 +312,8 @@ def stream(engine, teacher: Teacher, rows: Iterable[dict], params, *, num_sample
             stats.add_output(output)
             for completion in output.outputs:
                 sample = Sample(teacher.parse(completion.text, completion.finish_reason), completion.text,
-                                completion.finish_reason, len(completion.token_ids))
+                                completion.finish_reason, len(completion.token_ids), list(completion.token_ids),
+                                completion.logprobs if params.logprobs else None)
                 (job.answer.samples if sample.parsed.label else job.answer.failures).append(sample)
                 if sample.parsed.label is None and job.retries_left and len(job.answer.samples) < num_samples:
                     if stop():

@@ -68,3 +68,96 @@ def micro_batch_for_tokens(rows_per_rank: int, mean_row_tokens: float, token_bud
     fitting = [rows for rows in range(1, rows_per_rank + 1)
                if rows_per_rank % rows == 0 and rows * mean_row_tokens <= token_budget]
     return max(fitting, default=1)
+
+
+# ---- knowledge distillation from the teacher's soft targets (--distill_loss kd | kd+ce) --------------------------
+
+TARGET_COLUMNS = ("teacher_start", "teacher_top_ids", "teacher_top_logprobs")
+
+
+def distillation_loss(logits, labels, target_ids, target_logprobs, target_mask, temperature: float, alpha: float,
+                      num_items_in_batch=None):
+    """Per answer token with a teacher target: alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE; every other
+    token with a label (the end of turn, rows without targets) keeps CE; prompt tokens (label -100) add nothing.
+    The sum is divided by the labelled tokens (or the Trainer's `num_items_in_batch`), as TRL's CE is.
+
+    The teacher's top-K log-probabilities at a position are renormalised over those K tokens, p = softmax(lp / T):
+    the mass outside the top K is dropped, not spread over the rest of the vocabulary. With the teacher's mass on K
+    ids only, KL(p || q) over the full vocabulary is sum_k p_k (log p_k - log q_k), q = softmax(student logits / T)
+    over the student's whole vocabulary. Targets are indexed by the token they describe: position t of the targets
+    goes with the logits at t - 1, as labels do.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    target_ids, target_logprobs, target_mask = target_ids[:, 1:], target_logprobs[:, 1:], target_mask[:, 1:]
+    labelled = labels != -100
+    cross_entropy = F.cross_entropy(logits.transpose(1, 2), labels.masked_fill(~labelled, 0), reduction="none")
+    teacher_log_p = F.log_softmax(target_logprobs.float() / temperature, dim=-1)
+    student_log_q = F.log_softmax(logits / temperature, dim=-1).gather(-1, target_ids)
+    kl = (teacher_log_p.exp() * (teacher_log_p - student_log_q)).sum(-1)
+    distilled = target_mask & labelled
+    per_token = torch.where(distilled, alpha * temperature**2 * kl + (1 - alpha) * cross_entropy, cross_entropy)
+    count = labelled.sum() if num_items_in_batch is None else num_items_in_batch
+    return (per_token * labelled).sum() / torch.as_tensor(count).clamp(min=1)
+
+
+class TeacherTargetCollator:
+    """Wraps TRL's collator: the batch it builds (padded or padding-free), plus the teacher's targets laid out like
+    input_ids: `teacher_top_ids`/`teacher_top_logprobs` [batch, length, K] and `teacher_target_mask` [batch, length].
+    A row's targets start at its `teacher_start` (the first completion token); -1 means none (plain CE)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples):
+        import torch
+
+        from distill.soft_targets import NO_MASS
+
+        batch = self.collator(examples)
+        shape = batch["input_ids"].shape
+        k = max((len(ids) for example in examples for ids in example["teacher_top_ids"]), default=1)
+        ids = torch.zeros(*shape, k, dtype=torch.long)
+        logprobs = torch.full((*shape, k), NO_MASS)
+        mask = torch.zeros(shape, dtype=torch.bool)
+        offset = 0
+        for row, example in enumerate(examples):
+            batch_row = 0 if self.collator.padding_free else row
+            positions = range(example["teacher_start"], len(example["input_ids"]))
+            for position, top_ids, top_logprobs in zip(positions, example["teacher_top_ids"],
+                                                       example["teacher_top_logprobs"]):
+                ids[batch_row, offset + position, : len(top_ids)] = torch.tensor(top_ids)
+                logprobs[batch_row, offset + position, : len(top_ids)] = torch.tensor(top_logprobs)
+                mask[batch_row, offset + position] = True
+            offset += len(example["input_ids"]) if self.collator.padding_free else 0
+        return {**batch, "teacher_top_ids": ids, "teacher_top_logprobs": logprobs, "teacher_target_mask": mask}
+
+
+def distillation_trainer(temperature: float, alpha: float, **trainer_kwargs):
+    """An SFTTrainer whose loss is `distillation_loss`; the dataset carries TARGET_COLUMNS beside input_ids and
+    completion_mask. TRL's compute_loss_func hook is deprecated in TRL 1.16 (its warning says to subclass), hence a
+    subclass; it is built here so that importing this module does not import TRL."""
+    from trl import SFTTrainer
+
+    class DistillationTrainer(SFTTrainer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.data_collator = TeacherTargetCollator(self.data_collator)
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            self._signature_columns = [*self._signature_columns, *TARGET_COLUMNS]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            targets = [inputs.pop(key) for key in ("teacher_top_ids", "teacher_top_logprobs", "teacher_target_mask")]
+            labels = inputs.pop("labels")
+            outputs = model(**inputs, use_cache=False)
+            loss = distillation_loss(outputs.logits, labels, *targets, temperature, alpha, num_items_in_batch)
+            # As TRL's compute_loss: num_items_in_batch counts every rank's tokens, and DDP averages the gradients.
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            return (loss, outputs) if return_outputs else loss
+
+    return DistillationTrainer(**trainer_kwargs)

@@ -82,7 +82,7 @@ def test_output_paths():
 def _settings(**changes):
     return {"model": "m", "prompt_sha256": "abc", "num_samples": 1, "constrain_labels": True, "temperature": 0.6,
             "top_p": 0.95, "top_k": 20, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
-            "frequency_penalty": 0.0, "max_tokens": 8192, **changes}
+            "frequency_penalty": 0.0, "max_tokens": 8192, "save_logprobs": None, **changes}
 
 
 def test_resume_state_unit(tmp_path):

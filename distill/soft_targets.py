@@ -1,0 +1,215 @@
+"""Soft targets: what stage 1 keeps of the teacher's distribution (`--save_logprobs K`) and how stage 2 turns it
+into per-token targets for the KD loss (`--distill_loss kd|kd+ce`).
+
+Stage 1 writes `<output>.logprobs.jsonl` beside the chat JSONL, one line per written row, keyed by id:
+
+    {"id", "answer_token_ids": [...], "top_ids": [[K ids] per answer token], "top_logprobs": [[K floats]],
+     "label_distribution": {label: p} (label tasks), "vote_shares": {label: share} (--num_samples > 1)}
+
+The answer tokens are the generated tokens of the chosen sample (the first valid sample that gave the row's label)
+that spell its final answer after any reasoning; `answer_token_ids` is null when no token span decodes to it. The
+log-probabilities are vLLM's raw ones (logprobs_mode raw_logprobs: before temperature and penalties), the K most
+likely tokens by rank. With --constrain_labels they come after the label constraint's mask (measured on vLLM 0.32:
+tokens the grammar forbids are -inf), so they describe the constrained teacher; tokens with no probability (-inf)
+are left out, so a position can hold fewer than K. `label_distribution` reads, at the first answer token, the top-K
+log-probability of each label's first token (a label whose first token is not in the top K gets 0), normalised over
+the label set; labels that share a first token each get its probability.
+
+A row and its sidecar line are one unit: the sidecar line is written (and fsynced) first, so a crash leaves at worst
+a sidecar line without its row; on resume `sync_sidecar` keeps only ids present in both files, so such a query (or
+a row whose sidecar line is missing) is asked again.
+"""
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from distill.records import InputError, append_jsonl, read_jsonl, repair_torn_tail
+
+SIDECAR_SUFFIX = ".logprobs.jsonl"
+# Log-probability of a padding slot in a target row: exp() of it is exactly 0 in float32, and unlike -inf it keeps
+# p * log p finite (0 * -inf is NaN).
+NO_MASS = -1e4
+
+
+def sidecar_path(output: str | Path) -> Path:
+    stem = Path(output).with_suffix("")
+    return stem.with_name(stem.name + SIDECAR_SUFFIX)
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the vocabulary (token -> id, added tokens included) as sorted JSON: KD pairs the teacher's token ids
+    with the student's logits, so two tokenizers are interchangeable exactly when this matches."""
+    vocab = json.dumps(tokenizer.get_vocab(), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(vocab.encode("utf-8")).hexdigest()
+
+
+# ---- stage 1: from a vLLM sample to a sidecar line --------------------------------------------------------------
+
+
+def answer_span(tokenizer, token_ids: list[int], answer: str, max_trailing: int = 8) -> tuple[int, int] | None:
+    """(start, end) of the shortest token span, ending within `max_trailing` tokens of the output's end (the end of
+    turn, a closing '**' or '.'), that decodes to `answer` (case and surrounding spaces aside, as the parser reads
+    labels). None when no span does, e.g. when the answer starts inside a token."""
+    wanted = answer.strip().lower()
+    for end in range(len(token_ids), max(len(token_ids) - max_trailing, 0) - 1, -1):
+        for start in range(end - 1, -1, -1):
+            text = tokenizer.decode(token_ids[start:end]).strip().lower()
+            if text == wanted:
+                return start, end
+            if len(text) > len(wanted):
+                break
+    return None
+
+
+def top_k(position: dict, k: int) -> tuple[list[int], list[float]]:
+    """The K most likely tokens of one position, by rank, without those of probability 0 (-inf, masked by the label
+    constraint; JSON has no infinity). vLLM adds the sampled token when it is outside the top K: it is left out."""
+    ranked = sorted((entry.rank, token_id, entry.logprob) for token_id, entry in position.items()
+                    if entry.logprob > -math.inf)[:k]
+    return [token_id for _, token_id, _ in ranked], [round(logprob, 4) for _, _, logprob in ranked]
+
+
+def label_distribution(tokenizer, labels, top_ids: list[int], top_logprobs: list[float]) -> dict | None:
+    first_token = {label: tokenizer(label, add_special_tokens=False).input_ids[0] for label in labels}
+    mass = dict(zip(top_ids, top_logprobs))
+    probabilities = {label: math.exp(mass[token]) if token in mass else 0.0 for label, token in first_token.items()}
+    total = sum(probabilities.values())
+    return {label: round(p / total, 4) for label, p in probabilities.items()} if total else None
+
+
+def sidecar_line(answer, tokenizer, k: int, labels=None) -> dict:
+    """The sidecar line of a labelled Answer (see the module docstring); `labels` for a label task."""
+    sample = next(s for s in answer.samples if s.parsed.label == answer.label)
+    span = answer_span(tokenizer, sample.token_ids, answer.label)
+    line = {"id": answer.row["id"], "answer_token_ids": None, "top_ids": [], "top_logprobs": []}
+    if span:
+        positions = [top_k(position, k) for position in sample.logprobs[span[0]:span[1]]]
+        line.update(answer_token_ids=sample.token_ids[span[0]:span[1]], top_ids=[ids for ids, _ in positions],
+                    top_logprobs=[values for _, values in positions])
+    if labels and span:
+        line["label_distribution"] = label_distribution(tokenizer, labels, *positions[0])
+    if labels and len(answer.samples) > 1:
+        line["vote_shares"] = {label: count / len(answer.samples) for label, count in answer.votes.items()}
+    return line
+
+
+def sync_sidecar(out: Path, sidecar: Path) -> dict:
+    """After a crash: cut torn tails, then keep in both files only the ids present in both (the last sidecar line of
+    an id wins), rewriting a file only if it changes. Returns what was dropped, for the log."""
+    repair_torn_tail(sidecar)
+    rows = read_jsonl(out) if out.exists() else []
+    lines = {line["id"]: line for line in (read_jsonl(sidecar) if sidecar.exists() else [])}
+    row_ids = {row["id"] for row in rows}
+    dropped = {"rows_without_sidecar": [row["id"] for row in rows if row["id"] not in lines],
+               "sidecar_without_row": [line_id for line_id in lines if line_id not in row_ids]}
+    kept_rows = [row for row in rows if row["id"] in lines]
+    kept_lines = [lines[row["id"]] for row in kept_rows]
+    if len(kept_rows) != len(rows):
+        _rewrite(out, kept_rows)
+    if not sidecar.exists() or kept_lines != read_jsonl(sidecar):
+        _rewrite(sidecar, kept_lines)
+    return dropped
+
+
+def _rewrite(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        append_jsonl(handle, rows)
+    tmp.replace(path)
+
+
+# ---- stage 2: from a sidecar line (or vote shares) to per-token targets ------------------------------------------
+
+
+def read_sidecar(path: Path) -> dict[str, dict]:
+    lines = {}
+    for number, line in enumerate(read_jsonl(path), start=1):
+        if not isinstance(line, dict) or "id" not in line or "top_ids" not in line:
+            raise InputError(f"{path}:{number}: not a sidecar line (needs id, answer_token_ids, top_ids, "
+                             "top_logprobs)")
+        lines[line["id"]] = line
+    return lines
+
+
+def logprob_targets(line: dict | None, completion_ids: list[int]) -> tuple[list, list] | None:
+    """The teacher's top-K per answer token, if the student's completion starts with exactly the teacher's answer
+    tokens; None (the row keeps plain CE) otherwise."""
+    if not line or not line["answer_token_ids"]:
+        return None
+    teacher_ids = line["answer_token_ids"]
+    if completion_ids[: len(teacher_ids)] != teacher_ids:
+        return None
+    return line["top_ids"], line["top_logprobs"]
+
+
+def vote_targets(votes: dict, tokenizer, completion_ids: list[int]) -> tuple[list, list] | None:
+    """One target position, the answer's first token: each label's first token (in the student's tokenizer, so any
+    tokenizer works) weighted by the label's vote share; labels that share a first token add up. None when the
+    completion starts with none of them (e.g. --answer_field names another column)."""
+    total = sum(votes.values())
+    shares = {}
+    for label, count in votes.items():
+        token = tokenizer(label, add_special_tokens=False).input_ids[0]
+        shares[token] = shares.get(token, 0.0) + count / total
+    if completion_ids[0] not in shares:
+        return None
+    return [list(shares)], [[math.log(share) for share in shares.values()]]
+
+
+@dataclass
+class TeacherTargets:
+    """Where stage 2's soft targets come from: the sidecar's top-K ("logprobs") or the rows' votes ("vote_shares")."""
+
+    source: str
+    sidecar: dict[str, dict]
+    teacher_model: str | None = None
+    teacher_tokenizer_sha256: str | None = None
+    record_path: Path | None = None
+
+
+def find_targets(dataset_name: str, rows: list[dict]) -> TeacherTargets:
+    """The sidecar of a local stage-1 file, else vote shares when some row had more than one vote; else an
+    InputError naming --save_logprobs. Reads files only: called before any model loads."""
+    sidecar = sidecar_path(dataset_name)
+    if Path(dataset_name).exists() and sidecar.exists():
+        record_path = sidecar.with_name(sidecar.name.removesuffix(SIDECAR_SUFFIX) + ".run.json")
+        record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.exists() else {}
+        return TeacherTargets("logprobs", read_sidecar(sidecar), record.get("args", {}).get("model"),
+                              record.get("teacher_tokenizer_sha256"), record_path)
+    if any(sum(row.get("teacher", {}).get("votes", {}).values()) > 1 for row in rows):
+        return TeacherTargets("vote_shares", {})
+    raise InputError(f"{dataset_name}: --distill_loss kd needs the teacher's log-probabilities ({sidecar.name}, "
+                     "written by create_data.py --save_logprobs K) or vote shares (create_data.py --num_samples > 1); "
+                     "this file has neither. Re-run stage 1 with --save_logprobs 20, or train with --distill_loss ce")
+
+
+def check_tokenizer(targets: TeacherTargets, student_tokenizer, student_name: str) -> None:
+    """Top-K ids index the teacher's vocabulary: KD from them needs the very same one. Vote shares need nothing."""
+    if targets.source != "logprobs":
+        return
+    if targets.teacher_tokenizer_sha256 is None:
+        raise InputError(f"{targets.record_path}: no teacher_tokenizer_sha256, so the student's tokenizer cannot be "
+                         "checked against the teacher's; re-run stage 1 with --save_logprobs")
+    student_hash = tokenizer_hash(student_tokenizer)
+    if student_hash != targets.teacher_tokenizer_sha256:
+        raise InputError(f"--distill_loss kd: the student {student_name} has another tokenizer than the teacher "
+                         f"{targets.teacher_model} (vocabulary sha256 {student_hash[:12]} vs "
+                         f"{targets.teacher_tokenizer_sha256[:12]}), so the teacher's top-K token ids mean other "
+                         "tokens to it. Use a student with the teacher's tokenizer, vote shares (stage 1 with "
+                         "--num_samples > 1, no sidecar), or --distill_loss ce")
+
+
+def row_targets(targets: TeacherTargets, row: dict, tokenizer, example: dict) -> dict:
+    """The target columns of one tokenized row (distill.training.TARGET_COLUMNS); teacher_start -1: plain CE."""
+    start = example["completion_mask"].index(1)
+    completion = example["input_ids"][start:]
+    if targets.source == "logprobs":
+        found = logprob_targets(targets.sidecar.get(row["id"]), completion)
+    else:
+        votes = row.get("teacher", {}).get("votes")
+        found = vote_targets(votes, tokenizer, completion) if votes else None
+    top_ids, top_logprobs = found or ([], [])
+    return {"teacher_start": start if found else -1, "teacher_top_ids": top_ids, "teacher_top_logprobs": top_logprobs}

@@ -211,8 +211,8 @@ def label_results(prompt, rows, prompt_ids, generation, teacher, args) -> dict:
 
 def generative_results(prompt, rows, prompt_ids, generation, teacher, tokenizer, quiet: bool) -> dict:
     """Pass rate under the prompt's check, chrF against the teacher's answers, lengths, failures and examples.
-    A --with_prompt output that breaks stage 1's contract (cut, empty, still reasoning) is scored as an empty
-    answer: it fails, and its raw output is kept."""
+    Every answer is judged as written within --max_tokens, cut or not; a --with_prompt output still inside its
+    reasoning is scored as an empty answer: it fails, and its raw output is kept."""
     from distill.checks import describe
     from distill.metrics import judge_answers, score_generative
 
@@ -283,6 +283,7 @@ def generate(llm, tokenizer, rows, prompt_ids, prompt, args, lora_request) -> Ge
 
 
 def teacher_answers(vllm_engine, teacher, params):
+    from distill.answers import split_reasoning
     from distill.teacher import stream
 
     def answer(rows):
@@ -292,7 +293,13 @@ def teacher_answers(vllm_engine, teacher, params):
         answers = [by_id[row["id"]] for row in rows]
         first = [(a.samples + a.failures)[0] if a.samples + a.failures else None for a in answers]
         raw = [sample.text if sample else "" for sample in first]
-        return raw, [a.label for a in answers], [sample.output_tokens if sample else 0 for sample in first]
+        if teacher.prompt.is_generative:
+            # Scored as written within --max_tokens, cut or not, exactly as the student's answers are: stage 1
+            # refuses a cut answer as a training target, but a score must measure teacher and student alike.
+            labels = [(split_reasoning(text, teacher.expects_reasoning)[0] or "").strip() for text in raw]
+        else:
+            labels = [a.label for a in answers]
+        return raw, labels, [sample.output_tokens if sample else 0 for sample in first]
 
     return answer
 

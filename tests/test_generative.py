@@ -307,3 +307,16 @@ def test_generative_stages_one_two_three(tiny_model, generative_prompt, tmp_path
     assert results["failures"] == [{"id": e["id"], "text": e["text"], "answer": e["answer"]}
                                    for e in examples if not e["passed"]][:5]
     assert "pass rate:" in result.stdout and "chrF vs teacher:" in result.stdout and "cost:" in result.stdout
+
+
+def test_evaluation_scores_a_cut_teacher_answer_as_written(generative_prompt):
+    """Stage 1 refuses a cut answer as a target; evaluation judges it as written, as it judges the student's."""
+    import evaluate
+
+    engine = CuttingEngine(lambda query, attempt: f"<think>hm</think> Réponse {query}",
+                           cut=lambda query, attempt: query == 0)
+    engine.max_num_seqs = 4
+    answer = evaluate.teacher_answers(engine, generative_teacher(generative_prompt), SamplingParams(max_tokens=8))
+    raw, answers, _ = answer(ROWS[:2])
+    assert raw == ["<think>hm</think> Réponse 0", "<think>hm</think> Réponse 1"]
+    assert answers == ["Réponse 0", "Réponse 1"], "the cut answer (r0) is scored on its text, not as empty"

@@ -20,7 +20,7 @@
 # step prints its log's last 30 lines and stops the demo with its exit code.
 #
 # Env (all optional): PARTS ("french language_id"), FRENCH_TRAIN_ROWS (120 of the 330 train-split questions),
-# FRENCH_EPOCHS (3), FRENCH_MAX_TOKENS (40: answer length cap, teacher and evaluations), TRAIN_ROWS (160, language
+# FRENCH_EPOCHS (3), FRENCH_MAX_TOKENS (40: answer length cap, teacher and evaluations), TRAIN_ROWS (120, language
 # ID), EPOCHS (1, language ID), TEACHER_EVAL_ROWS (120 of the 233 held-out rows; the language-ID teacher's
 # evaluation is the slowest one), LATENCY_REQUESTS (8: requests timed one at a time per evaluation),
 # DEMO_DIR (data/demo), PYTHON (.venv/bin/python).
@@ -31,7 +31,7 @@ PARTS=${PARTS:-french language_id}
 FRENCH_TRAIN_ROWS=${FRENCH_TRAIN_ROWS:-120}
 FRENCH_EPOCHS=${FRENCH_EPOCHS:-3}
 FRENCH_MAX_TOKENS=${FRENCH_MAX_TOKENS:-40}
-TRAIN_ROWS=${TRAIN_ROWS:-160}
+TRAIN_ROWS=${TRAIN_ROWS:-120}
 EPOCHS=${EPOCHS:-1}
 TEACHER_EVAL_ROWS=${TEACHER_EVAL_ROWS:-120}
 LATENCY_REQUESTS=${LATENCY_REQUESTS:-8}

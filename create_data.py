@@ -43,7 +43,8 @@ from pathlib import Path
 
 from distill import engine, shards
 from distill.prompts import DEFAULT_PROMPT, load_prompt
-from distill.records import InputError, RunRecord, append_jsonl, read_jsonl, read_queries, repair_torn_tail
+from distill.records import (InputError, RunRecord, append_jsonl, output_paths, read_jsonl, read_queries,
+                             repair_torn_tail)
 from distill.soft_targets import (SIDECAR_SUFFIX, read_sidecar, sidecar_line, sidecar_path, sync_sidecar,
                                   tokenizer_hash)
 from distill.splits import select
@@ -105,12 +106,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if min(args.num_samples, args.max_in_flight or 1, args.save_logprobs or 1) < 1 or args.max_retries < 0:
         parser.error("--num_samples, --max_in_flight and --save_logprobs must be >= 1 and --max_retries >= 0")
     return args
-
-
-def output_paths(output_file: str) -> tuple[Path, Path, Path]:
-    out = Path(output_file)
-    stem = out.with_suffix("")
-    return out, stem.with_name(stem.name + ".rejects.jsonl"), stem.with_name(stem.name + ".run.json")
 
 
 def user_sampling(args) -> dict:

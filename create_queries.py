@@ -43,7 +43,7 @@ from pathlib import Path
 from distill import engine
 from distill.dedup import NEAR_DUPLICATE_THRESHOLD, NearDuplicateIndex
 from distill.prompts import load_prompt
-from distill.records import InputError, RunRecord, read_jsonl, read_queries, repair_torn_tail
+from distill.records import InputError, RunRecord, output_paths, read_jsonl, read_queries, repair_torn_tail
 from distill.synthesis import DEFAULT_DIVERSITY, MAX_CHARS, MIN_CHARS, Plan, QueryWriter, spread, synthesise
 from distill.teacher import (SAMPLING_FLAGS, StopRequest, StreamStats, VllmEngine, add_sampling_args,
                              effective_sampling, model_sampling_defaults, sampling_params)
@@ -95,12 +95,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not 0 < args.near_duplicate_threshold <= 1:
         parser.error("--near_duplicate_threshold must be in (0, 1]")
     return args
-
-
-def output_paths(output_file: str) -> tuple[Path, Path, Path]:
-    out = Path(output_file)
-    stem = out.with_suffix("")
-    return out, stem.with_name(stem.name + ".rejects.jsonl"), stem.with_name(stem.name + ".run.json")
 
 
 def read_topics(args) -> list[str] | None:

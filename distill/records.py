@@ -116,6 +116,13 @@ def read_queries(source: str, text_field: str = "text", split: str = "train") ->
     return queries
 
 
+def output_paths(output_file: str) -> tuple[Path, Path, Path]:
+    """A stage writing JSONL rows: the output, its rejects file and its run record, side by side."""
+    out = Path(output_file)
+    stem = out.with_suffix("")
+    return out, stem.with_name(stem.name + ".rejects.jsonl"), stem.with_name(stem.name + ".run.json")
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     rows = []
     for number, line in _decoded_lines(Path(path)):

@@ -112,17 +112,19 @@ def user_sampling(args) -> dict:
     return {flag: getattr(args, flag) for flag in SAMPLING_FLAGS}
 
 
-def teacher_params(defaults, args, model_defaults: dict, constraint=None):
-    """The teacher's SamplingParams: the model's defaults, then the user's flags."""
+def teacher_params(defaults, args, model_defaults: dict, constraint=None, stop_sampling: dict | None = None):
+    """The teacher's SamplingParams: the model's defaults, then the user's flags, then where the task's answers stop
+    (TaskPrompt.stop_sampling)."""
     max_tokens = args.max_tokens or model_defaults.get("max_tokens", DEFAULT_MAX_TOKENS)
     return sampling_params(defaults, user_sampling(args), max_tokens=max_tokens, structured_outputs=constraint,
-                           logprobs=args.save_logprobs)
+                           logprobs=args.save_logprobs, **(stop_sampling or {}))
 
 
 def resume_settings(args, prompt_sha256: str, model_defaults: dict) -> dict:
     """What a resumed run must share with the run it continues; sampling as the engine will apply it."""
     from vllm import SamplingParams
 
+    # The task's stop strings come from the prompt file, which prompt_sha256 already pins.
     params = teacher_params(SamplingParams.from_optional(**model_defaults), args, model_defaults)
     return {"model": args.model, "prompt_sha256": prompt_sha256, "num_samples": args.num_samples,
             "constrain_labels": args.constrain_labels, **effective_sampling(params),
@@ -244,7 +246,8 @@ def label(args, teacher, todo, selected, settings, model_defaults, out, rejects_
     if not todo:
         return StreamStats().summary(), None
     llm = engine.build_llm(args)
-    params = teacher_params(llm.get_default_sampling_params(), args, model_defaults, teacher.constraint())
+    params = teacher_params(llm.get_default_sampling_params(), args, model_defaults, teacher.constraint(),
+                            teacher.prompt.stop_sampling())
     if effective_sampling(params) != {key: settings[key] for key in effective_sampling(params)}:
         sys.exit(f"error: vLLM's sampling defaults {effective_sampling(params)} differ from the ones read from the "
                  f"model's generation_config ({settings}); the resume check would be wrong")

@@ -265,8 +265,9 @@ def generate(llm, tokenizer, rows, prompt_ids, prompt, args, lora_request) -> Ge
     teacher = None
     if args.with_prompt:
         teacher = Teacher(tokenizer, prompt, llm.model_config.max_model_len, args.constrain_labels)
+    # The task's stop strings hold for every model scored on it (base, teacher, student), so answers compare alike.
     params = sampling_params(llm.get_default_sampling_params(), {"temperature": 0.0}, max_tokens=args.max_tokens,
-                             structured_outputs=teacher.constraint() if teacher else None)
+                             structured_outputs=teacher.constraint() if teacher else None, **prompt.stop_sampling())
     if teacher:
         answer, items = teacher_answers(VllmEngine(llm, lora_request), teacher, params), rows
     else:

@@ -43,10 +43,16 @@ class TaskPrompt:
     answer_format: str | None
     query_template: str
     check: dict | None = None  # a generative task's judge (distill/checks.py); None for a label task
+    stop: tuple[str, ...] = ()  # a generative task's answer ends at the first of these strings (front matter `stop`)
 
     @property
     def is_generative(self) -> bool:
         return self.check is not None
+
+    def stop_sampling(self) -> dict:
+        """SamplingParams fields that end an answer where the task says it ends (kept in the answer), so a
+        one-sentence task's answer stops after its sentence instead of running into the token cap."""
+        return {"stop": list(self.stop), "include_stop_str_in_output": True} if self.stop else {}
 
     @property
     def answer_regex(self) -> re.Pattern:
@@ -125,4 +131,7 @@ def _generative_task(path: Path, meta: dict, text: str) -> TaskPrompt:
         check = checks.validate(meta["check"])
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
-    return TaskPrompt(str(path), text, (), None, query_template, check)
+    stop = meta.get("stop", [])
+    if not isinstance(stop, list) or not all(isinstance(item, str) and item for item in stop):
+        raise ValueError(f"{path}: stop must be a list of non-empty strings, e.g. stop: [\". \", \"\\n\"]")
+    return TaskPrompt(str(path), text, (), None, query_template, check, tuple(stop))

@@ -20,7 +20,7 @@
 # step prints its log's last 30 lines and stops the demo with its exit code.
 #
 # Env (all optional): PARTS ("french language_id"), FRENCH_TRAIN_ROWS (120 of the 330 train-split questions),
-# FRENCH_EPOCHS (3), FRENCH_MAX_TOKENS (40: answer length cap, teacher and evaluations), TRAIN_ROWS (120, language
+# FRENCH_EPOCHS (2), FRENCH_MAX_TOKENS (40: answer length cap, teacher and evaluations), TRAIN_ROWS (120, language
 # ID), EPOCHS (1, language ID), TEACHER_EVAL_ROWS (120 of the 233 held-out rows; the language-ID teacher's
 # evaluation is the slowest one), LATENCY_REQUESTS (8: requests timed one at a time per evaluation),
 # DEMO_DIR (data/demo), PYTHON (.venv/bin/python).
@@ -29,7 +29,7 @@ cd "$(dirname "$0")/.."
 
 PARTS=${PARTS:-french language_id}
 FRENCH_TRAIN_ROWS=${FRENCH_TRAIN_ROWS:-120}
-FRENCH_EPOCHS=${FRENCH_EPOCHS:-3}
+FRENCH_EPOCHS=${FRENCH_EPOCHS:-2}
 FRENCH_MAX_TOKENS=${FRENCH_MAX_TOKENS:-40}
 TRAIN_ROWS=${TRAIN_ROWS:-120}
 EPOCHS=${EPOCHS:-1}
@@ -124,8 +124,8 @@ french_part() {
   local test=(--test_file example-data/general_questions.jsonl "${FRENCH[@]}" --max_tokens "$FRENCH_MAX_TOKENS"
               --latency_requests "$LATENCY_REQUESTS")
   # Greedy, as the prompt was measured (SmolLM2 has no generation_config: vLLM's default would be temperature 1),
-  # so a redraw would repeat the same answer: no retries. Most of its answers loop until the token cap (7 of 24
-  # stopped within 64 tokens, 2026-11-23) and are rejected as cut_at_max_tokens; the student learns from the rest.
+  # so a redraw would repeat the same answer: no retries. Answers that still run into the token cap are rejected
+  # as cut_at_max_tokens (the prompt's `stop` ends most at their first sentence); the student learns from the rest.
   run_step french-teacher "teacher answers $FRENCH_TRAIN_ROWS training questions with the French prompt" \
     "$PYTHON" create_data.py --model_name "$MODEL" "${FRENCH[@]}" "${questions[@]}" --split train \
       --max_samples "$FRENCH_TRAIN_ROWS" --max_tokens "$FRENCH_MAX_TOKENS" --max_in_flight 16 \

@@ -199,3 +199,17 @@ def test_no_question_is_answered_in_the_prompt_examples(questions):
     examples = {text.strip().lower() for text in re.findall(r"^Question : (.*)$", prompt_text, re.MULTILINE)}
     assert len(examples) >= 10
     assert [row["text"] for row in questions if row["text"].strip().lower() in examples] == []
+
+
+def test_a_generative_task_declares_where_its_answer_stops(tmp_path):
+    from distill.prompts import load_prompt
+
+    french = load_prompt(REPO / "prompts" / "answer_in_french.md")
+    assert french.stop_sampling() == {"stop": [". ", ".\n", "\n"], "include_stop_str_in_output": True}
+    plain = tmp_path / "plain.md"
+    plain.write_text("---\ncheck: {regex: \".\"}\n---\nAnswer.\n", encoding="utf-8")
+    assert load_prompt(plain).stop_sampling() == {}
+    bad = tmp_path / "bad.md"
+    bad.write_text("---\ncheck: {regex: \".\"}\nstop: \".\"\n---\nAnswer.\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.md: stop must be a list"):
+        load_prompt(bad)

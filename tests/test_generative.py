@@ -320,3 +320,15 @@ def test_evaluation_scores_a_cut_teacher_answer_as_written(generative_prompt):
     raw, answers, _ = answer(ROWS[:2])
     assert raw == ["<think>hm</think> Réponse 0", "<think>hm</think> Réponse 1"]
     assert answers == ["Réponse 0", "Réponse 1"], "the cut answer (r0) is scored on its text, not as empty"
+
+
+def test_the_task_stop_strings_reach_the_teachers_sampling():
+    from argparse import Namespace
+
+    from distill.teacher import SAMPLING_FLAGS
+
+    french = load_prompt(REPO / "prompts" / "answer_in_french.md")
+    args = Namespace(**dict.fromkeys(SAMPLING_FLAGS), max_tokens=40, save_logprobs=None)
+    params = create_data.teacher_params(SamplingParams(), args, {}, None, french.stop_sampling())
+    assert params.stop == [". ", ".\n", "\n"] and params.include_stop_str_in_output and params.max_tokens == 40
+    assert create_data.teacher_params(SamplingParams(), args, {}).stop == []

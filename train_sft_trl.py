@@ -138,7 +138,7 @@ def load_rows(script_args) -> list[dict]:
     return list(datasets.load_dataset(script_args.dataset_name, split=script_args.dataset_split))
 
 
-def build_trainer(script_args, training_args, model_args):
+def build_trainer(script_args, training_args, model_args, peft_config=None):
     """The SFTTrainer over the train side of the split, and the row counts for the run record."""
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -180,7 +180,7 @@ def build_trainer(script_args, training_args, model_args):
         args=training_args,
         train_dataset=Dataset.from_list(examples),
         processing_class=tokenizer,
-        peft_config=lora_config(model_args, script_args.train_router, training_args.trust_remote_code),
+        peft_config=peft_config or lora_config(model_args, script_args.train_router, training_args.trust_remote_code),
     )
     counts = {"rows_in_file": len(rows), "heldout_rows_dropped": dropped, "rows_used": len(train),
               "answer_source": script_args.answer_field or "assistant turn (teacher)", "batch": batch}
@@ -243,7 +243,7 @@ def check_output_dir(script_args, training_args):
             shutil.rmtree(out)
 
 
-def plan_memory(script_args, training_args, model_args):
+def plan_memory(script_args, training_args, model_args, peft_config):
     """The memory plan for the GPUs this run will use (or --plan_gpus), from the model's config on the meta device,
     and whether there is a GPU to hold it to (a CPU run without --plan_gpus/--plan_gpu_gb has none)."""
     from transformers import AutoConfig
@@ -257,7 +257,6 @@ def plan_memory(script_args, training_args, model_args):
         gpus = training_args.world_size
         sharded = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(training_args.fsdp)
     gpu_gib = script_args.plan_gpu_gb or visible_gpu_gib()
-    peft_config = lora_config(model_args, script_args.train_router, training_args.trust_remote_code)
     plan = memory_plan(config, peft_config, weight_dtype=model_args.dtype or "float32", num_gpus=gpus,
                        gpu_gib=gpu_gib or H100_GIB, sharded=sharded)
     return plan, bool(gpu_gib or script_args.plan_gpus)
@@ -276,7 +275,9 @@ def main(argv=None):
 
     script_args, training_args, model_args = parse_args(argv)
     processes = PartialState()  # one per GPU under accelerate launch; only the main one writes files
-    plan, on_gpus = plan_memory(script_args, training_args, model_args)
+    # Resolved once: dropping the router builds the model on the meta device, which the plan and trainer share.
+    peft_config = lora_config(model_args, script_args.train_router, training_args.trust_remote_code)
+    plan, on_gpus = plan_memory(script_args, training_args, model_args, peft_config)
     if processes.is_main_process:
         print(plan.format() if on_gpus or script_args.plan_only else "memory plan: CPU run, no GPU to plan for")
     if script_args.plan_only:
@@ -291,7 +292,7 @@ def main(argv=None):
     record = RunRecord("train_sft_trl", config)
     record_path = Path(training_args.output_dir) / RUN_RECORD
     try:
-        trainer, counts = build_trainer(script_args, training_args, model_args)
+        trainer, counts = build_trainer(script_args, training_args, model_args, peft_config)
     except InputError as error:
         sys.exit(f"error: {error}")
     report = {"counts": counts, "memory_plan": plan.to_dict(), "split": {

@@ -213,3 +213,38 @@ def row_targets(targets: TeacherTargets, row: dict, tokenizer, example: dict) ->
         found = vote_targets(votes, tokenizer, completion) if votes else None
     top_ids, top_logprobs = found or ([], [])
     return {"teacher_start": start if found else -1, "teacher_top_ids": top_ids, "teacher_top_logprobs": top_logprobs}
+
+
+# ---- stage 3 / benches: how far a student is from the teacher on held-out answers -------------------------------
+
+
+def heldout_kl(model, tokenizer, rows: list[dict], sidecar: dict[str, dict]) -> dict:
+    """Mean KL(teacher || student) per answer token over stage-1 rows the student never trained on: the student,
+    without the prompt, reads the query and the teacher's answer (teacher forcing), and at each answer token its
+    distribution is compared with the teacher's top-K from the sidecar (renormalised, as the KD loss does; T = 1).
+    A row counts only where the student's tokenization of the answer starts with the teacher's answer tokens.
+
+    Returns {"mean_kl", "tokens", "rows", "rows_without_targets"}; mean_kl is None when no row has targets."""
+    import torch
+
+    from distill.training import kl_from_top_k, query_and_answer, tokenize
+
+    targets = TeacherTargets("logprobs", sidecar)
+    per_token, without = [], 0
+    model.eval()
+    for row in rows:
+        example = tokenize(tokenizer, *query_and_answer(row, None))
+        found = row_targets(targets, row, tokenizer, example)
+        start, top_ids = found["teacher_start"], found["teacher_top_ids"]
+        if start < 0 or not top_ids:
+            without += 1
+            continue
+        k = max(len(ids) for ids in top_ids)
+        ids = torch.tensor([ids + [0] * (k - len(ids)) for ids in top_ids])
+        logprobs = torch.tensor([values + [NO_MASS] * (k - len(values)) for values in found["teacher_top_logprobs"]])
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([example["input_ids"][: start + len(top_ids)]])).logits[0]
+        # The logits at position t predict token t + 1.
+        per_token += kl_from_top_k(logits[start - 1 : start - 1 + len(top_ids)], ids, logprobs).tolist()
+    return {"mean_kl": sum(per_token) / len(per_token) if per_token else None, "tokens": len(per_token),
+            "rows": len(rows) - without, "rows_without_targets": without}

@@ -94,13 +94,23 @@ def distillation_loss(logits, labels, target_ids, target_logprobs, target_mask, 
     target_ids, target_logprobs, target_mask = target_ids[:, 1:], target_logprobs[:, 1:], target_mask[:, 1:]
     labelled = labels != -100
     cross_entropy = F.cross_entropy(logits.transpose(1, 2), labels.masked_fill(~labelled, 0), reduction="none")
-    teacher_log_p = F.log_softmax(target_logprobs.float() / temperature, dim=-1)
-    student_log_q = F.log_softmax(logits / temperature, dim=-1).gather(-1, target_ids)
-    kl = (teacher_log_p.exp() * (teacher_log_p - student_log_q)).sum(-1)
+    kl = kl_from_top_k(logits, target_ids, target_logprobs, temperature)
     distilled = target_mask & labelled
     per_token = torch.where(distilled, alpha * temperature**2 * kl + (1 - alpha) * cross_entropy, cross_entropy)
     count = labelled.sum() if num_items_in_batch is None else num_items_in_batch
     return (per_token * labelled).sum() / torch.as_tensor(count).clamp(min=1)
+
+
+def kl_from_top_k(student_logits, target_ids, target_logprobs, temperature: float = 1.0):
+    """KL(teacher || student) per position, [..., vocab] logits against [..., K] teacher ids and log-probabilities:
+    the teacher renormalised over its top K at temperature T (padding slots of NO_MASS get exactly 0), the student
+    softmax(logits / T) over its whole vocabulary. Training (distillation_loss) and the held-out measure
+    (distill.soft_targets.heldout_kl) share it, so the bench measures the quantity KD minimises."""
+    import torch.nn.functional as F
+
+    teacher_log_p = F.log_softmax(target_logprobs.float() / temperature, dim=-1)
+    student_log_q = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, target_ids)
+    return (teacher_log_p.exp() * (teacher_log_p - student_log_q)).sum(-1)
 
 
 class TeacherTargetCollator:

@@ -265,3 +265,40 @@ def test_merge_shards_merges_sidecars_and_refuses_a_missing_line(tmp_path):
     first_sidecar.write_text("".join(first_sidecar.read_text().splitlines(keepends=True)[1:]))
     with pytest.raises(SystemExit, match="no line in their shard's .logprobs.jsonl"):
         _merge(tmp_path, pattern, rows, settings)
+
+
+# ---- the held-out measure the KD bench reports --------------------------------------------------------------------
+
+
+def test_heldout_kl_is_zero_on_the_students_own_distribution_and_minus_log_q_for_a_sure_teacher(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.soft_targets import heldout_kl
+    from distill.training import tokenize
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    query, answer = "which language is this", "the answer is french"
+    row = {"id": "q1", "messages": [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]}
+    example = tokenize(tokenizer, query, answer)
+    start = example["completion_mask"].index(1)
+    answer_ids = example["input_ids"][start:-1]  # the teacher's answer tokens: the completion without end of turn
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([example["input_ids"]])).logits[0]
+    student_log_q = torch.log_softmax(logits[start - 1 : start - 1 + len(answer_ids)].float(), dim=-1)
+    vocabulary = list(range(student_log_q.shape[-1]))
+
+    def line(top_ids, top_logprobs, token_ids=answer_ids):
+        return {"q1": {"id": "q1", "answer_token_ids": token_ids, "top_ids": top_ids, "top_logprobs": top_logprobs}}
+
+    own = heldout_kl(model, tokenizer, [row], line([vocabulary] * len(answer_ids), student_log_q.tolist()))
+    assert own["mean_kl"] == pytest.approx(0.0, abs=1e-5)
+    assert own["tokens"] == len(answer_ids) and own["rows"] == 1 and own["rows_without_targets"] == 0
+
+    # A teacher sure of token 7 everywhere: KL(one-hot || q) = -log q(7) at each answer position.
+    sure = heldout_kl(model, tokenizer, [row], line([[7]] * len(answer_ids), [[0.0]] * len(answer_ids)))
+    assert sure["mean_kl"] == pytest.approx(-student_log_q[:, 7].mean().item(), rel=1e-5)
+
+    # A sidecar whose answer tokens the student's tokenization does not start with gives no targets.
+    other = heldout_kl(model, tokenizer, [row], line([[7]], [[0.0]], token_ids=[answer_ids[0] + 1]))
+    assert other == {"mean_kl": None, "tokens": 0, "rows": 0, "rows_without_targets": 1}

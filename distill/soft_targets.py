@@ -50,18 +50,31 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def answer_span(tokenizer, token_ids: list[int], answer: str, max_trailing: int = 8) -> tuple[int, int] | None:
-    """(start, end) of the shortest token span, ending within `max_trailing` tokens of the output's end (the end of
-    turn, a closing '**' or '.'), that decodes to `answer` (case and surrounding spaces aside, as the parser reads
-    labels). None when no span does, e.g. when the answer starts inside a token."""
+    """(start, end) of the token span, ending within `max_trailing` tokens of the output's end (the end of turn, a
+    closing '**' or '.'), that decodes to `answer` (case and surrounding spaces aside, as the parser reads labels),
+    without whitespace-only tokens at either edge: the student's target is the stripped answer followed by its end
+    of turn, so a kept stop string such as a trailing newline is not an answer token. None when no span decodes to
+    the answer, e.g. when it starts inside a token."""
     wanted = answer.strip().lower()
     for end in range(len(token_ids), max(len(token_ids) - max_trailing, 0) - 1, -1):
         for start in range(end - 1, -1, -1):
             text = tokenizer.decode(token_ids[start:end]).strip().lower()
             if text == wanted:
-                return start, end
+                return _without_blank_edges(tokenizer, token_ids, start, end)
             if len(text) > len(wanted):
                 break
     return None
+
+
+def _without_blank_edges(tokenizer, token_ids: list[int], start: int, end: int) -> tuple[int, int]:
+    def blank(index: int) -> bool:
+        return not tokenizer.decode(token_ids[index : index + 1]).strip()
+
+    while end - start > 1 and blank(end - 1):
+        end -= 1
+    while end - start > 1 and blank(start):
+        start += 1
+    return start, end
 
 
 def top_k(position: dict, k: int) -> tuple[list[int], list[float]]:

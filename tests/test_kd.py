@@ -302,3 +302,28 @@ def test_heldout_kl_is_zero_on_the_students_own_distribution_and_minus_log_q_for
     # A sidecar whose answer tokens the student's tokenization does not start with gives no targets.
     other = heldout_kl(model, tokenizer, [row], line([[7]], [[0.0]], token_ids=[answer_ids[0] + 1]))
     assert other == {"mean_kl": None, "tokens": 0, "rows": 0, "rows_without_targets": 1}
+
+
+def test_answer_span_leaves_out_a_kept_stop_newline_so_free_form_answers_get_targets(tiny_model):
+    """A generative task's stop string (the French task's "\\n") stays in the generated tokens; the student's target
+    is the stripped answer then its end of turn, so the teacher's answer tokens must end before the newline, or the
+    row silently falls back to CE."""
+    from transformers import AutoTokenizer
+
+    from distill.soft_targets import answer_span, logprob_targets
+    from distill.training import tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    answer = "la langue est le francais."
+    generated = tokenizer(answer + "\n", add_special_tokens=False).input_ids
+    start, end = answer_span(tokenizer, generated, answer)
+    assert tokenizer.decode(generated[start:end]) == answer and end < len(generated)
+    example = tokenize(tokenizer, "which language", answer)
+    completion = example["input_ids"][example["completion_mask"].index(1):]
+    line = {"answer_token_ids": generated[start:end], "top_ids": [[0]] * (end - start),
+            "top_logprobs": [[0.0]] * (end - start)}
+    assert logprob_targets(line, completion) is not None
+    # A label inside a longer answer line keeps its exact tokens (the span is the label's, not the line's).
+    label_line = tokenizer("Final Answer: fr\n", add_special_tokens=False).input_ids
+    start, end = answer_span(tokenizer, label_line, "fr")
+    assert tokenizer.decode(label_line[start:end]).strip() == "fr"

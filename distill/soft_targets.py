@@ -11,9 +11,16 @@ that spell its final answer after any reasoning; `answer_token_ids` is null when
 log-probabilities are vLLM's raw ones (logprobs_mode raw_logprobs: before temperature and penalties), the K most
 likely tokens by rank. With --constrain_labels they come after the label constraint's mask (measured on vLLM 0.32:
 tokens the grammar forbids are -inf), so they describe the constrained teacher; tokens with no probability (-inf)
-are left out, so a position can hold fewer than K. `label_distribution` reads, at the first answer token, the top-K
-log-probability of each label's first token (a label whose first token is not in the top K gets 0), normalised over
-the label set; labels that share a first token each get its probability.
+are left out, so a position can hold fewer than K. `label_distribution` reads the top K at the first answer token:
+each token's probability goes to the labels its text begins (stripped, any case), split evenly when it begins
+several (`e` -> el, en, es), and the result is normalised over the label set. Prefix tokens count because a
+constrained teacher need not spell a label in the tokenizer's own tokens: SmolLM2 under the label grammar wrote
+`fr` as `f`,`r` where the tokenizer has one `fr` token (measured, 58 of 60 rows), and its top K then held `f`, not
+`fr`. A label none of whose prefixes is in the top K gets 0.
+
+Stage 2 uses a label row's `label_distribution` (when it has one) as the target of the answer's first token, on the
+student's own first token of each label, and otherwise the top K of every answer token when the student's
+tokenization of the answer starts with the teacher's answer tokens; a row with neither keeps plain CE (counted).
 
 A row and its sidecar line are one unit: the sidecar line is written (and fsynced) first, so a crash leaves at worst
 a sidecar line without its row; on resume `sync_sidecar` keeps only ids present in both files, so such a query (or
@@ -86,9 +93,12 @@ def top_k(position: dict, k: int) -> tuple[list[int], list[float]]:
 
 
 def label_distribution(tokenizer, labels, top_ids: list[int], top_logprobs: list[float]) -> dict | None:
-    first_token = {label: tokenizer(label, add_special_tokens=False).input_ids[0] for label in labels}
-    mass = dict(zip(top_ids, top_logprobs))
-    probabilities = {label: math.exp(mass[token]) if token in mass else 0.0 for label, token in first_token.items()}
+    probabilities = dict.fromkeys(labels, 0.0)
+    for token, logprob in zip(top_ids, top_logprobs):
+        text = tokenizer.decode([token]).strip().lower()
+        begun = [label for label in labels if text and label.lower().startswith(text)]
+        for label in begun:
+            probabilities[label] += math.exp(logprob) / len(begun)
     total = sum(probabilities.values())
     return {label: round(p / total, 4) for label, p in probabilities.items()} if total else None
 
@@ -158,15 +168,18 @@ def logprob_targets(line: dict | None, completion_ids: list[int]) -> tuple[list,
     return line["top_ids"], line["top_logprobs"]
 
 
-def vote_targets(votes: dict, tokenizer, completion_ids: list[int]) -> tuple[list, list] | None:
+def first_token_targets(weights: dict, tokenizer, completion_ids: list[int]) -> tuple[list, list] | None:
     """One target position, the answer's first token: each label's first token (in the student's tokenizer, so any
-    tokenizer works) weighted by the label's vote share; labels that share a first token add up. None when the
-    completion starts with none of them (e.g. --answer_field names another column)."""
-    total = sum(votes.values())
+    tokenizer works) weighted by the label's share (votes, or the teacher's label distribution); labels that share a
+    first token add up, labels of weight 0 are left out. None when the completion starts with none of them (e.g.
+    --answer_field names another column)."""
+    total = sum(weights.values())
     shares = {}
-    for label, count in votes.items():
+    for label, weight in weights.items():
+        if weight <= 0:
+            continue
         token = tokenizer(label, add_special_tokens=False).input_ids[0]
-        shares[token] = shares.get(token, 0.0) + count / total
+        shares[token] = shares.get(token, 0.0) + weight / total
     if completion_ids[0] not in shares:
         return None
     return [list(shares)], [[math.log(share) for share in shares.values()]]
@@ -220,10 +233,13 @@ def row_targets(targets: TeacherTargets, row: dict, tokenizer, example: dict) ->
     start = example["completion_mask"].index(1)
     completion = example["input_ids"][start:]
     if targets.source == "logprobs":
-        found = logprob_targets(targets.sidecar.get(row["id"]), completion)
+        line = targets.sidecar.get(row["id"])
+        distribution = line and line.get("label_distribution")
+        found = first_token_targets(distribution, tokenizer, completion) if distribution else None
+        found = found or logprob_targets(line, completion)
     else:
         votes = row.get("teacher", {}).get("votes")
-        found = vote_targets(votes, tokenizer, completion) if votes else None
+        found = first_token_targets(votes, tokenizer, completion) if votes else None
     top_ids, top_logprobs = found or ([], [])
     return {"teacher_start": start if found else -1, "teacher_top_ids": top_ids, "teacher_top_logprobs": top_logprobs}
 
@@ -233,9 +249,10 @@ def row_targets(targets: TeacherTargets, row: dict, tokenizer, example: dict) ->
 
 def heldout_kl(model, tokenizer, rows: list[dict], sidecar: dict[str, dict]) -> dict:
     """Mean KL(teacher || student) per answer token over stage-1 rows the student never trained on: the student,
-    without the prompt, reads the query and the teacher's answer (teacher forcing), and at each answer token its
-    distribution is compared with the teacher's top-K from the sidecar (renormalised, as the KD loss does; T = 1).
-    A row counts only where the student's tokenization of the answer starts with the teacher's answer tokens.
+    without the prompt, reads the query and the teacher's answer (teacher forcing), and at each answer token with a
+    target its distribution is compared with the teacher's, as stage 2 builds the targets (row_targets: a label
+    row's label distribution on its first token, else the top K renormalised; T = 1). Rows without targets are
+    counted, not scored.
 
     Returns {"mean_kl", "tokens", "rows", "rows_without_targets"}; mean_kl is None when no row has targets."""
     import torch

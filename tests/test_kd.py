@@ -327,3 +327,46 @@ def test_answer_span_leaves_out_a_kept_stop_newline_so_free_form_answers_get_tar
     label_line = tokenizer("Final Answer: fr\n", add_special_tokens=False).input_ids
     start, end = answer_span(tokenizer, label_line, "fr")
     assert tokenizer.decode(label_line[start:end]).strip() == "fr"
+
+
+class CharTokenizer:
+    """Just enough tokenizer for the label-distribution arithmetic: ids name their text."""
+
+    vocab = ["fr", "f", "e", "en", "ar", "x", "<|im_end|>"]
+
+    def decode(self, ids):
+        return "".join(self.vocab[i] for i in ids)
+
+    def __call__(self, text, add_special_tokens=False):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=[self.vocab.index(text)] if text in self.vocab else [self.vocab.index(text[0])])
+
+
+def test_label_distribution_counts_prefix_tokens_a_constrained_teacher_spells_labels_with():
+    from distill.soft_targets import label_distribution
+
+    tokenizer = CharTokenizer()
+    labels = ["fr", "en", "el", "ar"]
+    # p(fr) = 0.1, p(f) = 0.4 (only fr begins with f), p(e) = 0.2 (en and el: 0.1 each), p(en) = 0.2, p(x) = 0.1
+    top_ids = [1, 2, 3, 0, 5]
+    top_logprobs = [math.log(p) for p in (0.4, 0.2, 0.2, 0.1, 0.1)]
+    distribution = label_distribution(tokenizer, labels, top_ids, top_logprobs)
+    assert distribution == pytest.approx({"fr": 0.5 / 0.9, "en": 0.3 / 0.9, "el": 0.1 / 0.9, "ar": 0.0}, abs=1e-4)
+
+
+def test_a_label_rows_distribution_is_the_first_token_target_even_when_token_paths_differ():
+    from distill.soft_targets import row_targets
+
+    tokenizer = CharTokenizer()
+    # The teacher wrote "fr" as f, r: no token alignment with the student's "fr", but the label distribution holds.
+    line = {"id": "a", "answer_token_ids": [1, 99], "top_ids": [[1, 2]], "top_logprobs": [[-0.1, -2.0]],
+            "label_distribution": {"fr": 0.75, "en": 0.25, "ar": 0.0}}
+    targets = TeacherTargets("logprobs", {"a": line})
+    example = {"input_ids": [5, 5, 0, 6], "completion_mask": [0, 0, 1, 1]}
+    found = row_targets(targets, {"id": "a"}, tokenizer, example)
+    assert found["teacher_start"] == 2 and found["teacher_top_ids"] == [[0, 3]]
+    assert [math.exp(v) for v in found["teacher_top_logprobs"][0]] == pytest.approx([0.75, 0.25])
+    # Without a distribution and without aligned tokens the row keeps plain CE.
+    no_distribution = TeacherTargets("logprobs", {"a": {**line, "label_distribution": None}})
+    assert row_targets(no_distribution, {"id": "a"}, tokenizer, example)["teacher_start"] == -1

@@ -218,3 +218,24 @@ def synthesise(engine, writer: QueryWriter, plan: Plan, index: NearDuplicateInde
             counts[reason] += 1
             on_result(counts)
     return counts
+
+
+# ---- stage 1's check of a label task's synthetic queries ---------------------------------------------------------
+
+
+def label_target_agreement(rows: list[dict]) -> dict | None:
+    """For stage-1 rows of queries written for a label (their `label_target` column): per target label, how many
+    the teacher then gave that label, and the share in all. None when no row has a target. A query the teacher
+    labels otherwise is kept (the teacher's label is the training target); the share says how well the writer hit
+    its targets, and so how far the per-label quotas hold."""
+    targeted = [row for row in rows if row.get("label_target") is not None]
+    if not targeted:
+        return None
+    by_label = {}
+    for row in targeted:
+        entry = by_label.setdefault(row["label_target"], {"queries": 0, "labelled_as_target": 0})
+        entry["queries"] += 1
+        entry["labelled_as_target"] += row["teacher"]["label"] == row["label_target"]
+    hits = sum(entry["labelled_as_target"] for entry in by_label.values())
+    return {"queries": len(targeted), "labelled_as_target": hits, "share": round(hits / len(targeted), 4),
+            "by_label": dict(sorted(by_label.items()))}

@@ -257,3 +257,14 @@ def test_cli_writes_queries_with_provenance_then_resumes_to_a_larger_n(tmp_path,
     # the same command again has nothing to do and starts no engine
     result = run_cli(*command, "--num_queries", "8")
     assert "0 to go" in result.stdout and read_jsonl(out) == kept
+
+
+def test_stage1_counts_how_many_synthetic_queries_got_the_label_they_were_written_for():
+    from distill.synthesis import label_target_agreement
+
+    rows = [{"label_target": "fr", "teacher": {"label": "fr"}}, {"label_target": "fr", "teacher": {"label": "es"}},
+            {"label_target": "de", "teacher": {"label": "de"}}, {"teacher": {"label": "en"}}]
+    assert label_target_agreement(rows) == {
+        "queries": 3, "labelled_as_target": 2, "share": 0.6667,
+        "by_label": {"de": {"queries": 1, "labelled_as_target": 1}, "fr": {"queries": 2, "labelled_as_target": 1}}}
+    assert label_target_agreement([{"teacher": {"label": "en"}}]) is None

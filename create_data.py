@@ -9,6 +9,9 @@
     # a generative task (the prompt file declares a `check`, no labels): the target is the whole final answer
     python create_data.py --prompt_file prompts/answer_in_french.md --input_file example-data/general_questions.jsonl
 
+    # vLLM replicas as a Ray Data pipeline, on this node or the Ray cluster at RAY_ADDRESS (distill/ray_stage.py)
+    python create_data.py --engine ray --num_replicas 4 --tensor_parallel_size 2 --model_name ...
+
 Writes, beside --output_file:
   <output>.jsonl          one row per answered query: {"id", "messages": [user query, assistant label],
                           the input's other columns, "teacher": {label, votes, finish reasons, ...}}; for a
@@ -36,18 +39,18 @@ interchangeable.
 
 import argparse
 import json
-import os
 import signal
 import sys
 from pathlib import Path
 
-from distill import engine, shards
+from distill import engine, ray_stage, shards
 from distill.prompts import DEFAULT_PROMPT, load_prompt
 from distill.records import (InputError, RunRecord, append_jsonl, output_paths, read_jsonl, read_queries,
                              repair_torn_tail)
 from distill.soft_targets import (SIDECAR_SUFFIX, read_sidecar, sidecar_line, sidecar_path, sync_sidecar,
                                   tokenizer_hash)
 from distill.splits import select
+from distill.synthesis import label_target_agreement
 from distill.teacher import (SAMPLING_FLAGS, StopRequest, StreamStats, Teacher, VllmEngine, add_sampling_args,
                              effective_sampling, model_sampling_defaults, sampling_params, stream)
 
@@ -91,6 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="keep the teacher's top-K log-probabilities of every answer token in "
                              "<output>.logprobs.jsonl, for stage 2's --distill_loss kd")
     parser.add_argument("--overwrite", action="store_true", help="delete the previous output and start over")
+    parser.add_argument("--engine", choices=["vllm", "ray"], default="vllm",
+                        help="vllm: one engine in this process; ray: a Ray Data pipeline over --num_replicas vLLM "
+                             "replicas on this node or a Ray cluster (RAY_ADDRESS; see distill/ray_stage.py)")
+    ray_stage.add_args(parser)
     parser.add_argument("--merge-shards", metavar="GLOB",
                         help="no generation: merge shard outputs (and their rejects) into --output_file, checking "
                              "that every selected id appears exactly once (create_data_h100x8.sh does this)")
@@ -105,6 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--shard_index must be in [0, {args.num_shards})")
     if min(args.num_samples, args.max_in_flight or 1, args.save_logprobs or 1) < 1 or args.max_retries < 0:
         parser.error("--num_samples, --max_in_flight and --save_logprobs must be >= 1 and --max_retries >= 0")
+    if args.engine == "ray":
+        ray_stage.check_args(args, parser)
     return args
 
 
@@ -189,24 +198,33 @@ def main(argv=None):
     print(f"create_data: {len(rows)} queries ({queries.empty} empty and {queries.duplicates} duplicate lines skipped), "
           f"{len(rows) - len(todo)} done by an earlier run, {len(todo)} to go")
 
-    from transformers import AutoConfig, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    max_len = args.max_model_len or AutoConfig.from_pretrained(args.model).max_position_embeddings
-    teacher = Teacher(tokenizer, prompt, max_len, args.constrain_labels)
+    teacher = build_teacher(args, prompt)
     if args.constrain_labels and teacher.expects_reasoning and not args.reasoning_parser:
         sys.exit("error: --constrain_labels on a thinking model needs --reasoning-parser (e.g. qwen3), "
                  "else the label constraint would cut the reasoning")
-    teacher_tokenizer = {"teacher_tokenizer_sha256": tokenizer_hash(tokenizer), "logprobs_top_k": args.save_logprobs}
+    if args.engine == "ray" and todo:
+        try:  # an unreachable cluster or one too small fails here, in seconds, before the run record says running
+            ray_stage.connect(args)
+        except ray_stage.ClusterError as error:
+            sys.exit(f"error: {error}")
+    teacher_tokenizer = {"teacher_tokenizer_sha256": tokenizer_hash(teacher.tokenizer),
+                         "logprobs_top_k": args.save_logprobs}
     record.finish(record_path, status="running", settings=settings, model_sampling_defaults=model_defaults,
                   **teacher_tokenizer)
 
     stats, stopped = label(args, teacher, todo, len(rows), settings, model_defaults, out, rejects_path)
     status = f"interrupted ({signal.Signals(stopped).name})" if stopped else "finished"
-    totals = {"written": len(read_jsonl(out)), "rejected": len(read_jsonl(rejects_path))}
+    written, rejected = read_jsonl(out), read_jsonl(rejects_path)
+    totals = {"written": len(written), "rejected": len(rejected)}
+    # The merge's check on the finished files: every selected id exactly once (rows of ids that an earlier run with
+    # a wider selection finished do not count against it).
+    selected_ids = {row["id"] for row in rows}
+    coverage = [] if stopped else shards.coverage_errors(
+        rows, [row for row in written + rejected if row["id"] in selected_ids])
     result = record.finish(
         record_path,
-        status="interrupted" if stopped else "finished",
+        status="interrupted" if stopped else ("finished" if not coverage else "failed"),
+        coverage_errors=coverage,
         settings=settings,
         model_sampling_defaults=model_defaults,
         model=args.model,
@@ -225,6 +243,8 @@ def main(argv=None):
             "reject_reasons_this_run": stats["reject_reasons"],
             "written_total": totals["written"],
             "rejected_total": totals["rejected"],
+            # queries create_queries.py wrote for a label: how many the teacher gave that label
+            "label_targets": label_target_agreement(written),
         },
         stream=stats,
         generation_seconds=stats["seconds"],
@@ -236,8 +256,76 @@ def main(argv=None):
           f"{queries.duplicates} duplicates skipped; {stats['seconds']:.1f} s, {result['queries_per_second']} "
           f"queries/s, {stats['generated_tokens_per_second']} generated tokens/s, prefix-cache hit rate "
           f"{stats['prefix_cache_hit_rate']} -> {out}, {rejects_path.name}, {record_path.name}")
+    if result["counts"]["label_targets"]:
+        targets = result["counts"]["label_targets"]
+        print(f"create_data: {targets['labelled_as_target']} of {targets['queries']} queries written for a label got it "
+              f"from the teacher ({100 * targets['share']:.1f}%; per label in the run record)")
     if stopped:
         sys.exit(128 + stopped)
+    if coverage:
+        sys.exit(f"error: {out} and {rejects_path.name} do not hold every selected id exactly once: "
+                 + "; ".join(coverage))
+
+
+def build_teacher(args, prompt) -> Teacher:
+    """The teacher's rendering and parsing for --model_name (the driver and every Ray replica build the same)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    max_len = args.max_model_len or AutoConfig.from_pretrained(args.model).max_position_embeddings
+    return Teacher(tokenizer, prompt, max_len, args.constrain_labels)
+
+
+def engine_params(llm, args, teacher, model_defaults: dict, settings: dict):
+    """The SamplingParams of a started engine; raises RuntimeError if vLLM's defaults are not the ones the resume
+    check recorded (they were read from the model's generation_config without an engine)."""
+    params = teacher_params(llm.get_default_sampling_params(), args, model_defaults, teacher.constraint(),
+                            teacher.prompt.stop_sampling())
+    if effective_sampling(params) != {key: settings[key] for key in effective_sampling(params)}:
+        raise RuntimeError(f"vLLM's sampling defaults {effective_sampling(params)} differ from the ones read from "
+                           f"the model's generation_config ({settings}); the resume check would be wrong")
+    return params
+
+
+def answer_records(answer, args, teacher) -> dict:
+    """What one final Answer adds to the files: {"row": ...} or {"reject": ...}, and with --save_logprobs the
+    row's {"sidecar": ...} line."""
+    if answer.label is None:
+        return {"reject": rejected_row(answer)}
+    records = {"row": labelled_row(answer, args.save_raw)}
+    if args.save_logprobs:
+        labels = None if teacher.prompt.is_generative else teacher.prompt.labels
+        records["sidecar"] = sidecar_line(answer, teacher.tokenizer, args.save_logprobs, labels)
+    return records
+
+
+class OutputFiles:
+    """The output, rejects and sidecar files of a run, open for appending. `write` takes answer_records dicts and
+    appends them with one fsync per file: sidecar lines first, so a crash leaves at worst a sidecar line without
+    its row (resume_state drops it), never a row without its sidecar line."""
+
+    def __init__(self, out: Path, rejects_path: Path, save_logprobs: bool):
+        self.paths = {"sidecar": sidecar_path(out) if save_logprobs else None, "row": out, "reject": rejects_path}
+
+    def __enter__(self):
+        self.handles = {kind: open(path, "a", encoding="utf-8") for kind, path in self.paths.items() if path}
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles.values():
+            handle.close()
+
+    def write(self, records: list[dict]) -> None:
+        for kind, handle in self.handles.items():  # in the order of self.paths: sidecar, row, reject
+            append_jsonl(handle, [record[kind] for record in records if kind in record])
+
+
+def show_progress(progress, stats: StreamStats, finished: int) -> None:
+    progress.update(finished)
+    figures = stats.summary()
+    progress.set_postfix(written=stats.labelled, rejected=stats.rejected, refresh=False,
+                         **{"q/s": figures["queries_per_second"], "tok/s": figures["generated_tokens_per_second"],
+                            "cache_hit": figures["prefix_cache_hit_rate"]})
 
 
 def label(args, teacher, todo, selected, settings, model_defaults, out, rejects_path) -> tuple[dict, int | None]:
@@ -245,38 +333,25 @@ def label(args, teacher, todo, selected, settings, model_defaults, out, rejects_
     the run or None)."""
     if not todo:
         return StreamStats().summary(), None
+    if args.engine == "ray":
+        return ray_stage.label(args, teacher, todo, selected, settings, model_defaults, out, rejects_path)
     llm = engine.build_llm(args)
-    params = teacher_params(llm.get_default_sampling_params(), args, model_defaults, teacher.constraint(),
-                            teacher.prompt.stop_sampling())
-    if effective_sampling(params) != {key: settings[key] for key in effective_sampling(params)}:
-        sys.exit(f"error: vLLM's sampling defaults {effective_sampling(params)} differ from the ones read from the "
-                 f"model's generation_config ({settings}); the resume check would be wrong")
+    try:
+        params = engine_params(llm, args, teacher, model_defaults, settings)
+    except RuntimeError as error:
+        sys.exit(f"error: {error}")
     vllm_engine = VllmEngine(llm)
     stop = StopRequest("create_data")
     stats = StreamStats()  # from here: engine start-up is not generation time
     from tqdm import tqdm
 
-    labels = None if teacher.prompt.is_generative else teacher.prompt.labels
-    # Without --save_logprobs the sidecar handle is /dev/null, only so that one `with` opens every file.
-    sidecar = sidecar_path(out) if args.save_logprobs else os.devnull
-    with open(out, "a", encoding="utf-8") as out_file, open(rejects_path, "a", encoding="utf-8") as rejects_file, \
-            open(sidecar, "a", encoding="utf-8") as sidecar_file, \
+    with OutputFiles(out, rejects_path, bool(args.save_logprobs)) as files, \
             tqdm(total=selected, initial=selected - len(todo), desc="teacher", unit="query") as progress:
         for answer in stream(vllm_engine, teacher, todo, params, num_samples=args.num_samples,
                              max_retries=args.max_retries, max_in_flight=args.max_in_flight or vllm_engine.max_num_seqs,
                              stop=stop.requested, stats=stats):
-            if answer.label is None:
-                append_jsonl(rejects_file, [rejected_row(answer)])
-            else:
-                if args.save_logprobs:  # first, so a crash leaves at worst a sidecar line without its row
-                    append_jsonl(sidecar_file, [sidecar_line(answer, teacher.tokenizer, args.save_logprobs, labels)])
-                append_jsonl(out_file, [labelled_row(answer, args.save_raw)])
-            progress.update(1)
-            figures = stats.summary()
-            progress.set_postfix(written=stats.labelled, rejected=stats.rejected, refresh=False,
-                                 **{"q/s": figures["queries_per_second"],
-                                    "tok/s": figures["generated_tokens_per_second"],
-                                    "cache_hit": figures["prefix_cache_hit_rate"]})
+            files.write([answer_records(answer, args, teacher)])
+            show_progress(progress, stats, 1)
     return stats.summary(), stop.signal
 
 

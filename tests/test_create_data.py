@@ -215,7 +215,13 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def input50(work) -> Path:
-    return example_subset(work / "in50.jsonl", 50)
+    """50 example rows; every other one carries a `label_target` (its gold label), as create_queries.py writes for
+    a label task, so the run record's label_targets count has something to count."""
+    path = example_subset(work / "in50.jsonl", 50)
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    rows = [{**row, "label_target": row["label"]} if number % 2 == 0 else row for number, row in enumerate(rows)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +260,12 @@ def test_real_run_counts(single_run, input50):
     assert sum(counts["reject_reasons_this_run"].values()) == len(rejected)
     assert record["settings"]["constrain_labels"] is True and record["expects_reasoning"] is False
     assert f"50 selected -> {len(written)} written, {len(rejected)} rejected" in result.stdout
+    targeted = [row for row in written if "label_target" in row]
+    hits = [row for row in targeted if row["teacher"]["label"] == row["label_target"]]
+    assert 0 < len(targeted) < len(written)
+    assert counts["label_targets"]["queries"] == len(targeted)
+    assert counts["label_targets"]["labelled_as_target"] == len(hits)
+    assert f"{len(hits)} of {len(targeted)} queries written for a label got it" in result.stdout
 
 
 @pytest.mark.slow

@@ -30,5 +30,5 @@ def test_gpu_and_cpu_requirements_pin_the_same_packages():
 
 
 def test_requirements_include_what_the_tests_need():
-    for package in ("torch", "transformers", "trl", "peft", "pytest", "pyyaml"):
+    for package in ("torch", "transformers", "trl", "peft", "pytest", "pyyaml", "ray"):
         assert package in pins("requirements.txt")

@@ -11,8 +11,8 @@
 # model without the prompt, the teacher with it and the student without it are scored on how many answers are in
 # French (lingua) and how close they are to the teacher's (chrF).
 # Part 2, the GPU recipe's worked example (language ID, 13 labels under a 2,300-token rule book): the teacher labels
-# TRAIN_ROWS train-split rows; two students learn them, one from the teacher's labels, one from the gold labels;
-# everything is scored on the held-out split. The 135M teacher cannot follow that rule book: this part proves the
+# TRAIN_ROWS train-split rows; a student learns them (and with GOLD_STUDENT=1 a second one the gold labels of the same
+# rows); everything is scored on the held-out split. The 135M teacher cannot follow that rule book: this part proves the
 # plumbing and that the student copies its teacher, not the task's quality (that is the GPU teacher's job).
 #
 # The console shows each step's banner, its progress bar and the final tables; everything the step prints (library
@@ -21,8 +21,9 @@
 #
 # Env (all optional): PARTS ("french language_id"), FRENCH_TRAIN_ROWS (120 of the 330 train-split questions),
 # FRENCH_EPOCHS (2), FRENCH_MAX_TOKENS (40: answer length cap, teacher and evaluations), TRAIN_ROWS (120, language
-# ID), EPOCHS (1, language ID), TEACHER_EVAL_ROWS (120 of the 233 held-out rows; the language-ID teacher's
-# evaluation is the slowest one), LATENCY_REQUESTS (8: requests timed one at a time per evaluation),
+# ID), EPOCHS (1, language ID), GOLD_STUDENT (0; 1 adds the gold-label student, ~3 min), TEACHER_EVAL_ROWS (120 of
+# the 233 held-out rows; the language-ID teacher's evaluation is the slowest one), LATENCY_REQUESTS (4: requests
+# timed one at a time per evaluation),
 # DEMO_DIR (data/demo), PYTHON (.venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +35,8 @@ FRENCH_MAX_TOKENS=${FRENCH_MAX_TOKENS:-40}
 TRAIN_ROWS=${TRAIN_ROWS:-120}
 EPOCHS=${EPOCHS:-1}
 TEACHER_EVAL_ROWS=${TEACHER_EVAL_ROWS:-120}
-LATENCY_REQUESTS=${LATENCY_REQUESTS:-8}
+GOLD_STUDENT=${GOLD_STUDENT:-0}
+LATENCY_REQUESTS=${LATENCY_REQUESTS:-4}
 DEMO_DIR=${DEMO_DIR:-data/demo}
 PYTHON=${PYTHON:-.venv/bin/python}
 
@@ -53,7 +55,7 @@ total_steps=0
 for part in $PARTS; do
   case $part in
     french) total_steps=$(( total_steps + 5 )) ;;
-    language_id) total_steps=$(( total_steps + 6 )) ;;
+    language_id) total_steps=$(( total_steps + (GOLD_STUDENT == 1 ? 6 : 4) )) ;;
     *) echo "error: PARTS holds '$part'; the parts are french and language_id" >&2; exit 2 ;;
   esac
 done
@@ -153,17 +155,21 @@ language_id_part() {
       --overwrite "${engine[@]}"
   run_step language-id-train-distilled "student learns the teacher's labels without the prompt (LoRA, $EPOCHS epoch)" \
     train "$LANGUAGE_ID_DIR/teacher.jsonl" models/demo-distilled "$EPOCHS"
-  run_step language-id-train-gold "the same student on the gold labels of the same rows (what a perfect teacher gives)" \
-    train "$LANGUAGE_ID_DIR/teacher.jsonl" models/demo-gold "$EPOCHS" --answer_field label
+  if [ "$GOLD_STUDENT" = 1 ]; then
+    run_step language-id-train-gold "the same student on the gold labels of the same rows (what a perfect teacher gives)" \
+      train "$LANGUAGE_ID_DIR/teacher.jsonl" models/demo-gold "$EPOCHS" --answer_field label
+  fi
   run_step language-id-eval-teacher "evaluate the teacher with the prompt on the held-out rows" \
     "$PYTHON" evaluate.py --model_path "$MODEL" --with_prompt --constrain_labels --max_tokens 8 "${teacher_rows[@]}" \
       "${test[@]}" --output_file "$LANGUAGE_ID_DIR/eval_teacher.json" "${engine[@]}"
   run_step language-id-eval-distilled "evaluate the distilled student without the prompt on the held-out rows" \
     "$PYTHON" evaluate.py --model_path models/demo-distilled --teacher_file "$LANGUAGE_ID_DIR/eval_teacher.json" \
       "${test[@]}" --output_file "$LANGUAGE_ID_DIR/eval_distilled.json" "${engine[@]}"
-  run_step language-id-eval-gold "evaluate the gold-label student without the prompt on the held-out rows" \
-    "$PYTHON" evaluate.py --model_path models/demo-gold --teacher_file "$LANGUAGE_ID_DIR/eval_teacher.json" \
-      "${test[@]}" --output_file "$LANGUAGE_ID_DIR/eval_gold.json" "${engine[@]}"
+  if [ "$GOLD_STUDENT" = 1 ]; then
+    run_step language-id-eval-gold "evaluate the gold-label student without the prompt on the held-out rows" \
+      "$PYTHON" evaluate.py --model_path models/demo-gold --teacher_file "$LANGUAGE_ID_DIR/eval_teacher.json" \
+        "${test[@]}" --output_file "$LANGUAGE_ID_DIR/eval_gold.json" "${engine[@]}"
+  fi
 }
 
 for part in $PARTS; do "${part}_part"; done
@@ -176,10 +182,12 @@ for part in $PARTS; do
       --student "$FRENCH_DIR/eval_distilled.json"
   else
     echo "== Language ID: held-out rows, none seen in training"
+    gold=()
+    if [ "$GOLD_STUDENT" = 1 ]; then gold=(--gold_student "$LANGUAGE_ID_DIR/eval_gold.json"); fi
     "$PYTHON" -m distill.summary --teacher "$LANGUAGE_ID_DIR/eval_teacher.json" \
-      --student "$LANGUAGE_ID_DIR/eval_distilled.json" --gold_student "$LANGUAGE_ID_DIR/eval_gold.json"
-    echo "The 135M teacher cannot follow a 2,300-token rule book, so the distilled student copies poor labels; the"
-    echo "gold-label row is what the same student learns from good ones, which the GPU recipe's teacher provides."
+      --student "$LANGUAGE_ID_DIR/eval_distilled.json" "${gold[@]}"
+    echo "The 135M teacher cannot follow a 2,300-token rule book, so the distilled student copies poor labels; good"
+    echo "labels are the GPU recipe's teacher's job (GOLD_STUDENT=1 adds a student trained on the gold labels)."
   fi
 done
 cat <<TXT

@@ -98,6 +98,7 @@ def test_label_table_has_one_row_per_system_with_each_number_and_what_it_shows()
     assert "80.0%" in rows["student on gold labels"]
     assert rows["student on gold labels"].endswith("the student can learn the task")
     assert "95.0%" in rows["lingua (classical baseline)"]
+    assert "student on gold labels" not in rows_of(label_table(teacher, student))  # the demo's default
     assert "25.0%" in rows["majority class"]
     assert "n=233 rows no student trained on;" in flat(text)
     assert "40x fewer input tokens" in flat(text) and "18.0x faster" in flat(text)

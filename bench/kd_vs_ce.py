@@ -30,7 +30,7 @@ from bench.pipeline import (FRENCH_EPOCHS, FRENCH_PROMPT, FRENCH_TEACHER, GENERA
                             run, train)
 from distill import checks  # noqa: E402
 from distill.prompts import load_prompt  # noqa: E402
-from distill.records import read_jsonl  # noqa: E402
+from distill.records import output_paths, read_jsonl  # noqa: E402
 from distill.soft_targets import heldout_kl, read_sidecar, sidecar_path  # noqa: E402
 
 TOP_K = 20
@@ -102,7 +102,7 @@ def kl(model_dir: Path | None, heldout_teacher: Path) -> dict:
 def teacher_row(task: str, heldout_teacher: Path) -> dict:
     """What the teacher itself scores on the held-out answers it kept (rejected ones have no answer)."""
     rows = read_jsonl(heldout_teacher)
-    rejected = len(read_jsonl(heldout_teacher.with_name(heldout_teacher.stem + ".rejects.jsonl")))
+    rejected = len(read_jsonl(output_paths(str(heldout_teacher))[1]))
     answers = [next(m["content"] for m in row["messages"] if m["role"] == "assistant") for row in rows]
     prompt = load_prompt(REPO / TASKS[task]["prompt"])
     if prompt.is_generative:

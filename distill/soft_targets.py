@@ -34,11 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distill.records import InputError, append_jsonl, read_jsonl, repair_torn_tail
+from distill.training import NO_MASS, kl_from_top_k, query_and_answer, tokenize
 
 SIDECAR_SUFFIX = ".logprobs.jsonl"
-# Log-probability of a padding slot in a target row: exp() of it is exactly 0 in float32, and unlike -inf it keeps
-# p * log p finite (0 * -inf is NaN).
-NO_MASS = -1e4
 
 
 def sidecar_path(output: str | Path) -> Path:
@@ -256,8 +254,6 @@ def heldout_kl(model, tokenizer, rows: list[dict], sidecar: dict[str, dict]) -> 
 
     Returns {"mean_kl", "tokens", "rows", "rows_without_targets"}; mean_kl is None when no row has targets."""
     import torch
-
-    from distill.training import kl_from_top_k, query_and_answer, tokenize
 
     targets = TeacherTargets("logprobs", sidecar)
     per_token, without = [], 0

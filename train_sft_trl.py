@@ -39,6 +39,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from distill.checkpoint import save_adapter
+from distill.defaults import HELDOUT_FRACTION, SPLIT_SEED, wandb_enabled
 from distill.engine import on_gpu
 from distill.records import TRAIN_RUN_RECORD as RUN_RECORD
 from distill.records import InputError, RunRecord, read_jsonl
@@ -54,8 +55,10 @@ class DistillArguments:
     dataset_split: str = field(default="train", metadata={"help": "split to load from a hub dataset"})
     answer_field: str | None = field(default=None, metadata={
         "help": "train on this column instead of the assistant turn, e.g. `label` for the gold labels"})
-    heldout_fraction: float = field(default=0.2, metadata={"help": "share of groups kept out for evaluation"})
-    split_seed: int = field(default=0, metadata={"help": "seed of the group split (evaluate.py must use the same)"})
+    heldout_fraction: float = field(default=HELDOUT_FRACTION,
+                                    metadata={"help": "share of groups kept out for evaluation"})
+    split_seed: int = field(default=SPLIT_SEED,
+                            metadata={"help": "seed of the group split (evaluate.py must use the same)"})
     max_train_rows: int | None = field(default=None, metadata={"help": "use only the first N training rows"})
     overwrite: bool = field(default=False, metadata={"help": "replace a finished run in --output_dir"})
     global_batch_size: int | None = field(default=None, metadata={
@@ -92,7 +95,7 @@ def parse_args(argv=None):
         # Explicit dtype: bf16 on GPU; fp32 on CPU, where bf16 fails in SFTConfig and runs ~10x slower.
         dtype="bfloat16" if gpu else "float32", bf16=gpu,
         completion_only_loss=True,  # our rows are pre-tokenized with a completion mask: keep it in force
-        report_to="wandb" if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") else "none",
+        report_to="wandb" if wandb_enabled() else "none",
         logging_steps=1, save_strategy="no",
         output_dir="",  # TrainingArguments turns None into ./trainer_output; "" lets us default to models/<run name>
     )

@@ -178,7 +178,7 @@ def test_teacher_answers_from_a_generative_results_json(tmp_path):
     path = tmp_path / "teacher.json"
     path.write_text(json.dumps(results))
     # b's teacher output broke the contract: no reference to compare with
-    assert evaluate.load_teacher_labels(str(path)) == ({"a": "Oui."}, {"input_tokens_per_request": 900.0})
+    assert evaluate.load_teacher_answers(str(path)) == ({"a": "Oui."}, {"input_tokens_per_request": 900.0})
 
 
 # ---- flags checked before any model loads -----------------------------------------------------------------------
@@ -340,12 +340,12 @@ def test_generative_stages_one_two_three(tiny_model, generative_prompt, tmp_path
 
 def test_evaluation_scores_a_cut_teacher_answer_as_written(generative_prompt):
     """Stage 1 refuses a cut answer as a target; evaluation judges it as written, as it judges the student's."""
-    import evaluate
+    from distill import serving
 
     engine = CuttingEngine(lambda query, attempt: f"<think>hm</think> Réponse {query}",
                            cut=lambda query, attempt: query == 0)
     engine.max_num_seqs = 4
-    answer = evaluate.teacher_answers(engine, generative_teacher(generative_prompt), SamplingParams(max_tokens=8))
+    answer = serving.teacher_answers(engine, generative_teacher(generative_prompt), SamplingParams(max_tokens=8))
     raw, answers, _, reasons = answer(ROWS[:2])
     assert raw == ["<think>hm</think> Réponse 0", "<think>hm</think> Réponse 1"]
     assert answers == ["Réponse 0", "Réponse 1"], "the cut answer (r0) is scored on its text, not as empty"

@@ -22,10 +22,12 @@ def train_args(model, data, output_dir, *extra):
 
 
 def build(model, data, output_dir, *extra):
+    """The trainer and the run record's counts, built in this process as train_sft_trl.main builds them."""
     import train_sft_trl
 
-    return train_sft_trl.build_trainer(*train_sft_trl.parse_args(train_args(model, data, output_dir, "--max_steps", 2,
-                                                                            *extra)))
+    args = train_sft_trl.parse_args(train_args(model, data, output_dir, "--max_steps", 2, *extra))
+    prepared = train_sft_trl.prepare(*args)
+    return train_sft_trl.build_trainer(*args, prepared), prepared.counts
 
 
 def sha256(path):
@@ -452,7 +454,12 @@ def test_fast_recipe_settings_give_the_same_losses_as_the_old_ones(tiny_model, g
         run_cli("train_sft_trl.py", *train_args(tiny_model, gold_teacher_file, out, "--max_steps", 3,
                                                 "--global_batch_size", 16, "--logging_steps", 1, *extra))
         record = json.loads((out / "distill_run.json").read_text())
-        return [entry["loss"] for entry in record["log_history"] if "loss" in entry], record["counts"]["batch"]
+        batch, training = record["counts"]["batch"], record["args"]["training"]
+        # the run record holds the arguments that trained, the micro-batch sized from the data included
+        assert (training["per_device_train_batch_size"], training["gradient_accumulation_steps"]) == (
+            batch["micro_batch"], batch["gradient_accumulation_steps"])
+        assert training["model_init_kwargs"]["dtype"] == "float32"
+        return [entry["loss"] for entry in record["log_history"] if "loss" in entry], batch
 
     old, old_batch = losses("old", "--per_device_train_batch_size", 8, "--gradient_checkpointing", "true",
                             "--padding_free", "false", "--max_length", 2048)

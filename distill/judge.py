@@ -35,7 +35,7 @@ def judge_answers(llm, tokenizer, task: TaskPrompt, questions: list[str], answer
     judge = Teacher(tokenizer, judge_prompt(task), llm.model_config.max_model_len, constrain_labels=True)
     rows = [{"id": str(i), "text": judge_query(q, a)} for i, (q, a) in enumerate(zip(questions, answers))]
     vllm_engine = VllmEngine(llm)
-    verdicts = {a.row["id"]: a.label for a in stream(vllm_engine, judge, rows, params,
+    verdicts = {a.row["id"]: a.answer for a in stream(vllm_engine, judge, rows, params,
                                                       max_in_flight=vllm_engine.max_num_seqs)}
     return [None if verdicts[row["id"]] is None else verdicts[row["id"]] == "yes" for row in rows]
 

@@ -226,15 +226,16 @@ def generate(llm, tokenizer, rows, prompt_ids, prompt, args, lora_request) -> Ge
 
 
 def teacher_answers(vllm_engine, teacher, params):
+    """The teacher given the prompt answers through stage 1's stream, one sample per query, no redraws."""
     from distill.answers import split_reasoning
     from distill.teacher import stream
 
     def answer(rows):
-        """Answers stream back in any order; each is put back in its row's place by id."""
-        answers = stream(vllm_engine, teacher, rows, params, max_in_flight=vllm_engine.max_num_seqs)
-        by_id = {a.row["id"]: a for a in answers}
-        answers = [by_id[row["id"]] for row in rows]
-        first = [(a.samples + a.failures)[0] if a.samples + a.failures else None for a in answers]
+        """Outcomes stream back in any order; each is put back in its row's place by id."""
+        by_id = {o.row["id"]: o for o in stream(vllm_engine, teacher, rows, params,
+                                                 max_in_flight=vllm_engine.max_num_seqs)}
+        outcomes = [by_id[row["id"]] for row in rows]
+        first = [(o.samples + o.failures)[0] if o.samples + o.failures else None for o in outcomes]
         raw = [sample.text if sample else "" for sample in first]
         # The contract alone (no query: echo, loop and topic are judged with the student's answers, in one place).
         reasons = [teacher.parse(sample.text, sample.finish_reason).reason if sample else "empty_answer"
@@ -242,10 +243,10 @@ def teacher_answers(vllm_engine, teacher, params):
         if teacher.prompt.is_generative:
             # Scored as written within --max_tokens, cut or not, exactly as the student's answers are: stage 1
             # refuses a cut answer as a training target, but a score must measure teacher and student alike.
-            labels = [(split_reasoning(text, teacher.expects_reasoning)[0] or "").strip() for text in raw]
+            answers = [(split_reasoning(text, teacher.expects_reasoning)[0] or "").strip() for text in raw]
         else:
-            labels = [a.label for a in answers]
-        return raw, labels, [sample.output_tokens if sample else 0 for sample in first], reasons
+            answers = [o.answer for o in outcomes]
+        return raw, answers, [sample.output_tokens if sample else 0 for sample in first], reasons
 
     return answer
 

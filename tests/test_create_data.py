@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-import create_data
-from distill import shards
+from distill import shards, stage1
 from distill.prompts import load_prompt
-from distill.records import RunRecord, text_id
+from distill.records import InputError, RunRecord, output_paths, text_id
+from distill.run_files import RunFiles
 from tests.conftest import CLI_ENV, EXAMPLE_DATA, REPO, run_cli
 
 MAX_LEN = ["--max-model-len", "4096"]
@@ -58,7 +58,7 @@ def complete_rows(path: Path) -> list[dict]:
 
 
 def paths(output: Path) -> tuple[Path, Path, Path]:
-    return create_data.output_paths(str(output))
+    return output_paths(str(output))
 
 
 def ids_once(output: Path) -> Counter:
@@ -74,7 +74,7 @@ def run_record(output: Path) -> dict:
 
 
 def test_output_paths():
-    out, rejects, record = create_data.output_paths("data/run/teacher.jsonl")
+    out, rejects, record = output_paths("data/run/teacher.jsonl")
     assert (str(out), str(rejects), str(record)) == ("data/run/teacher.jsonl", "data/run/teacher.rejects.jsonl",
                                                      "data/run/teacher.run.json")
 
@@ -85,19 +85,28 @@ def _settings(**changes):
             "frequency_penalty": 0.0, "max_tokens": 8192, "save_logprobs": None, **changes}
 
 
+def run_files(output: Path, sidecar: bool = False) -> RunFiles:
+    return RunFiles(str(output), RunRecord("create_data", {}), stage1.RESUME_KEYS, sidecar)
+
+
+def resumed_ids(files: RunFiles, settings: dict, overwrite: bool = False) -> set[str]:
+    return {row["id"] for part in files.resume(settings, overwrite) for row in part}
+
+
 def test_resume_state_unit(tmp_path):
+    files = run_files(tmp_path / "t.jsonl")
     out, rejects, record = paths(tmp_path / "t.jsonl")
-    assert create_data.resume_state(out, rejects, record, _settings(), overwrite=False) == set()
+    assert resumed_ids(files, _settings()) == set()
     out.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "mess', encoding="utf-8")
     rejects.write_text('{"id": "d", "reason": "too_long"}\n', encoding="utf-8")
     RunRecord("create_data", {}).finish(record, status="running", settings=_settings())
-    assert create_data.resume_state(out, rejects, record, _settings(), overwrite=False) == {"a", "b", "d"}
+    assert resumed_ids(files, _settings()) == {"a", "b", "d"}
     assert out.read_text() == '{"id": "a"}\n{"id": "b"}\n'  # the torn line is cut
     for change in ({"temperature": 0.7}, {"top_k": 40}, {"model": "other"}, {"prompt_sha256": "def"},
                    {"constrain_labels": False}):
-        with pytest.raises(create_data.InputError, match=f"{next(iter(change))}.*--overwrite"):
-            create_data.resume_state(out, rejects, record, _settings(**change), overwrite=False)
-    assert create_data.resume_state(out, rejects, record, _settings(temperature=0.7), overwrite=True) == set()
+        with pytest.raises(InputError, match=f"{next(iter(change))}.*--overwrite"):
+            resumed_ids(files, _settings(**change))
+    assert resumed_ids(files, _settings(temperature=0.7), overwrite=True) == set()
     assert not out.exists() and not rejects.exists() and not record.exists()
 
 
@@ -113,9 +122,9 @@ def _shard_files(tmp_path, rows, count, settings=None):
 
 
 def _merge(tmp_path, pattern, rows, settings=None):
-    out, rejects, record = paths(tmp_path / "merged.jsonl")
-    create_data.merge_shards(pattern, rows, out, rejects, record, RunRecord("create_data", {}), settings or _settings())
-    return out, rejects, record
+    settings = settings or _settings()
+    run_files(tmp_path / "merged.jsonl", sidecar=bool(settings["save_logprobs"])).merge(pattern, rows, settings)
+    return paths(tmp_path / "merged.jsonl")
 
 
 def test_merge_shards_unit(tmp_path, capsys):
@@ -131,14 +140,13 @@ def test_merge_shards_unit(tmp_path, capsys):
     assert saved["generation_seconds"] == 3.5 and len(saved["merged_from"]) == 3
     # the merged record keeps the settings: the same command run on the merged output resumes with nothing to do
     assert saved["settings"] == _settings()
-    done = create_data.resume_state(out, rejects, record, _settings(), overwrite=False)
-    assert done == {row["id"] for row in rows}
+    assert resumed_ids(run_files(out), _settings()) == {row["id"] for row in rows}
 
 
 def test_merge_refuses_shards_made_with_other_settings(tmp_path):
     rows = [{"id": f"r{i}", "text": f"t{i}"} for i in range(10)]
     pattern = _shard_files(tmp_path, rows, 2, settings=_settings(temperature=0.15))
-    with pytest.raises(SystemExit) as exit_:
+    with pytest.raises(InputError) as exit_:
         _merge(tmp_path, pattern, rows)
     assert "shard-0-of-2.jsonl was made with other settings (temperature)" in str(exit_.value)
     assert not paths(tmp_path / "merged.jsonl")[0].exists()
@@ -158,7 +166,7 @@ def test_merge_shards_unit_detects_bad_coverage(tmp_path, damage, message):
         shard1.write_text("".join(lines[1:]))
     else:
         shard1.write_text("".join(lines) + json.dumps({"id": "stranger"}) + "\n")
-    with pytest.raises(SystemExit) as exit_:
+    with pytest.raises(InputError) as exit_:
         _merge(tmp_path, pattern, rows)
     out, rejects, record = paths(tmp_path / "merged.jsonl")
     assert message in str(exit_.value)

@@ -12,7 +12,8 @@ import pytest
 
 from distill.dedup import NearDuplicateIndex, normalise
 from distill.prompts import load_prompt
-from distill.records import read_jsonl
+from distill.records import RunRecord, read_jsonl
+from distill.run_files import RunFiles
 from distill.synthesis import Plan, QueryWriter, parse_query, query_id, spread, synthesise
 from tests.conftest import REPO, run_cli
 
@@ -68,7 +69,7 @@ def test_no_human_written_question_is_a_near_duplicate_of_another_at_the_default
 ])
 def test_the_first_message_line_is_the_query(output, query):
     parsed = parse_query(output, "stop")
-    assert (parsed.label, parsed.reason) == (query, "ok")
+    assert (parsed.answer, parsed.reason) == (query, "ok")
 
 
 @pytest.mark.parametrize("output, finish_reason, reason", [
@@ -81,11 +82,11 @@ def test_the_first_message_line_is_the_query(output, query):
 ])
 def test_outputs_that_are_not_one_query_are_rejected_with_a_reason(output, finish_reason, reason):
     parsed = parse_query(output, finish_reason, min_chars=8, max_chars=300)
-    assert (parsed.label, parsed.reason) == (None, reason)
+    assert (parsed.answer, parsed.reason) == (None, reason)
 
 
 def test_a_complete_first_line_survives_a_cut_later_in_the_output():
-    assert parse_query("What is a comet?\nAnd another one about", "length").label == "What is a comet?"
+    assert parse_query("What is a comet?\nAnd another one about", "length").answer == "What is a comet?"
 
 
 # ---- the plan and the loop, against a fake engine -----------------------------------------------------------------
@@ -134,12 +135,11 @@ def run_loop(outputs, plan, tmp_path, max_attempts=100, seed=0):
 
     writer = QueryWriter(WordTokenizer(), load_prompt(FRENCH), max_model_len=100_000)
     index = NearDuplicateIndex()
-    out, rejects = tmp_path / "queries.jsonl", tmp_path / "queries.rejects.jsonl"
-    with open(out, "a") as out_file, open(rejects, "a") as rejects_file:
+    files = RunFiles(str(tmp_path / "queries.jsonl"), RunRecord("create_queries", {}), ())
+    with files.appender() as append:
         counts = synthesise(ScriptedEngine(outputs, seed), writer, plan, index, SamplingParams(max_tokens=16),
-                            out_file, rejects_file, origin={"model": "m"}, max_attempts=max_attempts,
-                            max_in_flight=3)
-    return counts, read_jsonl(out), read_jsonl(rejects)
+                            append, origin={"model": "m"}, max_attempts=max_attempts, max_in_flight=3)
+    return counts, files.written(), files.rejected()
 
 
 def test_spread_is_even_and_sums_to_the_total():

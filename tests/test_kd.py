@@ -263,7 +263,7 @@ def test_merge_shards_merges_sidecars_and_refuses_a_missing_line(tmp_path):
 
     first_sidecar = sidecar_path(tmp_path / "shard-0-of-3.jsonl")
     first_sidecar.write_text("".join(first_sidecar.read_text().splitlines(keepends=True)[1:]))
-    with pytest.raises(SystemExit, match="no line in their shard's .logprobs.jsonl"):
+    with pytest.raises(InputError, match="no line in their shard's .logprobs.jsonl"):
         _merge(tmp_path, pattern, rows, settings)
 
 

@@ -1,6 +1,8 @@
 """Stage 1 (create_data.py) and its 8-GPU launcher, end to end on the tiny random Qwen3 through vLLM's CPU build.
 
-vLLM starts cost ~20 s each on a 2-core box, so the slow tests share runs through module-scoped fixtures.
+vLLM starts cost ~20 s each on a 2-core box, so the slow tests share runs through module-scoped fixtures, and stage
+runs whose process is not the point run in this process (run_main) on engines shared across the session; the kills,
+the resume after them and the launcher run real processes.
 The tiny model's ~1k-token tokenizer spends ~3.7k tokens on the long prompt, so every run here uses
 --max-model-len 4096 (its max_position_embeddings); at 1024 every query would be rejected as too_long.
 """
@@ -22,7 +24,7 @@ from distill import shards, stage1
 from distill.prompts import load_prompt
 from distill.records import InputError, RunRecord, output_paths, text_id
 from distill.run_files import RunFiles
-from tests.conftest import CLI_ENV, EXAMPLE_DATA, REPO, run_cli
+from tests.conftest import CLI_ENV, EXAMPLE_DATA, REPO, run_cli, run_main
 
 MAX_LEN = ["--max-model-len", "4096"]
 LABELS = set(load_prompt().labels)
@@ -194,18 +196,14 @@ def _bad_duplicate_id(tmp_path):
     return path, 3
 
 
-@pytest.mark.parametrize("make_bad", [
-    _bad_malformed,
-    pytest.param(_bad_utf8, marks=pytest.mark.slow),
-    pytest.param(_bad_duplicate_id, marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize("make_bad", [_bad_malformed, _bad_utf8, _bad_duplicate_id])
 def test_bad_input_fails_before_model_load(tmp_path, make_bad):
     path, line = make_bad(tmp_path)
     output = tmp_path / "never" / "teacher.jsonl"
     started = time.monotonic()
     # A model that does not exist: had the script tried to load it, the error would name the model, not the input.
-    result = run_cli("create_data.py", "--input_file", path, "--output_file", output,
-                     "--model_name", tmp_path / "no-such-model", *MAX_LEN, check=False, timeout=180)
+    result = run_main("create_data.py", "--input_file", path, "--output_file", output,
+                      "--model_name", tmp_path / "no-such-model", *MAX_LEN, check=False)
     assert result.returncode != 0
     assert f"{path}:{line}:" in result.stderr, result.stderr[-2000:]
     assert "no-such-model" not in result.stderr and "Traceback" not in result.stderr
@@ -233,11 +231,11 @@ def input50(work) -> Path:
 
 
 @pytest.fixture(scope="module")
-def single_run(tiny_model, work, input50):
+def single_run(tiny_model, work, input50, shared_engines):
     output = work / "single" / "teacher.jsonl"
     command = ["create_data.py", "--input_file", input50, "--output_file", output, "--model_name", tiny_model,
                "--constrain_labels", *MAX_LEN]
-    result = run_cli(*command)
+    result = run_main(*command)
     return output, command, result
 
 
@@ -281,7 +279,7 @@ def test_rerun_of_finished_command_does_nothing(single_run):
     output, command, _ = single_run
     out, rejects, _ = paths(output)
     before = out.read_bytes(), rejects.read_bytes()
-    result = run_cli(*command)
+    result = run_main(*command)
     assert "50 done by an earlier run, 0 to go" in result.stdout
     assert (out.read_bytes(), rejects.read_bytes()) == before
     counts = run_record(output)["counts"]
@@ -295,14 +293,14 @@ SHORT_TEXTS = ["Hello there, how are you?", "Wie spät ist es?", "¿Dónde está
 
 
 @pytest.fixture(scope="module")
-def txt_run(tiny_model, work):
+def txt_run(tiny_model, work, shared_engines):
     path = work / "queries.txt"
     lines = [SHORT_TEXTS[0], LONG_TEXT, "", *SHORT_TEXTS[1:], "   ", SHORT_TEXTS[2]]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     output = work / "txt" / "teacher.jsonl"
     command = ["create_data.py", "--input_file", path, "--output_file", output, "--model_name", tiny_model,
                "--constrain_labels", *MAX_LEN]
-    return output, command, run_cli(*command)
+    return output, command, run_main(*command)
 
 
 @pytest.mark.slow
@@ -336,12 +334,12 @@ def test_resume_with_other_settings_refuses_then_overwrite_starts_over(txt_run, 
     out.write_text(out.read_text(encoding="utf-8") + json.dumps({"id": "marker-from-old-run"}) + "\n")
     before = out.read_bytes(), rejects.read_bytes(), record.read_bytes()
 
-    refused = run_cli(*command, "--temperature", "0.7", check=False, timeout=180)
+    refused = run_main(*command, "--temperature", "0.7", check=False)
     assert refused.returncode != 0
     assert "temperature" in refused.stderr and "--overwrite" in refused.stderr
     assert (out.read_bytes(), rejects.read_bytes(), record.read_bytes()) == before
 
-    run_cli(*command, "--temperature", "0.7", "--overwrite")
+    run_main(*command, "--temperature", "0.7", "--overwrite")
     ids = ids_once(copy)
     assert "marker-from-old-run" not in ids
     assert len(ids) == 6 and max(ids.values()) == 1
@@ -519,8 +517,8 @@ def test_launcher_matches_single_run(single_run, tiny_model, work, input50):
         assert row["teacher"]["label"] in LABELS
 
     # the merged record keeps the settings: the same command on the merged output resumes and has nothing to do
-    rerun = run_cli("create_data.py", "--input_file", input50, "--model_name", tiny_model, "--output_file", output,
-                    "--constrain_labels", *MAX_LEN, timeout=180)
+    rerun = run_main("create_data.py", "--input_file", input50, "--model_name", tiny_model, "--output_file", output,
+                     "--constrain_labels", *MAX_LEN)
     assert "50 done by an earlier run, 0 to go" in rerun.stdout
 
     # the merge on its own notices a row that went missing from a shard
@@ -528,9 +526,9 @@ def test_launcher_matches_single_run(single_run, tiny_model, work, input50):
     lines = shard1.read_text(encoding="utf-8").splitlines(keepends=True)
     lost = json.loads(lines[0])["id"]
     shard1.write_text("".join(lines[1:]), encoding="utf-8")
-    merge = run_cli("create_data.py", "--input_file", input50, "--model_name", tiny_model, "--constrain_labels",
-                    "--output_file", work / "launcher" / "remerged.jsonl",
-                    "--merge_shards", f"{shard_dir}/shard-*-of-2.jsonl", check=False, timeout=180)
+    merge = run_main("create_data.py", "--input_file", input50, "--model_name", tiny_model, "--constrain_labels",
+                     "--output_file", work / "launcher" / "remerged.jsonl",
+                     "--merge_shards", f"{shard_dir}/shard-*-of-2.jsonl", check=False)
     assert merge.returncode != 0
     assert "1 ids are missing" in merge.stderr and lost in merge.stderr
     assert not (work / "launcher" / "remerged.jsonl").exists()
@@ -576,45 +574,38 @@ def test_launcher_fails_when_one_instance_fails(tmp_path):
 
 # ---- slow: the embedded model answers a chat through vLLM ------------------------------------------------------
 
-CHAT = """
-import json, sys
-from distill import engine
-engine.configure_env()
-from vllm.utils.argparse_utils import FlexibleArgumentParser
-args = engine.add_engine_args(FlexibleArgumentParser()).parse_args(["--model", sys.argv[1], "--max-model-len", "512"])
-assert args.enable_prefix_caching and args.seed == 0
-if not engine.on_gpu():  # the CPU defaults: no torch.compile warm-up, fp32
-    assert args.enforce_eager and args.dtype == "float32", vars(args)
-from vllm import SamplingParams
-llm = engine.build_llm(args)
-out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-               SamplingParams(max_tokens=16, temperature=0))
-print("ANSWER=" + json.dumps(out[0].outputs[0].text))
-"""
-
 
 @pytest.mark.slow
-def test_embedded_model_answers_a_chat():
+def test_embedded_model_answers_a_chat(shared_engines):
     if not (SMOLLM2 / "config.json").is_file():
         pytest.skip(f"{SMOLLM2} is absent (make setup builds it)")
-    result = run_cli(sys.executable, "-c", CHAT, SMOLLM2, timeout=300)
-    answers = [line for line in result.stdout.splitlines() if line.startswith("ANSWER=")]
-    assert answers, result.stdout[-2000:]
-    answer = json.loads(answers[0].removeprefix("ANSWER="))
+    from vllm import SamplingParams
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from distill import engine
+
+    args = engine.add_engine_args(FlexibleArgumentParser()).parse_args(["--model", str(SMOLLM2), *MAX_LEN])
+    assert args.enable_prefix_caching and args.seed == 0
+    if not engine.on_gpu():  # the CPU defaults: no torch.compile warm-up, fp32
+        assert args.enforce_eager and args.dtype == "float32", vars(args)
+    llm = engine.build_llm(args)
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)
+    answer = out[0].outputs[0].text
     assert answer.strip()
     assert "paris" in answer.lower()
 
 
 @pytest.mark.slow
-def test_embedded_model_free_form_50_queries_all_accounted_for(tmp_path):
+def test_embedded_model_free_form_50_queries_all_accounted_for(tmp_path, shared_engines):
     """The issue's check on the real embedded model, free-form (no label constraint), where rejects really happen:
     every query ends in the output or the rejects file, and the run record's counts agree with both."""
     if not (SMOLLM2 / "config.json").is_file():
         pytest.skip(f"{SMOLLM2} is absent (make setup builds it)")
     source = example_subset(tmp_path / "in50.jsonl", 50)
     output = tmp_path / "teacher.jsonl"
-    run_cli("create_data.py", "--input_file", source, "--output_file", output, "--model_name", SMOLLM2,
-            "--max_tokens", 24, "--max_retries", 1, "--save_raw", "--max-model-len", 4096, timeout=600)
+    run_main("create_data.py", "--input_file", source, "--output_file", output, "--model_name", SMOLLM2,
+             "--max_tokens", 24, "--max_retries", 1, "--save_raw", "--max-model-len", 4096)
     out, rejects, _ = paths(output)
     written, rejected = complete_rows(out), complete_rows(rejects)
     assert sorted(row["id"] for row in written + rejected) == sorted(input_ids(source))

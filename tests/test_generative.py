@@ -16,7 +16,7 @@ from distill.metrics import judge_answers, score_generative, sentence_chrf
 from distill.prompts import load_prompt
 from distill.records import output_paths, read_jsonl
 from distill.teacher import Teacher, stream
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_main
 from tests.test_serving import stop_at_the_engine
 from tests.test_teacher_stream import IndexTokenizer, ScramblingEngine
 
@@ -247,7 +247,7 @@ def pick_rows(groups: dict[str, int]) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_generative_stages_one_two_three(tiny_model, generative_prompt, tmp_path):
+def test_generative_stages_one_two_three(tiny_model, generative_prompt, tmp_path, shared_engines):
     from transformers import AutoTokenizer
 
     from distill.splits import select
@@ -261,9 +261,9 @@ def test_generative_stages_one_two_three(tiny_model, generative_prompt, tmp_path
 
     # stage 1: answers cut at 6 tokens or empty go to rejects (no redraws, so some do)
     stage1_file = tmp_path / "teacher.jsonl"
-    run_cli("create_data.py", "--input_file", queries, "--output_file", stage1_file, "--model_name", model,
-            "--prompt_file", generative_prompt, "--max_tokens", 6, "--max_retries", 0, "--temperature", 1.0,
-            "--save_raw", "--max-model-len", 1024)
+    run_main("create_data.py", "--input_file", queries, "--output_file", stage1_file, "--model_name", model,
+             "--prompt_file", generative_prompt, "--max_tokens", 6, "--max_retries", 0, "--temperature", 1.0,
+             "--save_raw", "--max-model-len", 1024)
     out, rejects_path, record_path = output_paths(str(stage1_file))
     written, rejected = read_jsonl(out), read_jsonl(rejects_path)
     ids = [row["id"] for row in written + rejected]
@@ -288,16 +288,16 @@ def test_generative_stages_one_two_three(tiny_model, generative_prompt, tmp_path
     answer_ids = [i for i, keep in zip(encoded["input_ids"], encoded["completion_mask"]) if keep]
     assert tokenizer.decode(answer_ids) == train_row["messages"][1]["content"] + "<|im_end|>"
     adapter = tmp_path / "student"
-    run_cli("train_sft_trl.py", "--config", "recipes/cpu.yaml", "--model_name_or_path", model, "--dataset_name",
-            stage1_file, "--output_dir", adapter, "--report_to", "none", "--max_steps", 2)
+    run_main("train_sft_trl.py", "--config", "recipes/cpu.yaml", "--model_name_or_path", model, "--dataset_name",
+             stage1_file, "--output_dir", adapter, "--report_to", "none", "--max_steps", 2)
     run = json.loads((adapter / "distill_run.json").read_text())
     assert run["status"] == "finished"
 
     # stage 3: the student without the prompt, scored by the check and against the teacher's answers
     results_path = tmp_path / "eval_student.json"
-    result = run_cli("evaluate.py", "--model_path", adapter, "--test_file", queries, "--prompt_file",
-                     generative_prompt, "--teacher_file", stage1_file, "--output_file", results_path,
-                     "--latency_requests", 2)
+    result = run_main("evaluate.py", "--model_path", adapter, "--test_file", queries, "--prompt_file",
+                      generative_prompt, "--teacher_file", stage1_file, "--output_file", results_path,
+                      "--latency_requests", 2)
     results = json.loads(results_path.read_text())
     keys = {"task", "check", "check_description", "mode", "model_path", "split", "test_file", "n", "strict_pass_rate",
             "n_strict_passed", "check_pass_rate", "n_check_passed", "non_answers", "agreement_with_teacher_chrf", "n_with_teacher", "mean_answer_chars", "mean_answer_tokens",

@@ -16,7 +16,7 @@ from distill.prompts import load_prompt
 from distill.records import output_paths, read_jsonl
 from distill.teacher import (StreamStats, Teacher, effective_sampling, model_sampling_defaults, sampling_params,
                              stream)
-from tests.conftest import EXAMPLE_DATA, REPO, run_cli
+from tests.conftest import EXAMPLE_DATA, REPO, run_main
 
 PROMPT = load_prompt()
 SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct"
@@ -254,7 +254,7 @@ def test_batch_size_is_refused_with_its_replacement(capsys):
 
 
 @pytest.mark.slow
-def test_evaluate_with_prompt_gives_the_answers_stage_1_gives(tmp_path):
+def test_evaluate_with_prompt_gives_the_answers_stage_1_gives(tmp_path, shared_engines):
     """Same queries, greedy: evaluate.py --with_prompt and create_data.py give each query the same raw answer and
     the same label. On the embedded model, free-form: the tiny random model writes the same answer to every query,
     which could not show a mix-up of queries; SmolLM2's raw answers differ from query to query."""
@@ -262,11 +262,11 @@ def test_evaluate_with_prompt_gives_the_answers_stage_1_gives(tmp_path):
         pytest.skip(f"{SMOLLM2} is absent (make setup builds it)")
     rows = ["--split", "heldout", "--max_samples", 16, "--max_tokens", 12, "--max-model-len", 4096]
     stage1_file = tmp_path / "teacher.jsonl"
-    run_cli("create_data.py", "--input_file", EXAMPLE_DATA, "--output_file", stage1_file, "--model_name", SMOLLM2,
-            "--temperature", 0, "--max_retries", 0, "--save_raw", *rows)
+    run_main("create_data.py", "--input_file", EXAMPLE_DATA, "--output_file", stage1_file, "--model_name", SMOLLM2,
+             "--temperature", 0, "--max_retries", 0, "--save_raw", *rows)
     results = tmp_path / "eval_teacher.json"
-    run_cli("evaluate.py", "--model_path", SMOLLM2, "--with_prompt", "--test_file", EXAMPLE_DATA, "--no-lingua",
-            "--quiet", "--latency_requests", 2, "--output_file", results, *rows)
+    run_main("evaluate.py", "--model_path", SMOLLM2, "--with_prompt", "--test_file", EXAMPLE_DATA, "--no-lingua",
+             "--quiet", "--latency_requests", 2, "--output_file", results, *rows)
     out, rejects, record = output_paths(str(stage1_file))
     labelled = {row["id"]: (row["teacher"]["label"], row["teacher"]["raw"][0]) for row in read_jsonl(out)}
     labelled |= {row["id"]: (None, row["failures"][0]["raw"]) for row in read_jsonl(rejects)}

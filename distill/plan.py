@@ -76,6 +76,7 @@ class MemoryPlan:
     num_gpus: int
     gpu_gib: float
     sharded: bool
+    teacher_bytes: int = 0  # an in-process teacher's frozen weights (on-policy distillation), whole model
 
     @property
     def total_trainable(self) -> int:
@@ -90,6 +91,7 @@ class MemoryPlan:
         gather = FSDP_UNSHARDED_LAYERS * self.largest_layer_bytes if self.sharded and self.num_gpus > 1 else 0
         return {
             "weights": self.frozen_bytes // shards,
+            "teacher": self.teacher_bytes // shards,
             "adapter": self.trainable_bytes // shards,
             "gradients": self.trainable_bytes // shards,
             "optimizer": 2 * self.trainable_bytes // shards,  # AdamW: exp_avg and exp_avg_sq

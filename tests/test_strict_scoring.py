@@ -157,3 +157,54 @@ def test_no_example_turn_is_one_of_the_questions_we_score_on():
     questions = {row["text"].strip().lower() for row in read_queries(
         str(REPO / "example-data" / "general_questions.jsonl"), "text").rows}
     assert not questions & {user.strip().lower() for user, _ in IN_SHORT.example_turns}
+
+
+# ---- the judge (evaluate.py --judge_model) ----------------------------------------------------------------------
+
+
+def test_the_judge_prompt_carries_the_task_rubric_and_is_a_yes_no_label_task():
+    from distill.judge import DEFAULT_RUBRIC, judge_prompt, judge_query
+
+    judge = judge_prompt(IN_SHORT)
+    assert judge.labels == ("yes", "no") and not judge.is_generative
+    assert IN_SHORT.judge_rubric in judge.text and "{rubric}" not in judge.text
+    plain = TaskPrompt("p.md", "x", (), None, "{query}", {"regex": "x"})
+    assert DEFAULT_RUBRIC in judge_prompt(plain).text
+    query = judge_query("Why is the sky blue?", "")
+    assert "Why is the sky blue?" in query and "(no answer)" in query
+
+
+def test_judge_agreement_counts_only_what_the_judge_graded():
+    from distill.judge import agreement
+
+    result = agreement([True, False, None, True], [True, True, False, False])
+    assert result == {"judged_pass_rate": 2 / 3, "n_judged": 3, "judge_unparsed": 1,
+                      "agreement_with_strict": 1 / 3, "judge_yes_strict_no": 1, "judge_no_strict_yes": 1}
+
+
+@pytest.mark.slow
+def test_evaluate_with_a_judge_model_reports_the_judged_rate_and_its_agreement(tiny_model, tmp_path):
+    """The plumbing on CPU (a random tiny judge grades at random): every answer gets a verdict through the teacher
+    path, and the rates are recomputed from the examples."""
+    import json
+
+    from tests.conftest import run_cli
+
+    prompt = tmp_path / "any.md"
+    prompt.write_text('---\ncheck: {regex: "\\\\S"}\non_topic: none\njudge_rubric: "any text"\n---\nAnswer.\n')
+    output = tmp_path / "eval.json"
+    result = run_cli("evaluate.py", "--model_path", tiny_model, "--prompt_file", prompt, "--test_file",
+                     REPO / "example-data" / "general_questions.jsonl", "--max_samples", 6, "--max_tokens", 8,
+                     "--latency_requests", 0, "--judge_model", tiny_model, "--output_file", output,
+                     "--max-model-len", 2048)
+    results = json.loads(output.read_text())
+    examples = results["examples"]
+    assert results["judge_model"] == str(tiny_model) and len(examples) == 6
+    assert all(e["judge"] in (True, False, None) for e in examples)
+    judged = [e for e in examples if e["judge"] is not None]
+    assert results["n_judged"] == len(judged) and results["judge_unparsed"] == 6 - len(judged)
+    if judged:
+        assert results["judged_pass_rate"] == pytest.approx(sum(e["judge"] for e in judged) / len(judged))
+        assert results["agreement_with_strict"] == pytest.approx(
+            sum(e["judge"] == e["passed"] for e in judged) / len(judged))
+    assert "judged pass rate" in result.stdout

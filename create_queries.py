@@ -59,8 +59,10 @@ def build_parser():
     """Every flag of stage 0, vLLM's engine flags included; builds no model."""
     engine.configure_env()
     parser = engine.stage_parser(__doc__)
-    parser.add_argument("--prompt-file", required=True, help="required: the task prompt (labels or a check in its front matter)")
-    parser.add_argument("--output-file", required=True, help="required: queries JSONL; rejects and run record go beside it")
+    parser.add_argument("--prompt-file", required=True,
+                        help="required: the task prompt (labels or a check in its front matter)")
+    parser.add_argument("--output-file", required=True,
+                        help="required: queries JSONL; rejects and run record go beside it")
     parser.add_argument("--model-name", dest="model", default=DEFAULT_WRITER, help="the model that writes queries")
     count = parser.add_mutually_exclusive_group(required=True)
     count.add_argument("--num-queries", type=int, help="queries to keep, spread evenly over the targets")

@@ -202,16 +202,14 @@ def kd_weight(script_args) -> float:
 def lora_config(model_args, train_router: bool, trust_remote_code: bool = False):
     """TRL's LoRA config from the flags, with an MoE router kept out unless --train_router: LoRA on the router
     shifts which experts every token reaches, and tinker-cookbook leaves it out too."""
-    from transformers import AutoConfig
     from trl import get_peft_config
 
-    from distill.plan import without_router
+    from distill.plan import load_config, without_router
 
     config = get_peft_config(model_args)
     if config is None or train_router:
         return config
-    return without_router(config, AutoConfig.from_pretrained(model_args.model_name_or_path,
-                                                             trust_remote_code=trust_remote_code))
+    return without_router(config, load_config(model_args.model_name_or_path, trust_remote_code)[0])
 
 
 def size_micro_batches(script_args, training_args, examples) -> dict:
@@ -244,13 +242,12 @@ def check_output_dir(script_args, training_args):
 
 
 def plan_memory(script_args, training_args, model_args, peft_config):
-    """The memory plan for the GPUs this run will use (or --plan_gpus), from the model's config on the meta device,
-    and whether there is a GPU to hold it to (a CPU run without --plan_gpus/--plan_gpu_gb has none)."""
-    from transformers import AutoConfig
+    """The memory plan for the GPUs this run will use (or --plan_gpus), from the model's config on the meta device;
+    whether there is a GPU to hold it to (a CPU run without --plan_gpus/--plan_gpu_gb has none); where the config
+    came from (a stored one for the recipes' students when there is no hub)."""
+    from distill.plan import load_config, memory_plan
 
-    from distill.plan import memory_plan
-
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code)
+    config, source = load_config(model_args.model_name_or_path, training_args.trust_remote_code)
     if script_args.plan_gpus:
         gpus, sharded = script_args.plan_gpus, script_args.plan_gpus > 1
     else:
@@ -259,7 +256,7 @@ def plan_memory(script_args, training_args, model_args, peft_config):
     gpu_gib = script_args.plan_gpu_gb or visible_gpu_gib()
     plan = memory_plan(config, peft_config, weight_dtype=model_args.dtype or "float32", num_gpus=gpus,
                        gpu_gib=gpu_gib or H100_GIB, sharded=sharded)
-    return plan, bool(gpu_gib or script_args.plan_gpus)
+    return plan, bool(gpu_gib or script_args.plan_gpus), source
 
 
 def visible_gpu_gib() -> float | None:
@@ -277,9 +274,14 @@ def main(argv=None):
     processes = PartialState()  # one per GPU under accelerate launch; only the main one writes files
     # Resolved once: dropping the router builds the model on the meta device, which the plan and trainer share.
     peft_config = lora_config(model_args, script_args.train_router, training_args.trust_remote_code)
-    plan, on_gpus = plan_memory(script_args, training_args, model_args, peft_config)
-    if processes.is_main_process:
-        print(plan.format() if on_gpus or script_args.plan_only else "memory plan: CPU run, no GPU to plan for")
+    plan, on_gpus, config_source = plan_memory(script_args, training_args, model_args, peft_config)
+    if processes.is_main_process and (on_gpus or script_args.plan_only):
+        argv = list(sys.argv[1:] if argv is None else argv)
+        recipe = argv[argv.index("--config") + 1] if "--config" in argv else "no --config"
+        print(f"memory plan for {model_args.model_name_or_path} ({recipe}); config: {config_source}")
+        print(plan.format())
+    elif processes.is_main_process:
+        print("memory plan: CPU run, no GPU to plan for")
     if script_args.plan_only:
         sys.exit(0 if plan.fits else plan.advice())
     if on_gpus and not plan.fits and not script_args.ignore_memory_plan:

@@ -451,7 +451,7 @@ def helper_merge(work: Path, base_folder: str, adapter_folder: str, device: str 
 HELPERS = {"environment": helper_environment, "rows": helper_rows, "build": helper_build, "merge": helper_merge}
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", default="/tmp/gpu-check", help="models, runs and logs (about 16 GB)")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps of each training run")
@@ -461,7 +461,11 @@ def main():
     parser.add_argument("--budget_s", type=float, default=540,
                         help="seconds for the whole check; steps that would start later are skipped")
     parser.add_argument("--helper", nargs="+", help=argparse.SUPPRESS)  # one step's own Python, in its own process
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     if args.helper:

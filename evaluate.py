@@ -16,9 +16,13 @@ report says those rows were trained on.
 Writes the results JSON (metrics, confusion matrix, per-example predictions with raw outputs) and a PNG heatmap
 beside it; logs the same to wandb when WANDB_API_KEY or WANDB_MODE is set.
 
-A generative prompt file (a `check` instead of labels, e.g. prompts/answer_in_french.md) is scored by that check:
-the share of answers that pass it, chrF against the teacher's answer to the same query (with --teacher_file), mean
-answer length, failures and cost; no heatmap. The student then answers in up to 64 tokens (--max_tokens).
+A generative prompt file (a `check` instead of labels, e.g. prompts/in_short.md) is scored strictly: an answer passes
+when the check passes and it is an answer (not cut at --max_tokens, empty, a restatement of the prompt, a loop, or
+off its question's topic; distill/checks.py). The report gives that strict pass rate, the check's rate alone, the
+count of each reason, chrF against the teacher's answer to the same query (with --teacher_file), mean answer
+length and cost; no heatmap. The student then answers in up to 64 tokens (--max_tokens). --judge_model M also has
+model M grade every answer against the prompt's judge_rubric (prompts/judge.md), and reports how often it agrees
+with the strict pass.
 
     python evaluate.py --model_path models/<run> --prompt_file prompts/answer_in_french.md \
         --test_file example-data/general_questions.jsonl --teacher_file data/french.jsonl
@@ -67,6 +71,12 @@ def build_parser():
                              "--with_prompt")
     parser.add_argument("--latency-requests", type=int, default=20,
                         help="requests timed one at a time for the median latency (0 to skip)")
+    parser.add_argument("--judge-model",
+                        help="generative tasks: a model served through vLLM that grades each answer (does it answer "
+                             "the question and follow the prompt's judge_rubric?); reports the judged pass rate and "
+                             "its agreement with the strict pass")
+    parser.add_argument("--judge-max-tokens", type=int, default=8192,
+                        help="the judge's budget per verdict, reasoning included")
     parser.add_argument("--no-lingua", action="store_true", help="skip the lingua baseline")
     parser.add_argument("--quiet", action="store_true", help="no line per sample")
     parser.add_argument("--merge-lora", action="store_true",
@@ -161,12 +171,16 @@ def main(argv=None):
             prompt_ids, args.max_tokens, served.config_source, args.trust_remote_code)
     llm = engine.build_llm(args, **served.engine_overrides)
     generation = generate(llm, tokenizer, rows, prompt_ids, prompt, args, served.lora_request())
+    served_max_model_len = llm.model_config.max_model_len
 
     teacher = [teacher_labels.get(row["id"]) for row in rows] if args.teacher_file else None
     if prompt.is_generative:
         results = generative_results(prompt, rows, prompt_ids, generation, teacher, tokenizer, args.quiet)
     else:
         results = label_results(prompt, rows, prompt_ids, generation, teacher, args)
+    if args.judge_model and prompt.is_generative:
+        del llm  # the judge gets the memory of the model it grades
+        results.update(judged(args, prompt, results["examples"]))
     examples = results.pop("examples")
     results["cost"] = cost(prompt_ids, generation, prompt.is_generative)
     if teacher_cost and not args.with_prompt:
@@ -176,7 +190,7 @@ def main(argv=None):
         "mode": mode,
         "model_path": str(model_path),
         "serving": served.description,
-        "max_model_len": llm.model_config.max_model_len,
+        "max_model_len": served_max_model_len,
         "sampling": generation.sampling,
         "split_check": dataclasses.asdict(split_check),
         "test_file": args.test_file,
@@ -224,26 +238,48 @@ def label_results(prompt, rows, prompt_ids, generation, teacher, args) -> dict:
 
 
 def generative_results(prompt, rows, prompt_ids, generation, teacher, tokenizer, quiet: bool) -> dict:
-    """Pass rate under the prompt's check, chrF against the teacher's answers, lengths, failures and examples.
-    Every answer is judged as written within --max_tokens, cut or not; a --with_prompt output still inside its
-    reasoning is scored as an empty answer: it fails, and its raw output is kept."""
+    """Strict pass rate (the prompt's check passes and the answer is an answer: not cut, empty, an echo of the
+    prompt, a loop or off topic), the check's rate alone, chrF against the teacher's answers, lengths, failures
+    and examples. Every answer is judged as written within --max_tokens; a cut one fails strictly and is kept."""
     from distill.checks import describe
     from distill.metrics import judge_answers, score_generative
 
     answers = [answer or "" for answer in generation.answers]
     teacher = teacher or [None] * len(rows)
-    judged = judge_answers(prompt.check, answers, teacher)
+    judged = judge_answers(prompt, [row["text"] for row in rows], answers, generation.reasons, teacher)
     examples = []
     for row, answer, raw, ids, output_tokens, reference, verdict in zip(
             rows, answers, generation.raw, prompt_ids, generation.output_tokens, teacher, judged):
         known = {"teacher": reference, "chrf": verdict["chrf"]} if reference is not None else {}
-        examples.append({"id": row["id"], "text": row["text"], "answer": answer, "passed": verdict["passed"], **known,
+        examples.append({"id": row["id"], "text": row["text"], "answer": answer, "passed": verdict["passed"],
+                         "check_passed": verdict["check_passed"], "reason": verdict["reason"], **known,
                          "raw": raw, "input_tokens": len(ids), "output_tokens": output_tokens,
                          "answer_tokens": len(tokenizer(answer, add_special_tokens=False).input_ids)})
     if not quiet:
         print_live_generative(examples)
     return {"task": "generative", "check": prompt.check, "check_description": describe(prompt.check),
             **score_generative(examples), "examples": examples}
+
+
+def judged(args, prompt, examples: list[dict]) -> dict:
+    """--judge_model: each answer graded by the judge (examples gain "judge": True/False/None), the judged pass
+    rate and its agreement with the strict pass."""
+    import gc
+
+    from transformers import AutoTokenizer
+
+    from distill.judge import agreement, judge_answers
+    from distill.teacher import sampling_params
+
+    gc.collect()
+    llm = engine.build_llm(args, model=args.judge_model)
+    tokenizer = AutoTokenizer.from_pretrained(args.judge_model, trust_remote_code=args.trust_remote_code)
+    params = sampling_params(llm.get_default_sampling_params(), {"temperature": 0.0}, max_tokens=args.judge_max_tokens)
+    verdicts = judge_answers(llm, tokenizer, prompt, [e["text"] for e in examples], [e["answer"] for e in examples],
+                             params)
+    for example, verdict in zip(examples, verdicts):
+        example["judge"] = verdict
+    return {"judge_model": args.judge_model, **agreement(verdicts, [e["passed"] for e in examples])}
 
 
 def cost(prompt_ids, generation, generative: bool) -> dict:
@@ -264,6 +300,7 @@ class Generation:
     raw: list[str]  # every row's output as the model wrote it
     answers: list[str | None]  # labels (None: unparsed), or generative answers (None: broke the contract)
     output_tokens: list[int]
+    reasons: list[str]  # "ok", or why the output broke the answer contract (a generative task's cut / empty / ...)
     seconds: float
     latencies: list[float]
     sampling: dict
@@ -287,14 +324,14 @@ def generate(llm, tokenizer, rows, prompt_ids, prompt, args, lora_request) -> Ge
     else:
         answer, items = student_answers(llm, params, lora_request, prompt), prompt_ids
     started = time.time()
-    outputs, answers, output_tokens = answer(items)
+    outputs, answers, output_tokens, reasons = answer(items)
     seconds = time.time() - started
     latencies = []
     for item in items[: args.latency_requests]:
         started = time.time()
         answer([item])
         latencies.append(time.time() - started)
-    return Generation(outputs, answers, output_tokens, seconds, latencies, effective_sampling(params))
+    return Generation(outputs, answers, output_tokens, reasons, seconds, latencies, effective_sampling(params))
 
 
 def teacher_answers(vllm_engine, teacher, params):
@@ -308,13 +345,16 @@ def teacher_answers(vllm_engine, teacher, params):
         answers = [by_id[row["id"]] for row in rows]
         first = [(a.samples + a.failures)[0] if a.samples + a.failures else None for a in answers]
         raw = [sample.text if sample else "" for sample in first]
+        # The contract alone (no query: echo, loop and topic are judged with the student's answers, in one place).
+        reasons = [teacher.parse(sample.text, sample.finish_reason).reason if sample else "empty_answer"
+                   for sample in first]
         if teacher.prompt.is_generative:
             # Scored as written within --max_tokens, cut or not, exactly as the student's answers are: stage 1
             # refuses a cut answer as a training target, but a score must measure teacher and student alike.
             labels = [(split_reasoning(text, teacher.expects_reasoning)[0] or "").strip() for text in raw]
         else:
             labels = [a.label for a in answers]
-        return raw, labels, [sample.output_tokens if sample else 0 for sample in first]
+        return raw, labels, [sample.output_tokens if sample else 0 for sample in first], reasons
 
     return answer
 
@@ -323,7 +363,7 @@ def student_answers(llm, params, lora_request, prompt):
     """The student answers with a bare label, or on a generative task with its whole (stripped) text."""
     from vllm.inputs import TokensPrompt
 
-    from distill.answers import parse_student
+    from distill.answers import parse_generative, parse_student
 
     def answer(prompt_ids):
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
@@ -331,9 +371,11 @@ def student_answers(llm, params, lora_request, prompt):
         outputs = [completion.text for completion in completions]
         if prompt.is_generative:
             answers = [text.strip() for text in outputs]
+            reasons = [parse_generative(c.text, c.finish_reason).reason for c in completions]
         else:
             answers = [parse_student(text, prompt.labels) for text in outputs]
-        return outputs, answers, [len(completion.token_ids) for completion in completions]
+            reasons = ["ok" if label else "unparsed" for label in answers]
+        return outputs, answers, [len(completion.token_ids) for completion in completions], reasons
 
     return answer
 
@@ -368,17 +410,25 @@ def print_live_generative(examples):
     for seen, e in enumerate(examples, start=1):
         passed += e["passed"]
         text, answer = (value.replace("\n", " ") for value in (e["text"][:40], e["answer"][:50]))
-        print(f"{'✓' if e['passed'] else '✗'} pass={fmt(passed / seen):>6}  {text!r} -> {answer or 'EMPTY'!r}")
+        why = "" if e["passed"] else f" [{e['reason'] if e['reason'] != 'ok' else 'check failed'}]"
+        print(f"{'✓' if e['passed'] else '✗'} strict={fmt(passed / seen):>6}  {text!r} -> {answer or 'EMPTY'!r}{why}")
 
 
 def print_generative_report(r):
     print(f"\n== {r['mode']} | {r['model_path']} | {r['split']} split of {r['test_file']}, n={r['n']}")
-    print(f"pass rate: {fmt(r['pass_rate'])} ({r['n_passed']} of {r['n']} pass the check: {r['check_description']})   "
+    non_answers = ", ".join(f"{k} {v}" for k, v in sorted(r["non_answers"].items())) or "none"
+    print(f"strict pass rate: {fmt(r['strict_pass_rate'])} ({r['n_strict_passed']} of {r['n']} pass the check and "
+          f"answer the question)   check alone: {fmt(r['check_pass_rate'])} ({r['check_description']})   "
           f"chrF vs teacher: {fmt(r['agreement_with_teacher_chrf'], False)} (n={r['n_with_teacher']})")
+    print(f"not answers: {non_answers}")
+    if r.get("judge_model"):
+        print(f"judge {r['judge_model']}: judged pass rate {fmt(r['judged_pass_rate'])} (n={r['n_judged']}, "
+              f"{r['judge_unparsed']} unparsed); agrees with the strict pass on {fmt(r['agreement_with_strict'])} "
+              f"(judge yes / strict no: {r['judge_yes_strict_no']}, judge no / strict yes: {r['judge_no_strict_yes']})")
     print(f"mean answer: {r['mean_answer_chars']:.1f} characters, {r['mean_answer_tokens']:.1f} tokens; "
           f"{r['empty_answers']} empty")
     for failure in r["failures"][:3]:
-        print(f"failed: {failure['text'][:50]!r} -> {failure['answer'][:80]!r}")
+        print(f"failed ({failure['reason']}): {failure['text'][:50]!r} -> {failure['answer'][:80]!r}")
     print_cost(r["cost"])
 
 
@@ -450,7 +500,7 @@ def plot_confusion(results, path: Path, title: str):
 # What a wandb eval run's summary holds, per kind of task.
 SUMMARY_KEYS = {
     "label": ("accuracy_vs_gold", "agreement_with_teacher", "parse_rate", "n"),
-    "generative": ("pass_rate", "n_passed", "agreement_with_teacher_chrf", "n_with_teacher", "mean_answer_chars",
+    "generative": ("strict_pass_rate", "n_strict_passed", "check_pass_rate", "agreement_with_teacher_chrf", "n_with_teacher", "mean_answer_chars",
                    "mean_answer_tokens", "empty_answers", "n"),
 }
 
@@ -466,7 +516,7 @@ def log_wandb(full, output_file: Path):
     run.summary.update({k: full[k] for k in SUMMARY_KEYS[full["task"]]})
     run.summary.update({f"cost/{k}": v for k, v in full["cost"].items() if not isinstance(v, dict)})
     if full["task"] == "generative":
-        columns = ["id", "text", "answer", "passed", "teacher", "chrf"]
+        columns = ["id", "text", "answer", "passed", "check_passed", "reason", "teacher", "chrf"]
         table = wandb.Table(columns=columns, data=[[e.get(c) for c in columns] for e in full["examples"]])
         run.log({"answers": table})
         run.finish()

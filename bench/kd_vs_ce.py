@@ -8,11 +8,14 @@ Per task, the embedded SmolLM2-135M teacher, with the task's prompt, answers --t
 --heldout_rows held-out ones (create_data.py --save_logprobs 20, the settings `make demo` uses). Students learn the
 train answers without the prompt, one per --losses entry, all with recipes/cpu.yaml, the same seed and the same
 epochs (train_sft_trl.py --distill_loss ce | kd | kd+ce, T = --kd_temperature). On the held-out queries:
-  - evaluate.py scores each student: the share of answers that pass the check (French task) or accuracy against the
-    gold labels (language ID), and agreement with the teacher's answer to the same query (chrF, or label agreement);
+  - evaluate.py scores each student: the strict pass rate and the check's rate alone (French task; distill/checks.py)
+    or accuracy against the gold labels (language ID), and agreement with the teacher's answer to the same query
+    (chrF, or label agreement);
   - KL(teacher || student) per answer token on the teacher's held-out answers, the teacher's top-20 renormalised as
     the KD loss does (distill.soft_targets.heldout_kl); the base model without the prompt is the reference.
-The teacher's own row is its held-out stage-1 output: the share of its kept answers that pass (or match gold).
+The teacher's own row is its held-out stage-1 output: strictly, the share of its held-out queries whose answer stage 1
+kept (stage 1 rejects cut answers, echoes, loops and off-topic ones) and that pass the check; the check alone is over
+the kept answers (label task: the share of its kept labels that match gold).
 
 Writes <work_dir>/kd_vs_ce.json and the stage outputs under <work_dir>/<task>/ (logs in <work_dir>/logs/).
 """
@@ -105,18 +108,22 @@ def teacher_row(task: str, heldout_teacher: Path) -> dict:
     rejected = len(read_jsonl(output_paths(str(heldout_teacher))[1]))
     answers = [next(m["content"] for m in row["messages"] if m["role"] == "assistant") for row in rows]
     prompt = load_prompt(REPO / TASKS[task]["prompt"])
-    if prompt.is_generative:
-        passed = checks.passes_each(prompt.check, answers)
-    else:
+    if not prompt.is_generative:
         passed = [answer == row["label"] for answer, row in zip(answers, rows)]
-    return {"score": sum(passed) / len(passed) if passed else None, "kept": len(rows), "rejected": rejected}
+        return {"score": sum(passed) / len(passed) if passed else None, "kept": len(rows), "rejected": rejected}
+    # Stage 1 kept only answers (not cut, no echo, loop or off-topic); a rejected row is a strict failure.
+    check = checks.passes_each(prompt.check, answers)
+    total = len(rows) + rejected
+    return {"score": sum(check) / total if total else None, "check_score_kept": sum(check) / len(rows) if rows else None,
+            "kept": len(rows), "rejected": rejected}
 
 
-def score(task: str, results: dict) -> tuple[float, float]:
-    """(pass rate or accuracy vs gold, agreement with the teacher: chrF 0-100 or a share)."""
+def score(task: str, results: dict) -> tuple[float, float | None, float]:
+    """(strict pass rate or accuracy vs gold, the check's pass rate alone or None, agreement with the teacher: chrF
+    0-100 or a share)."""
     if results.get("task") == "generative":
-        return results["pass_rate"], results["agreement_with_teacher_chrf"]
-    return results["accuracy_vs_gold"], results["agreement_with_teacher"]
+        return results["strict_pass_rate"], results["check_pass_rate"], results["agreement_with_teacher_chrf"]
+    return results["accuracy_vs_gold"], None, results["agreement_with_teacher"]
 
 
 def run_task(args, task: str) -> dict:
@@ -126,8 +133,9 @@ def run_task(args, task: str) -> dict:
     for loss in args.losses:
         model_dir, record = student(args, task, loss, train_file)
         results = evaluate(args, task, loss, model_dir, heldout_teacher)
-        passed, agreement = score(task, results)
-        result["students"][loss] = {"score": passed, "agreement": agreement, "n": results["n"],
+        passed, check_passed, agreement = score(task, results)
+        result["students"][loss] = {"score": passed, "check_score": check_passed, "agreement": agreement,
+                                    "n": results["n"],
                                     "kl": kl(model_dir, heldout_teacher),
                                     "distillation": record["counts"].get("distillation"),
                                     "final_loss": last_loss(record)}
@@ -143,22 +151,25 @@ def table(results: dict, args) -> str:
     lines = [f"bench: CE vs KD students, {datetime.date.today()}, teacher {MODEL} with the prompt, "
              f"{args.train_rows} train rows, up to {args.heldout_rows} held-out rows, top-{TOP_K}, "
              f"T={args.kd_temperature}",
-             f"{'task':<12} {'model':<22} {'pass / acc':>10} {'agree w/ teacher':>16} {'KL/token (held-out)':>20}"]
+             f"{'task':<12} {'model':<22} {'strict / acc':>12} {'check alone':>11} {'agree w/ teacher':>16} "
+             f"{'KL/token (held-out)':>20}"]
     for task, result in results.items():
-        score_name = "pass" if task == "french" else "acc vs gold"
+        score_name = "strict pass and the check's pass rate alone" if task == "french" else "acc vs gold"
         agreement_name = "chrF" if task == "french" else "label agr."
         kl_of = lambda entry: "n/a" if entry["kl"]["mean_kl"] is None else f"{entry['kl']['mean_kl']:.3f}"  # noqa
         teacher_result = result["teacher"]
-        lines.append(f"{task:<12} {'teacher + prompt':<22} {fmt(teacher_result['score']):>10} {'-':>16} {'-':>20}")
-        lines.append(f"{'':<12} {'base, no prompt':<22} {'-':>10} {'-':>16} {kl_of(result['base']):>20}")
+        lines.append(f"{task:<12} {'teacher + prompt':<22} {fmt(teacher_result['score']):>12} "
+                     f"{fmt(teacher_result.get('check_score_kept')):>11} {'-':>16} {'-':>20}")
+        lines.append(f"{'':<12} {'base, no prompt':<22} {'-':>12} {'-':>11} {'-':>16} {kl_of(result['base']):>20}")
         for loss, entry in result["students"].items():
             agreement = (f"{entry['agreement']:.1f}" if task == "french" else fmt(entry["agreement"])) \
                 if entry["agreement"] is not None else "n/a"
-            lines.append(f"{'':<12} {f'student {loss}':<22} {fmt(entry['score']):>10} {agreement:>16} "
-                         f"{kl_of(entry):>20}")
+            lines.append(f"{'':<12} {f'student {loss}':<22} {fmt(entry['score']):>12} "
+                         f"{fmt(entry.get('check_score')):>11} {agreement:>16} {kl_of(entry):>20}")
         kl_tokens = result["base"]["kl"]
         lines.append(f"{'':<12} ({score_name}; agreement is {agreement_name}; teacher kept {teacher_result['kept']}, "
-                     f"rejected {teacher_result['rejected']} held-out rows; KL over {kl_tokens['tokens']} tokens of "
+                     f"rejected {teacher_result['rejected']} held-out rows (its strict rate counts a rejected row as a "
+                     f"failure, its check rate is over the kept rows); KL over {kl_tokens['tokens']} tokens of "
                      f"{kl_tokens['rows']} rows)")
     return "\n".join(lines)
 

@@ -96,30 +96,42 @@ def sentence_chrf(hypothesis: str, reference: str) -> float:
     return CHRF().sentence_score(hypothesis, [reference]).score
 
 
-def judge_answers(check: dict, answers: list[str], teacher_answers: list[str | None]) -> list[dict]:
-    """Per answer: whether it passes the check, and its chrF against the teacher's answer (None without one)."""
-    from distill.checks import passes_each
+def judge_answers(prompt, questions: list[str], answers: list[str], contract_reasons: list[str],
+                  teacher_answers: list[str | None]) -> list[dict]:
+    """Per answer: whether the prompt's check passes, why the answer is no answer ("ok" when it is one: the output's
+    contract reason, e.g. cut_at_max_tokens, else distill/checks.py's echo / loop / off_topic), the strict verdict
+    (check passed and an answer), and chrF against the teacher's answer (None without one)."""
+    from distill.checks import non_answer_reason, passes_each
 
-    passed = passes_each(check, answers)
-    return [{"passed": ok, "chrf": None if teacher is None else round(sentence_chrf(answer, teacher), 4)}
-            for answer, ok, teacher in zip(answers, passed, teacher_answers)]
+    verdicts = []
+    for question, answer, check_passed, reason, teacher in zip(
+            questions, answers, passes_each(prompt.check, answers), contract_reasons, teacher_answers):
+        if reason == "ok":
+            reason = non_answer_reason(prompt, question, answer) or "ok"
+        verdicts.append({"passed": check_passed and reason == "ok", "check_passed": check_passed, "reason": reason,
+                         "chrf": None if teacher is None else round(sentence_chrf(answer, teacher), 4)})
+    return verdicts
 
 
 def score_generative(examples: list[dict], max_failures: int = 5) -> dict:
-    """The generative summary from scored examples (each with answer, passed, answer_tokens and maybe chrf), so the
-    summary can always be recomputed from the examples saved beside it. An empty answer stays in every
-    denominator: it is an answer that fails."""
+    """The generative summary from scored examples (each with answer, passed, check_passed, reason, answer_tokens and
+    maybe chrf), so the summary can always be recomputed from the examples saved beside it. An empty answer stays in
+    every denominator: it is an answer that fails. The strict rate is the headline; the check's rate alone is kept
+    to compare with results from before strict scoring."""
     n = len(examples)
     chrfs = [e["chrf"] for e in examples if e.get("chrf") is not None]
     return {
         "n": n,
-        "pass_rate": sum(e["passed"] for e in examples) / n if n else None,
-        "n_passed": sum(e["passed"] for e in examples),
+        "strict_pass_rate": sum(e["passed"] for e in examples) / n if n else None,
+        "n_strict_passed": sum(e["passed"] for e in examples),
+        "check_pass_rate": sum(e["check_passed"] for e in examples) / n if n else None,
+        "n_check_passed": sum(e["check_passed"] for e in examples),
+        "non_answers": dict(Counter(e["reason"] for e in examples if e["reason"] != "ok")),
         "agreement_with_teacher_chrf": sum(chrfs) / len(chrfs) if chrfs else None,
         "n_with_teacher": len(chrfs),
         "mean_answer_chars": sum(len(e["answer"]) for e in examples) / n if n else None,
         "mean_answer_tokens": sum(e["answer_tokens"] for e in examples) / n if n else None,
         "empty_answers": sum(not e["answer"] for e in examples),
-        "failures": [{"id": e["id"], "text": e["text"], "answer": e["answer"]}
-                     for e in examples if not e["passed"]][:max_failures],
+        "failures": [{"id": e["id"], "text": e["text"], "answer": e["answer"], "reason": e["reason"],
+                      "check_passed": e["check_passed"]} for e in examples if not e["passed"]][:max_failures],
     }

@@ -16,8 +16,16 @@ A generative (free-form) task declares instead how a whole answer is judged, and
     check: {answer_language: fr}
     ---
 
-The teacher sees [system: prompt, user: query_template(query)]: the prompt comes first so it is a prefix that
-vLLM's prefix cache computes once. The student sees [user: query] only. Both are rendered to text by one
+Either kind may declare `example_turns`, a list of {user, assistant} pairs the teacher sees as real chat turns
+between the system prompt and the query (a small model follows a format from such turns, not from the same examples
+written into the system prompt); a generative task may declare `judge_rubric` (what evaluate.py --judge_model asks
+besides "does it answer?") and `on_topic` (how strict scoring checks that an answer is about its question:
+`question_words`, the default, or `none` for a task whose answers need not share the question's words, e.g. a
+translation into another language).
+
+The teacher sees [system: prompt, (user: query_template(example), assistant: answer)..., user:
+query_template(query)]: the prompt and the examples come first so they are a prefix that vLLM's prefix cache computes
+once. The student sees [user: query] only. Both are rendered to text by one
 function, `render`, which training and evaluation share so the student's input is identical in both.
 """
 
@@ -44,6 +52,9 @@ class TaskPrompt:
     query_template: str
     check: dict | None = None  # a generative task's judge (distill/checks.py); None for a label task
     stop: tuple[str, ...] = ()  # a generative task's answer ends at the first of these strings (front matter `stop`)
+    example_turns: tuple[tuple[str, str], ...] = ()  # (user, assistant) turns the teacher sees before the query
+    judge_rubric: str | None = None  # a generative task's rules, as a judge model is asked to apply them
+    on_topic: str = "question_words"  # how strict scoring checks an answer is about its question (distill/checks.py)
 
     @property
     def is_generative(self) -> bool:
@@ -65,10 +76,17 @@ class TaskPrompt:
         return hashlib.sha256(Path(self.path).read_bytes()).hexdigest()
 
     def teacher_messages(self, query: str) -> list[dict]:
-        return [
-            {"role": "system", "content": self.text},
-            {"role": "user", "content": self.query_template.format(query=query)},
-        ]
+        messages = [{"role": "system", "content": self.text}]
+        for user, assistant in self.example_turns:
+            messages += [{"role": "user", "content": self.query_template.format(query=user)},
+                         {"role": "assistant", "content": assistant}]
+        return messages + [{"role": "user", "content": self.query_template.format(query=query)}]
+
+    def echo_sources(self) -> list[str]:
+        """The prompt's own words, which an answer restates instead of answering (distill/checks.py's echo): the
+        system prompt, the query template around {query}, and the example turns."""
+        return [self.text, *self.query_template.split("{query}"),
+                *(text for turn in self.example_turns for text in turn)]
 
 
 def student_messages(query: str) -> list[dict]:
@@ -108,6 +126,17 @@ def load_prompt(path: str | Path = DEFAULT_PROMPT) -> TaskPrompt:
     return _label_task(path, meta, text)
 
 
+def _example_turns(path: Path, meta: dict) -> tuple[tuple[str, str], ...]:
+    turns = meta.get("example_turns", [])
+    well_formed = isinstance(turns, list) and all(
+        isinstance(turn, dict) and set(turn) == {"user", "assistant"}
+        and all(isinstance(value, str) and value.strip() for value in turn.values()) for turn in turns)
+    if not well_formed:
+        raise ValueError(f"{path}: example_turns must be a list of {{user: ..., assistant: ...}} pairs of non-empty "
+                         f"strings, e.g. example_turns: [{{user: \"Why is the sky blue?\", assistant: \"...\"}}]")
+    return tuple((turn["user"], turn["assistant"]) for turn in turns)
+
+
 def _label_task(path: Path, meta: dict, text: str) -> TaskPrompt:
     missing = [key for key in REQUIRED_KEYS if key not in meta]
     if missing:
@@ -117,7 +146,8 @@ def _label_task(path: Path, meta: dict, text: str) -> TaskPrompt:
     labels = tuple(str(label).lower() for label in meta["labels"])
     if len(set(labels)) != len(labels) or not labels:
         raise ValueError(f"{path}: labels must be a non-empty list without duplicates")
-    return TaskPrompt(str(path), text, labels, meta["answer_format"], meta["query_template"])
+    return TaskPrompt(str(path), text, labels, meta["answer_format"], meta["query_template"],
+                      example_turns=_example_turns(path, meta))
 
 
 def _generative_task(path: Path, meta: dict, text: str) -> TaskPrompt:
@@ -134,4 +164,11 @@ def _generative_task(path: Path, meta: dict, text: str) -> TaskPrompt:
     stop = meta.get("stop", [])
     if not isinstance(stop, list) or not all(isinstance(item, str) and item for item in stop):
         raise ValueError(f"{path}: stop must be a list of non-empty strings, e.g. stop: [\". \", \"\\n\"]")
-    return TaskPrompt(str(path), text, (), None, query_template, check, tuple(stop))
+    on_topic = meta.get("on_topic", "question_words")
+    if on_topic not in checks.ON_TOPIC_KINDS:
+        raise ValueError(f"{path}: on_topic must be one of {', '.join(checks.ON_TOPIC_KINDS)}, not {on_topic!r}")
+    rubric = meta.get("judge_rubric")
+    if rubric is not None and not (isinstance(rubric, str) and rubric.strip()):
+        raise ValueError(f"{path}: judge_rubric must be a non-empty string")
+    return TaskPrompt(str(path), text, (), None, query_template, check, tuple(stop), _example_turns(path, meta),
+                      rubric, on_topic)

@@ -19,7 +19,8 @@ from pathlib import Path
 GOAL_SHARE_OF_TEACHER = 0.9
 NAME_WIDTH = 28
 NOTE_WIDTH = 118
-ANSWER_WIDTH = 86  # an answer shown under the table fits one line beside its row name
+ANSWER_WIDTH = 70  # an answer shown under the table fits one line beside its row name and verdict
+SAMPLE_ANSWERS, SAMPLE_SEED = 5, 0
 
 
 def pct(value) -> str:
@@ -59,37 +60,60 @@ def label_table(teacher: dict, student: dict, gold_student: dict | None = None) 
     return "\n".join(lines + [""] + [textwrap.fill(note, NOTE_WIDTH) for note in notes])
 
 
-def generative_table(base: dict, teacher: dict, student: dict) -> str:
+def generative_table(base: dict, teacher: dict, student: dict, extra: dict | None = None) -> str:
+    """`extra` adds rows after the distilled student's, {row name: results} (e.g. another student)."""
     header = pass_header(teacher["check"])
     rows = [
         ("base model, no prompt", base, "what the student starts from"),
         ("teacher + prompt", teacher, "the behaviour the prompt buys"),
         ("distilled student, no prompt", student, "the behaviour, without the prompt"),
+        *((name, results, "the behaviour, without the prompt") for name, results in (extra or {}).items()),
     ]
-    titles = (header, "chrF vs teacher", "answer tokens", "input tok/req", "median latency")
-    lines = grid(titles, [(name, (pct(results["pass_rate"]), num(results["agreement_with_teacher_chrf"]),
-                                  num(results["mean_answer_tokens"]), num(results["cost"]["input_tokens_per_request"]),
+    titles = ("strict pass", f"check alone: {header}", "chrF vs teacher", "answer tokens", "input tok/req",
+              "median latency")
+    lines = grid(titles, [(name, (pct(results["strict_pass_rate"]), pct(results["check_pass_rate"]),
+                                  num(results["agreement_with_teacher_chrf"]), num(results["mean_answer_tokens"]),
+                                  num(results["cost"]["input_tokens_per_request"]),
                                   num(results["cost"]["median_latency_seconds"], 1000, " ms")), shows)
                           for name, results, shows in rows])
     notes = [f"{student['split']} split of {student['test_file']}, n={student['n']} questions no student trained on"
-             f"{n_note(teacher, student)}; pass = {teacher['check_description']}; chrF (0-100) compares each answer "
-             f"with the teacher-with-prompt's answer to the same question.",
-             share_line(teacher["pass_rate"], student["pass_rate"]), *cost_line(student)]
+             f"{n_note(teacher, student)}. Strict pass = {teacher['check_description']}, and the answer is an answer: "
+             f"not cut at the token cap, empty, a restatement of the prompt (echo), a loop, or off the question's "
+             f"topic (distill/checks.py). chrF (0-100) compares each answer with the teacher-with-prompt's answer to "
+             f"the same question.",
+             "Not answers: " + "; ".join(f"{name} {non_answers(results)}" for name, results, _ in rows) + ".",
+             share_line(teacher["strict_pass_rate"], student["strict_pass_rate"]), *cost_line(student)]
+    named = {name: results for name, results, _ in rows}
     return "\n".join(lines + [""] + [textwrap.fill(note, NOTE_WIDTH) for note in notes] + [""]
-                     + one_question(base, teacher, student))
+                     + sample_answers(named))
 
 
-def one_question(base: dict, teacher: dict, student: dict) -> list[str]:
-    """The three answers to the first held-out question all three were asked: the numbers, seen on one case."""
-    answers = [{example["id"]: example for example in results["examples"]} for results in (base, teacher, student)]
-    shared = [example for example in student["examples"] if all(example["id"] in by_id for by_id in answers)]
-    if not shared:
-        return []
-    question = shared[0]
-    lines = [f"One held-out question ({question['id']}): {shorten(question['text'])}"]
-    for name, by_id in zip(("base model, no prompt", "teacher + prompt", "distilled student, no prompt"), answers):
-        lines.append(f"  {name + ':':30} {shorten(by_id[question['id']]['answer'])}")
+def non_answers(results: dict) -> str:
+    counts = results.get("non_answers", {})
+    return ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items())) or "none"
+
+
+def sample_answers(named: dict[str, dict], k: int = SAMPLE_ANSWERS, seed: int = SAMPLE_SEED) -> list[str]:
+    """k held-out questions every model was asked, drawn with a fixed seed (not picked by hand), and each model's
+    answer with its strict verdict: the numbers, seen on cases."""
+    import random
+
+    by_id = {name: {example["id"]: example for example in results["examples"]} for name, results in named.items()}
+    shared = sorted(set.intersection(*(set(answers) for answers in by_id.values())))
+    lines = [f"{min(k, len(shared))} held-out questions drawn with seed {seed} (✓ strict pass, ✗ with the reason):"]
+    for question_id in random.Random(seed).sample(shared, min(k, len(shared))):
+        lines.append(f"  {question_id}: {shorten(next(iter(by_id.values()))[question_id]['text'])}")
+        for name, answers in by_id.items():
+            example = answers[question_id]
+            verdict = "✓" if example["passed"] else f"✗ {verdict_reason(example)}"
+            lines.append(f"    {name + ':':30} {verdict:16} {shorten(example['answer'] or 'EMPTY')}")
     return lines
+
+
+def verdict_reason(example: dict) -> str:
+    if example.get("reason", "ok") != "ok":
+        return example["reason"]
+    return "check failed"
 
 
 def shorten(text: str) -> str:
@@ -118,10 +142,10 @@ def pass_header(check: dict) -> str:
 def share_line(teacher_rate, student_rate) -> str:
     goal = f"goal >= {100 * GOAL_SHARE_OF_TEACHER:.0f}%"
     if not teacher_rate:
-        return f"The teacher passes no answer, so the student's share of its pass rate is undefined ({goal})."
+        return f"The teacher passes no answer strictly, so the student's share of its strict pass rate is undefined ({goal})."
     share = student_rate / teacher_rate
     verdict = "met" if share >= GOAL_SHARE_OF_TEACHER else "not met"
-    return (f"The distilled student reaches {100 * share:.0f}% of the teacher's pass rate ({pct(student_rate)} vs "
+    return (f"The distilled student reaches {100 * share:.0f}% of the teacher's strict pass rate ({pct(student_rate)} vs "
             f"{pct(teacher_rate)}); {goal}: {verdict}.")
 
 

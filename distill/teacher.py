@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from distill.answers import Parsed, parse_generative, parse_teacher
+from distill.checks import non_answer_reason
 from distill.prompts import TaskPrompt, render_teacher
 
 # Sampling fields a user may set; each defaults to the model's generation_config (as vLLM reads it), then vLLM's.
@@ -105,10 +106,14 @@ class Teacher:
 
         return StructuredOutputsParams(choice=list(self.prompt.labels))
 
-    def parse(self, text: str, finish_reason: str | None = None) -> Parsed:
-        if self.prompt.is_generative:
-            return parse_generative(text, finish_reason, self.expects_reasoning)
-        return parse_teacher(text, self.prompt, self.expects_reasoning, self.constrain_labels)
+    def parse(self, text: str, finish_reason: str | None = None, query: str | None = None) -> Parsed:
+        """A label, or a generative answer that is an answer to `query`: one that restates the prompt, loops or is
+        off topic (distill/checks.py) breaks the contract like a cut one, so it is redrawn and at last rejected."""
+        if not self.prompt.is_generative:
+            return parse_teacher(text, self.prompt, self.expects_reasoning, self.constrain_labels)
+        parsed = parse_generative(text, finish_reason, self.expects_reasoning)
+        reason = parsed.label and query is not None and non_answer_reason(self.prompt, query, parsed.label)
+        return Parsed(None, reason, parsed.reasoning_chars) if reason else parsed
 
 
 # ---- one query's outcome ----------------------------------------------------------------------------------------
@@ -312,7 +317,8 @@ def stream(engine, teacher: Teacher, rows: Iterable[dict], params, *, num_sample
             job.pending -= 1
             stats.add_output(output)
             for completion in output.outputs:
-                sample = Sample(teacher.parse(completion.text, completion.finish_reason), completion.text,
+                sample = Sample(teacher.parse(completion.text, completion.finish_reason, job.answer.row["text"]),
+                                completion.text,
                                 completion.finish_reason, len(completion.token_ids), list(completion.token_ids),
                                 completion.logprobs if params.logprobs else None)
                 (job.answer.samples if sample.parsed.label else job.answer.failures).append(sample)

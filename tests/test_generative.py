@@ -19,8 +19,9 @@ from tests.test_serving import stop_at_the_engine
 from tests.test_teacher_stream import IndexTokenizer, ScramblingEngine
 
 GENERAL_QUESTIONS = REPO / "example-data" / "general_questions.jsonl"
-# Any non-blank answer passes, so the tiny random model's answers can pass and fail only by being empty.
-ANY_TEXT_PROMPT = '---\ncheck: {regex: "\\\\S"}\n---\nYou answer every question in one short sentence.\n'
+# Any non-blank answer passes the check, so the tiny random model's answers can pass it and fail only by being empty;
+# strict scoring still refuses its echoes and loops (random text shares no word with the question: no topic check).
+ANY_TEXT_PROMPT = '---\ncheck: {regex: "\\\\S"}\non_topic: none\n---\nYou answer every question in one short sentence.\n'
 
 
 @pytest.fixture()
@@ -122,34 +123,49 @@ def test_a_generative_row_carries_the_whole_answer(generative_prompt):
 # ---- scoring ----------------------------------------------------------------------------------------------------
 
 
-def test_pass_rate_and_chrf_on_known_answers():
+def test_strict_pass_rate_check_rate_and_chrf_on_known_answers():
     from sacrebleu.metrics import CHRF
 
-    check = {"regex": "^Le "}
-    answers = ["Le chat dort sur le canapé.", "The cat sleeps.", ""]
-    teachers = ["Le chat dort sur le lit.", "Le chat dort.", None]
-    judged = judge_answers(check, answers, teachers)
+    from distill.prompts import TaskPrompt
+
+    prompt = TaskPrompt("p.md", "Tu réponds en français, en une phrase courte.", (), None, "{query}",
+                        {"regex": "^Le "})
+    questions = ["Où dort le chat ?", "Où dort le chat ?", "Où dort le chien ?", "Où dort le chat ?",
+                 "Où dort le chat ?"]
+    answers = ["Le chat dort sur le canapé.", "The cat sleeps.", "", "Le chat dort sur le canapé du salon",
+               "Le réponds en français, en une phrase courte."]
+    reasons = ["ok", "ok", "empty_answer", "cut_at_max_tokens", "ok"]
+    teachers = ["Le chat dort sur le lit.", "Le chat dort.", None, None, None]
+    judged = judge_answers(prompt, questions, answers, reasons, teachers)
     expected = [CHRF().sentence_score(answers[0], [teachers[0]]).score,
                 CHRF().sentence_score(answers[1], [teachers[1]]).score]
     assert 0 < expected[1] < expected[0] < 100  # a closer answer scores higher
-    assert [j["passed"] for j in judged] == [True, False, False]
+    assert [j["check_passed"] for j in judged] == [True, False, False, True, True]
+    assert [j["reason"] for j in judged] == ["ok", "off_topic", "empty_answer", "cut_at_max_tokens", "echo"]
+    assert [j["passed"] for j in judged] == [True, False, False, False, False]
     assert [j["chrf"] for j in judged] == [pytest.approx(expected[0], abs=1e-3), pytest.approx(expected[1], abs=1e-3),
-                                           None]
+                                           None, None, None]
     assert sentence_chrf("same words", "same words") == pytest.approx(100)
 
-    examples = [{"id": str(i), "text": f"q{i}", "answer": answer, "answer_tokens": tokens, **judgement}
-                for i, (answer, tokens, judgement) in enumerate(zip(answers, [7, 4, 0], judged))]
+    examples = [{"id": str(i), "text": question, "answer": answer, "answer_tokens": tokens, **judgement}
+                for i, (question, answer, tokens, judgement) in enumerate(zip(questions, answers, [7, 4, 0, 9, 8],
+                                                                               judged))]
     summary = score_generative(examples)
-    assert summary["n"] == 3 and summary["n_passed"] == 1 and summary["pass_rate"] == pytest.approx(1 / 3)
+    assert summary["n"] == 5 and summary["n_strict_passed"] == 1 and summary["strict_pass_rate"] == pytest.approx(0.2)
+    assert summary["n_check_passed"] == 3 and summary["check_pass_rate"] == pytest.approx(0.6)
+    assert summary["non_answers"] == {"off_topic": 1, "empty_answer": 1, "cut_at_max_tokens": 1, "echo": 1}
     assert summary["agreement_with_teacher_chrf"] == pytest.approx(sum(expected) / 2, abs=1e-3)
     assert summary["n_with_teacher"] == 2 and summary["empty_answers"] == 1
-    assert summary["mean_answer_chars"] == pytest.approx((27 + 15) / 3) and summary["mean_answer_tokens"] == 11 / 3
-    assert summary["failures"] == [{"id": "1", "text": "q1", "answer": "The cat sleeps."},
-                                   {"id": "2", "text": "q2", "answer": ""}]
+    assert summary["mean_answer_tokens"] == 28 / 5
+    assert summary["mean_answer_chars"] == pytest.approx(sum(map(len, answers)) / 5)
+    assert [f["id"] for f in summary["failures"]] == ["1", "2", "3", "4"]
+    assert summary["failures"][0] == {"id": "1", "text": questions[1], "answer": "The cat sleeps.", "reason": "off_topic",
+                                      "check_passed": False}
 
 
 def test_agreement_is_null_without_a_teacher():
-    examples = [{"id": "a", "text": "q", "answer": "x", "answer_tokens": 1, "passed": True, "chrf": None}]
+    examples = [{"id": "a", "text": "q", "answer": "x", "answer_tokens": 1, "passed": True, "check_passed": True,
+                 "reason": "ok", "chrf": None}]
     summary = score_generative(examples)
     assert summary["agreement_with_teacher_chrf"] is None and summary["n_with_teacher"] == 0
 
@@ -281,8 +297,8 @@ def test_generative_stages_one_two_three(tiny_model, generative_prompt, tmp_path
                      generative_prompt, "--teacher_file", stage1, "--output_file", results_path,
                      "--latency_requests", 2)
     results = json.loads(results_path.read_text())
-    keys = {"task", "check", "check_description", "mode", "model_path", "split", "test_file", "n", "pass_rate",
-            "n_passed", "agreement_with_teacher_chrf", "n_with_teacher", "mean_answer_chars", "mean_answer_tokens",
+    keys = {"task", "check", "check_description", "mode", "model_path", "split", "test_file", "n", "strict_pass_rate",
+            "n_strict_passed", "check_pass_rate", "n_check_passed", "non_answers", "agreement_with_teacher_chrf", "n_with_teacher", "mean_answer_chars", "mean_answer_tokens",
             "empty_answers", "failures", "cost", "examples"}
     assert keys <= set(results) and "confusion_matrix" not in results
     assert results["task"] == "generative" and results["check"] == {"regex": "\\S"}
@@ -290,9 +306,22 @@ def test_generative_stages_one_two_three(tiny_model, generative_prompt, tmp_path
     examples = results["examples"]
     assert [e["id"] for e in examples] == [row["id"] for row in rows if row["group"] == "drinks"]
     assert results["n"] == 6 and results["sampling"]["max_tokens"] == 64
-    assert [e["passed"] for e in examples] == [bool(e["answer"].strip()) for e in examples]
-    assert results["pass_rate"] == pytest.approx(sum(e["passed"] for e in examples) / 6)
-    assert results["n_passed"] == sum(e["passed"] for e in examples)
+    assert [e["check_passed"] for e in examples] == [bool(e["answer"].strip()) for e in examples]
+    # strict: the check and an answer (as the model wrote it: not cut, and no echo or loop)
+    from distill.checks import non_answer_reason
+
+    prompt = load_prompt(generative_prompt)
+    for e in examples:
+        if e["reason"] == "cut_at_max_tokens":
+            assert e["output_tokens"] == 64
+        elif e["answer"]:
+            assert e["reason"] == (non_answer_reason(prompt, e["text"], e["answer"]) or "ok")
+        else:
+            assert e["reason"] == "empty_answer"
+        assert e["passed"] == (e["check_passed"] and e["reason"] == "ok")
+    assert results["strict_pass_rate"] == pytest.approx(sum(e["passed"] for e in examples) / 6)
+    assert results["n_strict_passed"] == sum(e["passed"] for e in examples)
+    assert results["check_pass_rate"] == pytest.approx(sum(e["check_passed"] for e in examples) / 6)
     teacher_of = {row["id"]: row["messages"][1]["content"] for row in written}
     with_teacher = [e for e in examples if e["id"] in teacher_of]
     assert [e["teacher"] for e in with_teacher] == [teacher_of[e["id"]] for e in with_teacher]
@@ -304,9 +333,9 @@ def test_generative_stages_one_two_three(tiny_model, generative_prompt, tmp_path
     assert results["mean_answer_chars"] == pytest.approx(sum(len(e["answer"]) for e in examples) / 6)
     assert results["empty_answers"] == sum(not e["answer"] for e in examples)
     assert all(set(e) >= {"id", "text", "answer", "passed", "input_tokens", "output_tokens"} for e in examples)
-    assert results["failures"] == [{"id": e["id"], "text": e["text"], "answer": e["answer"]}
-                                   for e in examples if not e["passed"]][:5]
-    assert "pass rate:" in result.stdout and "chrF vs teacher:" in result.stdout and "cost:" in result.stdout
+    assert results["failures"] == [{"id": e["id"], "text": e["text"], "answer": e["answer"], "reason": e["reason"],
+                                    "check_passed": e["check_passed"]} for e in examples if not e["passed"]][:5]
+    assert "strict pass rate:" in result.stdout and "chrF vs teacher:" in result.stdout and "cost:" in result.stdout
 
 
 def test_evaluation_scores_a_cut_teacher_answer_as_written(generative_prompt):
@@ -317,9 +346,10 @@ def test_evaluation_scores_a_cut_teacher_answer_as_written(generative_prompt):
                            cut=lambda query, attempt: query == 0)
     engine.max_num_seqs = 4
     answer = evaluate.teacher_answers(engine, generative_teacher(generative_prompt), SamplingParams(max_tokens=8))
-    raw, answers, _ = answer(ROWS[:2])
+    raw, answers, _, reasons = answer(ROWS[:2])
     assert raw == ["<think>hm</think> Réponse 0", "<think>hm</think> Réponse 1"]
     assert answers == ["Réponse 0", "Réponse 1"], "the cut answer (r0) is scored on its text, not as empty"
+    assert reasons == ["cut_at_max_tokens", "ok"], "and fails strict scoring for being cut"
 
 
 def test_the_task_stop_strings_reach_the_teachers_sampling():

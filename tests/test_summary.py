@@ -16,19 +16,23 @@ def label_results(accuracy, agreement, tokens, latency, n=233, lingua=None, rati
             "split": "heldout", "test_file": "example-data/language_id.jsonl", "n": n}
 
 
-def generative_results(mode, n_passed, chrf, answer_tokens, input_tokens, latency, n=70, ratio=None):
+def generative_results(mode, n_passed, chrf, answer_tokens, input_tokens, latency, n=70, ratio=None, n_check=None):
     """A generative evaluate.py results JSON as the generative evaluation writes it, trimmed of what the table
-    does not read."""
+    does not read. n_passed answers pass strictly, n_check (default: n_passed + 2) pass the check alone."""
+    n_check = n_passed + 2 if n_check is None else n_check
     cost = {"input_tokens_per_request": input_tokens, "median_latency_seconds": latency}
     if ratio:
         cost["vs_teacher_with_prompt"] = ratio
     return {"task": "generative", "check": {"answer_language": "fr"},
             "check_description": "answer in language 'fr' (lingua)", "mode": mode, "model_path": "models/x",
             "split": "heldout", "test_file": "example-data/general_questions.jsonl", "n": n,
-            "pass_rate": n_passed / n, "n_passed": n_passed, "agreement_with_teacher_chrf": chrf,
+            "strict_pass_rate": n_passed / n, "n_strict_passed": n_passed, "check_pass_rate": n_check / n,
+            "n_check_passed": n_check, "non_answers": {"echo": n_check - n_passed} if n_check > n_passed else {},
+            "agreement_with_teacher_chrf": chrf,
             "n_with_teacher": n if chrf is not None else 0, "mean_answer_chars": 4.0 * answer_tokens,
             "mean_answer_tokens": answer_tokens, "empty_answers": 0, "failures": [], "cost": cost,
-            "examples": [{"id": "gq-0007", "text": "Why is the sky blue?", "answer": f"{mode} answers"}]}
+            "examples": [{"id": f"gq-{i:04d}", "text": f"Question {i}?", "answer": f"{mode} answers {i}",
+                          "passed": i % 2 == 0, "reason": "ok" if i % 3 else "echo"} for i in range(8)]}
 
 
 def rows_of(text: str) -> dict[str, str]:
@@ -48,41 +52,53 @@ def french_trio():
     return base, teacher, student
 
 
-def test_generative_table_shows_each_system_pass_rate_and_the_share_of_the_teacher():
+def test_generative_table_shows_each_system_strict_and_check_rates_and_the_share_of_the_teacher():
     text = generative_table(*french_trio())
     rows, notes = rows_of(text), flat(text)
-    assert text.splitlines()[0].split()[:3] == ["answers", "in", "French"]
+    assert text.splitlines()[0].split()[:2] == ["strict", "pass"] and "check alone: answers in French" in text
     base, teacher, student = (rows["base model, no prompt"], rows["teacher + prompt"],
                               rows["distilled student, no prompt"])
-    assert base.split()[4:9] == ["0.0%", "12.5", "60.2", "40.0", "500.0"]
-    assert teacher.split()[3:8] == ["94.3%", "n/a", "41.0", "1210.0", "900.0"]  # 66/70
-    assert student.split()[4:9] == ["90.0%", "48.3", "39.5", "40.0", "300.0"]  # 63/70
-    # 63/66 of the teacher's passes: 95.5%, over the 90% goal
-    assert "The distilled student reaches 95% of the teacher's pass rate (90.0% vs 94.3%); goal >= 90%: met." in notes
+    assert base.split()[4:10] == ["0.0%", "2.9%", "12.5", "60.2", "40.0", "500.0"]  # 2/70 pass the check alone
+    assert teacher.split()[3:9] == ["94.3%", "97.1%", "n/a", "41.0", "1210.0", "900.0"]  # 66/70, 68/70
+    assert student.split()[4:10] == ["90.0%", "92.9%", "48.3", "39.5", "40.0", "300.0"]  # 63/70, 65/70
+    # 63/66 of the teacher's strict passes: 95.5%, over the 90% goal
+    assert "The distilled student reaches 95% of the teacher's strict pass rate (90.0% vs 94.3%); goal >= 90%: met." in notes
     assert "heldout split of example-data/general_questions.jsonl, n=70 questions" in notes
-    assert "pass = answer in language 'fr' (lingua)" in notes
+    assert "Strict pass = answer in language 'fr' (lingua), and the answer is an answer" in notes
+    assert "Not answers: base model, no prompt echo 2; teacher + prompt echo 2;" in notes
     assert "30x fewer input tokens" in notes and "3.0x faster" in notes
 
 
-def test_generative_table_ends_with_the_three_answers_to_one_question():
+def test_generative_table_ends_with_five_seeded_questions_and_every_models_answer():
     base, teacher, student = french_trio()
-    # The student's first question the base run lacks is skipped: all three answers must be to the same question.
-    student["examples"].insert(0, {"id": "gq-0001", "text": "What is a black hole?", "answer": "Un trou noir est..."})
+    # A question the base run lacks is never drawn: all answers shown are to the same question.
+    student["examples"].append({"id": "gq-0100", "text": "What is a black hole?", "answer": "Un trou noir est...",
+                                "passed": True, "reason": "ok"})
     teacher["examples"][0]["answer"] = "Le ciel est bleu parce que " + "l'air disperse la lumière bleue, " * 5
-    lines = generative_table(base, teacher, student).splitlines()[-4:]
-    assert lines[0] == "One held-out question (gq-0007): Why is the sky blue?"
-    assert lines[1].split() == ["base", "model,", "no", "prompt:", "base", "answers"]
-    assert lines[2].startswith("  teacher + prompt:") and lines[2].endswith(" ...") and len(lines[2]) <= 2 + 30 + 1 + 86
-    assert lines[3].split()[-2:] == ["student", "answers"]
+    lines = generative_table(base, teacher, student).splitlines()
+    first = lines.index("5 held-out questions drawn with seed 0 (✓ strict pass, ✗ with the reason):")
+    shown = lines[first + 1:]
+    assert len(shown) == 5 * 4
+    drawn = [line.split(":")[0].strip() for line in shown[0::4]]
+    import random
+
+    assert drawn == random.Random(0).sample([f"gq-{i:04d}" for i in range(8)], 5)  # seeded, not picked
+    for question, (b, t, s) in zip(drawn, zip(shown[1::4], shown[2::4], shown[3::4])):
+        i = int(question[3:])
+        verdict = "✓" if i % 2 == 0 else ("✗ echo" if i % 3 == 0 else "✗ check failed")
+        assert b.split(":")[0].strip() == "base model, no prompt" and f"base answers {i}" in b and verdict in b
+        assert t.strip().startswith("teacher + prompt:") and len(t) <= 4 + 30 + 1 + 16 + 1 + 70
+        assert s.strip().endswith(f"student answers {i}")
+    assert "gq-0100" not in "\n".join(shown)
 
 
 def test_generative_share_line_says_when_the_goal_is_missed_and_when_it_is_undefined():
     base, teacher, student = french_trio()
-    student["pass_rate"] = 0.5
-    assert "reaches 53% of the teacher's pass rate (50.0% vs 94.3%); goal >= 90%: not met." in flat(generative_table(
+    student["strict_pass_rate"] = 0.5
+    assert "reaches 53% of the teacher's strict pass rate (50.0% vs 94.3%); goal >= 90%: not met." in flat(generative_table(
         base, teacher, student))
-    teacher["pass_rate"] = 0.0
-    assert "the student's share of its pass rate is undefined" in flat(generative_table(base, teacher, student))
+    teacher["strict_pass_rate"] = 0.0
+    assert "the student's share of its strict pass rate is undefined" in flat(generative_table(base, teacher, student))
 
 
 def test_label_table_has_one_row_per_system_with_each_number_and_what_it_shows():

@@ -303,7 +303,7 @@ def build_steps(steps: int, old_steps: int, moe_layers: int, vllm_installed: boo
         result = json.loads((state["work"] / "eval.json").read_text())
         if result["n"] != 32 or "LoRA" not in result["serving"]:
             raise StepFailed(f"{result['n']} rows served by {result['serving']}, expected 32 through vLLM's LoRA")
-        return f"{result['serving']}; {result['n']} rows, parse rate {result['parse_rate']}"
+        return f"{result['serving']}; {result['n']} rows, parse rate {result.get('parse_rate')}"
 
     return [
         helper_step("environment", ["environment"], (), 8, 90, one_gpu=False, remember="state"),

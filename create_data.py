@@ -49,7 +49,7 @@ from distill.records import (InputError, RunRecord, append_jsonl, output_paths, 
                              repair_torn_tail)
 from distill.soft_targets import (SIDECAR_SUFFIX, read_sidecar, sidecar_line, sidecar_path, sync_sidecar,
                                   tokenizer_hash)
-from distill.splits import select
+from distill.splits import select, split_of
 from distill.synthesis import label_target_agreement
 from distill.teacher import (SAMPLING_FLAGS, StopRequest, StreamStats, Teacher, VllmEngine, add_sampling_args,
                              effective_sampling, model_sampling_defaults, sampling_params, stream)
@@ -61,33 +61,37 @@ RESUME_KEYS = ("model", "prompt_sha256", "num_samples", "constrain_labels", *SAM
                "save_logprobs")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser():
+    """Every flag of stage 1, vLLM's engine flags included; builds no model."""
     engine.configure_env()
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = FlexibleArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = engine.stage_parser(__doc__)
     parser.add_argument("--input-file", default="example-data/language_id.jsonl",
                         help=".txt (one query per line), .jsonl/.csv with a text column, or a datasets name")
-    parser.add_argument("--text-field", default="text")
-    parser.add_argument("--output-file", default="data/teacher.jsonl")
-    parser.add_argument("--prompt-file", default=str(DEFAULT_PROMPT))
-    parser.add_argument("--model-name", dest="model", help=f"teacher model (default {DEFAULT_TEACHER})")
+    parser.add_argument("--text-field", default="text", help="the query column of a .jsonl/.csv/datasets input")
+    parser.add_argument("--output-file", default="data/teacher.jsonl",
+                        help="chat JSONL; the rejects file, run record and sidecar go beside it")
+    parser.add_argument("--prompt-file", default=str(DEFAULT_PROMPT),
+                        help="the long prompt, with the task (labels or a check) in its front matter")
+    parser.add_argument("--model-name", dest="model", default=DEFAULT_TEACHER, help="teacher model (hub name or path)")
     parser.add_argument("--max-tokens", type=int,
-                        help=f"per answer, reasoning included (default: the model's, else {DEFAULT_MAX_TOKENS})")
+                        help=f"per answer, reasoning included (unset: the model's, else {DEFAULT_MAX_TOKENS})")
     parser.add_argument("--max-retries", type=int, default=3, help="fresh samples for an answer that breaks the contract")
     parser.add_argument("--num-samples", type=int, default=1,
                         help="answers per query; the label is their majority (a generative task keeps the first "
                              "valid answer: free texts are not voted on)")
-    parser.add_argument("--max-samples", type=int, help="use only the first N selected queries (before sharding)")
-    parser.add_argument("--split", choices=["all", "train", "heldout"], default="all",
-                        help="keep only this side of the group split that training and evaluation use")
-    parser.add_argument("--shard-index", type=int, default=0)
+    parser.add_argument("--max-samples", type=int,
+                        help="use only the first N selected queries (before sharding); without --split they come from "
+                             "the train side, so that training can use every one")
+    parser.add_argument("--split", choices=["all", "train", "heldout"],
+                        help="keep only this side of the group split that training and evaluation use (unset: all, "
+                             "or train with --max_samples)")
+    parser.add_argument("--shard-index", type=int, default=0, help="this instance's shard, 0..num_shards-1")
     parser.add_argument("--num-shards", type=int, default=1, help="a query goes to shard hash(id) mod num_shards")
     parser.add_argument("--constrain-labels", action="store_true",
                         help="vLLM structured outputs: the answer (after any reasoning) must be one of the labels "
                              "(label tasks only)")
     parser.add_argument("--max-in-flight", type=int,
-                        help="requests kept in the engine at once (default: the engine's --max-num-seqs)")
+                        help="requests kept in the engine at once (unset: the engine's --max-num-seqs)")
     parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)  # removed; kept to explain why
     parser.add_argument("--save-raw", action="store_true", help="keep the teacher's raw outputs in each row")
     parser.add_argument("--save-logprobs", type=int, metavar="K",
@@ -103,8 +107,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "that every selected id appears exactly once (create_data_h100x8.sh does this)")
     add_sampling_args(parser)
     engine.add_engine_args(parser)
-    parser.set_defaults(model=DEFAULT_TEACHER)
+    parser.set_defaults(model=DEFAULT_TEACHER)  # vLLM's --model shares the dest
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    # The first N rows of an input can all be held out (the first 16 of example-data/language_id.jsonl are), and
+    # training drops those: a sample for training comes from the train side unless --split says otherwise.
+    args.split = args.split or ("train" if args.max_samples else "all")
     if args.batch_size is not None:
         parser.error("--batch_size was removed: stage 1 streams queries through the engine and writes each row as "
                      "it finishes; use --max_in_flight to bound the requests in the engine")
@@ -179,6 +191,11 @@ def main(argv=None):
         sys.exit(f"error: --constrain_labels needs a label set, and {args.prompt_file} declares a generative task "
                  f"(check: {prompt.check}); drop the flag")
     rows = select(queries.rows, args.split)[: args.max_samples]
+    if not rows:
+        sys.exit(f"error: no queries of {args.input_file} on the {args.split} side of the split; "
+                 f"--split all takes every one")
+    # What stage 2 can learn from: it drops the held-out side of the same split (default fraction and seed).
+    selected_train_side = sum(split_of(row) == "train" for row in rows)
     try:
         model_defaults = model_sampling_defaults(args)
     except (ValueError, OSError) as error:
@@ -195,8 +212,9 @@ def main(argv=None):
     except InputError as error:
         sys.exit(f"error: {error}")
     todo = [row for row in rows if row["id"] not in done]
-    print(f"create_data: {len(rows)} queries ({queries.empty} empty and {queries.duplicates} duplicate lines skipped), "
-          f"{len(rows) - len(todo)} done by an earlier run, {len(todo)} to go")
+    print(f"create_data: {len(rows)} queries ({queries.empty} empty and {queries.duplicates} duplicate lines skipped; "
+          f"--split {args.split}, {selected_train_side} of them on the train side), {len(rows) - len(todo)} done by an "
+          f"earlier run, {len(todo)} to go")
 
     teacher = build_teacher(args, prompt)
     if args.constrain_labels and teacher.expects_reasoning and not args.reasoning_parser:
@@ -216,6 +234,8 @@ def main(argv=None):
     status = f"interrupted ({signal.Signals(stopped).name})" if stopped else "finished"
     written, rejected = read_jsonl(out), read_jsonl(rejects_path)
     totals = {"written": len(written), "rejected": len(rejected)}
+    trainable = {"selected_train_side": selected_train_side,
+                 "written_train_side": sum(split_of(row) == "train" for row in written)}
     # The merge's check on the finished files: every selected id exactly once (rows of ids that an earlier run with
     # a wider selection finished do not count against it).
     selected_ids = {row["id"] for row in rows}
@@ -237,6 +257,7 @@ def main(argv=None):
             "skipped_empty": queries.empty,
             "duplicates": queries.duplicates,
             "selected": len(rows),
+            **trainable,
             "resumed": len(rows) - len(todo),
             "written_this_run": stats["labelled"],
             "rejected_this_run": stats["rejected"],
@@ -256,6 +277,10 @@ def main(argv=None):
           f"{queries.duplicates} duplicates skipped; {stats['seconds']:.1f} s, {result['queries_per_second']} "
           f"queries/s, {stats['generated_tokens_per_second']} generated tokens/s, prefix-cache hit rate "
           f"{stats['prefix_cache_hit_rate']} -> {out}, {rejects_path.name}, {record_path.name}")
+    print(f"create_data: training can use {trainable['written_train_side']} of the {totals['written']} written rows "
+          f"(the train side of the split: {trainable['selected_train_side']} of the {len(rows)} selected, --split "
+          f"{args.split}{', first ' + str(args.max_samples) if args.max_samples else ''}); the other "
+          f"{totals['written'] - trainable['written_train_side']} are held out for evaluation")
     if result["counts"]["label_targets"]:
         targets = result["counts"]["label_targets"]
         print(f"create_data: {targets['labelled_as_target']} of {targets['queries']} queries written for a label got it "

@@ -28,7 +28,6 @@ with the strict pass.
         --test_file example-data/general_questions.jsonl --teacher_file data/french.jsonl
 """
 
-import argparse
 import dataclasses
 import json
 import statistics
@@ -42,28 +41,33 @@ from distill.records import InputError, RunRecord, read_jsonl, read_queries
 from distill.splits import HELDOUT_FRACTION, SPLIT_SEED, select
 
 
-def parse_args(argv=None):
-    engine.configure_env()
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+def build_parser():
+    """Every flag of stage 3, vLLM's engine flags included; builds no model."""
+    import os
 
-    parser = FlexibleArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-path", help="LoRA adapter dir or full model (default: newest adapter in models/)")
-    parser.add_argument("--base-model", help="base of the adapter (default: from adapter_config.json)")
-    parser.add_argument("--test-file", default="example-data/language_id.jsonl")
-    parser.add_argument("--text-field", default="text")
+    engine.configure_env()
+    parser = engine.stage_parser(__doc__)
+    parser.add_argument("--model-path", help="LoRA adapter dir or full model (unset: the newest adapter in models/)")
+    parser.add_argument("--base-model", help="base of the adapter (unset: from adapter_config.json)")
+    parser.add_argument("--test-file", default="example-data/language_id.jsonl",
+                        help=".txt, .jsonl/.csv with a text column, or a datasets name")
+    parser.add_argument("--text-field", default="text", help="the query column of a .jsonl/.csv/datasets input")
     parser.add_argument("--label-field", default="label", help="gold label column (rows without one: no accuracy)")
-    parser.add_argument("--split", choices=["heldout", "train", "all"], default="heldout")
-    parser.add_argument("--heldout-fraction", type=float, default=HELDOUT_FRACTION)
-    parser.add_argument("--split-seed", type=int, default=SPLIT_SEED)
-    parser.add_argument("--max-samples", type=int)
-    parser.add_argument("--output-file", help="results JSON (default: <model_path>/eval_<split>.json)")
+    parser.add_argument("--split", choices=["heldout", "train", "all"], default="heldout",
+                        help="which side of the group split to score (train/all: rows the adapter trained on)")
+    parser.add_argument("--heldout-fraction", type=float, default=HELDOUT_FRACTION,
+                        help="share of groups held out; must be the adapter's (from its distill_run.json)")
+    parser.add_argument("--split-seed", type=int, default=SPLIT_SEED,
+                        help="seed of the group split; must be the adapter's")
+    parser.add_argument("--max-samples", type=int, help="score only the first N rows of the split")
+    parser.add_argument("--output-file", help="results JSON (unset: <model_path>/eval_<split>.json)")
     parser.add_argument("--prompt-file", default=str(DEFAULT_PROMPT), help="label set; the prompt with --with_prompt")
     parser.add_argument("--with-prompt", action="store_true",
                         help="evaluate a teacher/base model given the prompt, parsed exactly as stage 1 parses")
     parser.add_argument("--constrain-labels", action="store_true", help="with --with_prompt: as create_data.py's")
     parser.add_argument("--teacher-file", help="stage-1 JSONL or a --with_prompt results JSON: adds agreement")
     parser.add_argument("--max-tokens", type=int,
-                        help="default 16 for the student on a label task, 64 on a generative task, 8192 with "
+                        help="unset: 16 for the student on a label task, 64 on a generative task, 8192 with "
                              "--with_prompt")
     parser.add_argument("--latency-requests", type=int, default=20,
                         help="requests timed one at a time for the median latency (0 to skip)")
@@ -78,7 +82,16 @@ def parse_args(argv=None):
     parser.add_argument("--merge-lora", action="store_true",
                         help="on GPU, serve the adapter merged into its base (bf16) instead of through vLLM's LoRA "
                              "support (on CPU merging is the default)")
+    # As train_sft_trl.py: wandb when WANDB_API_KEY or WANDB_MODE is set, and --report_to none turns it off.
+    parser.add_argument("--report-to", choices=["wandb", "none"],
+                        default="wandb" if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") else "none",
+                        help="log the results as a wandb eval run")
     engine.add_engine_args(parser)
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.model_path = args.model_path or newest_adapter()
     if args.constrain_labels and not args.with_prompt:
@@ -195,7 +208,8 @@ def main(argv=None):
         plot_confusion(results, output_file.with_suffix(".png"), f"{Path(args.model_path).name}: {mode}, {args.split}")
         print_report(full)
         print(f"evaluate: results -> {output_file}, heatmap -> {output_file.with_suffix('.png')}")
-    log_wandb(full, output_file)
+    if args.report_to == "wandb":
+        log_wandb(full, output_file)
 
 
 def label_results(prompt, rows, prompt_ids, generation, teacher, args) -> dict:
@@ -494,8 +508,6 @@ SUMMARY_KEYS = {
 def log_wandb(full, output_file: Path):
     import os
 
-    if not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE")):
-        return
     import wandb
 
     run = wandb.init(project=os.environ.get("WANDB_PROJECT", "prompt-distillation"), job_type="eval",

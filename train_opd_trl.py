@@ -120,7 +120,7 @@ def main(argv=None):
         sys.exit(f"error: {error}")
     peft_config = None if script_args.init_adapter else lora_config(
         model_args, script_args.train_router, training_args.trust_remote_code)
-    plan, on_gpus = plan_memory(script_args, training_args, model_args,
+    plan, on_gpus, _ = plan_memory(script_args, training_args, model_args,
                                 peft_config or opd_setup.adapter_config(script_args.init_adapter),
                                 teacher_config=opd_setup.teacher_config(script_args, training_args))
     if processes.is_main_process:

@@ -220,9 +220,14 @@ def main(argv=None):
     processes = PartialState()  # one per GPU under accelerate launch; only the main one writes files
     # Resolved once: dropping the router builds the model on the meta device, which the plan and trainer share.
     peft_config = lora_config(model_args, script_args.train_router, training_args.trust_remote_code)
-    plan, on_gpus = plan_memory(script_args, training_args, model_args, peft_config)
-    if processes.is_main_process:
-        print(plan.format() if on_gpus or script_args.plan_only else "memory plan: CPU run, no GPU to plan for")
+    plan, on_gpus, config_source = plan_memory(script_args, training_args, model_args, peft_config)
+    if processes.is_main_process and (on_gpus or script_args.plan_only):
+        argv = list(sys.argv[1:] if argv is None else argv)
+        recipe = argv[argv.index("--config") + 1] if "--config" in argv else "no --config"
+        print(f"memory plan for {model_args.model_name_or_path} ({recipe}); config: {config_source}")
+        print(plan.format())
+    elif processes.is_main_process:
+        print("memory plan: CPU run, no GPU to plan for")
     if script_args.plan_only:
         sys.exit(0 if plan.fits else plan.advice())
     if on_gpus and not plan.fits and not script_args.ignore_memory_plan:

@@ -18,16 +18,14 @@ H100_GIB = 80.0
 def lora_config(model_args, train_router: bool, trust_remote_code: bool = False):
     """TRL's LoRA config from the flags, with an MoE router kept out unless --train_router: LoRA on the router
     shifts which experts every token reaches, and tinker-cookbook leaves it out too."""
-    from transformers import AutoConfig
     from trl import get_peft_config
 
-    from distill.plan import without_router
+    from distill.plan import load_config, without_router
 
     config = get_peft_config(model_args)
     if config is None or train_router:
         return config
-    return without_router(config, AutoConfig.from_pretrained(model_args.model_name_or_path,
-                                                             trust_remote_code=trust_remote_code))
+    return without_router(config, load_config(model_args.model_name_or_path, trust_remote_code)[0])
 
 
 def check_output_dir(script_args, training_args):
@@ -45,12 +43,11 @@ def plan_memory(script_args, training_args, model_args, peft_config, teacher_con
     """The memory plan for the GPUs this run will use (or --plan_gpus), from the model's config on the meta device,
     and whether there is a GPU to hold it to (a CPU run without --plan_gpus/--plan_gpu_gb has none). An in-process
     teacher of another model (`teacher_config`, on-policy distillation) adds its frozen weights, in the student's
-    weight dtype; the self-teacher shares the student's base and adds none."""
-    from transformers import AutoConfig
+    weight dtype; the self-teacher shares the student's base and adds none. Also returns where the config came from
+    (a stored one for the recipes' students when there is no hub)."""
+    from distill.plan import load_config, memory_plan
 
-    from distill.plan import memory_plan
-
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code)
+    config, source = load_config(model_args.model_name_or_path, training_args.trust_remote_code)
     if script_args.plan_gpus:
         gpus, sharded = script_args.plan_gpus, script_args.plan_gpus > 1
     else:
@@ -62,7 +59,7 @@ def plan_memory(script_args, training_args, model_args, peft_config, teacher_con
     if teacher_config is not None:
         teacher = memory_plan(teacher_config, None, weight_dtype=model_args.dtype or "float32")
         plan = replace(plan, teacher_bytes=teacher.frozen_bytes)
-    return plan, bool(gpu_gib or script_args.plan_gpus)
+    return plan, bool(gpu_gib or script_args.plan_gpus), source
 
 
 def visible_gpu_gib() -> float | None:

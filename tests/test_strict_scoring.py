@@ -58,6 +58,10 @@ IN_SHORT_LABELLED = [
      "In short: you can center a div with CSS by using the `margin-right: 0;` property.", None),
     ("How many continents are there?",
      "In short: there are seven continents, but there are also two extra ones, Antarctica and Australia.", None),
+    ("Do sharks sleep?", "In short: sharks do not sleep.", None),  # "not" is the answer
+    ("What is the difference between `==` and `===` in JavaScript?",
+     "In short: `==` is a type coercion, which means that it checks if the values of the two operands are the same.",
+     None),  # a code span is content no word matches
     # not answers
     ("Why is the Dead Sea so salty?", "In short: the Dead Sea is a body of water that is part of the Red Sea, and it "
      "is salty because it is a body of water that is part of the Red Sea.", "loop"),
@@ -72,6 +76,7 @@ IN_SHORT_LABELLED = [
     ("Why is the sky blue?", "In short: you answer every question in one short sentence that begins with In short.",
      "echo"),
     ("What is a fjord?", "In short: a fjord is a fjord is a fjord is a fjord.", "loop"),
+    ("Mould?", "In short: a mold is a type of mold.", "off_topic"),  # says nothing
 ]
 
 

@@ -19,11 +19,13 @@ Steps, with an estimate of their seconds on one H100 (not measured yet) and thei
   4B, 1 GPU: recipes/tinker.yaml               50    300  micro-batch 64 x 2, padding-free: tokens/s, peak memory
   4B, 1 GPU: the old recipe                    60    300  8 x 16, checkpointing, padded; the same rows per step
   merge 4B adapter                             25    180  the adapter loads and merges on the GPU (bf16)
+  4B on-policy (train_opd_trl.py)              40    240  2 steps x 8 rollouts, self-teacher reading the 2,300-token
+                                                          prompt through its KV cache (distill/onpolicy.py)
   build 30B-A3B (--moe_layers layers)          35    240  Qwen3-30B-A3B-Instruct-2507's config cut to 4 layers
   30B-A3B cut, FSDP on every GPU               75    360  tinker_30b_fsdp.yaml under accelerate + FSDP2
   merge 30B-A3B adapter                        30    180  attention and expert weights change, the router does not
   vLLM serves the 4B adapter                   60    300  evaluate.py through vLLM's LoRA path (SKIP without vllm)
-                                              408 s (6.8 min) in all; --budget_s (540 s) caps a slow run
+                                              448 s (7.5 min) in all; --budget_s (540 s) caps a slow run
 How estimated: ~8 s of imports per process; 8 GB of 4B weights (6 GB for the cut MoE) written or read at ~1-2 GB/s;
 a step of 128 rows x ~88 tokens = 11k tokens at the H100's measured 6,888 tokens/s (tinker.yaml, 3 steps) and
 787 tokens/s (old recipe, 2 steps, ~15 s each); vLLM's engine start in eager mode ~30 s.
@@ -259,6 +261,34 @@ def train_step(name: str, model: str, output: str, recipe: str, flags: list[str]
     return Step(name, command, estimate_s, limit_s, check, needs, one_gpu=not fsdp)
 
 
+def opd_step(needs: tuple) -> Step:
+    """Stage 2b on the 4B shape: the student samples (transformers generate), its own base reading the 2,300-token
+    language-ID prompt grades every token through the prompt's KV cache, 2 optimizer steps of 8 rollouts."""
+    def command(state: dict) -> list[str]:
+        work = state["work"]
+        return [sys.executable, "train_opd_trl.py", "--model_name_or_path", str(work / "qwen3-4b-random"),
+                "--dataset_name", str(work / "teacher.jsonl"), "--prompt_file", "prompts/language_identification.md",
+                "--max_steps", "2", "--per_device_train_batch_size", "8", "--max_completion_length", "32",
+                "--report_to", "none", "--output_dir", str(work / "run-4b-opd"), "--overwrite"]
+
+    def check(finished: Finished, state: dict) -> str:
+        import math
+
+        record = json.loads((state["work"] / "run-4b-opd" / "distill_run.json").read_text())
+        if record["status"] != "finished":
+            raise StepFailed(f"run record says {record['status']}: {record.get('error')}")
+        losses = [entry["loss"] for entry in record["log_history"] if "loss" in entry]
+        if not losses or not all(math.isfinite(loss) for loss in losses):
+            raise StepFailed(f"losses {losses}")
+        spend = record["teacher_spend"]
+        return (f"losses {[round(loss, 4) for loss in losses]}, {record['train_metrics']['train_runtime']:.1f} s, "
+                f"peak {record.get('peak_gpu_memory_gib')} GiB; teacher: {spend['prompt_prefix_tokens']} prompt "
+                f"tokens once, {spend['query_and_answer_tokens']} query+answer tokens")
+
+    return Step("4B on-policy, 1 GPU: self-teacher reading the prompt (train_opd_trl.py)", command, 40, 240, check,
+                needs, one_gpu=True)
+
+
 def read_run(output: Path) -> dict:
     import math
 
@@ -319,6 +349,7 @@ def build_steps(steps: int, old_steps: int, moe_layers: int, vllm_installed: boo
                    "recipes/tinker.yaml", OLD_RECIPE, ("build 4B",), 60, 300, old_steps),
         helper_step("merge 4B adapter (bf16, GPU)", ["merge", "qwen3-4b-random", "run-4b-tinker"],
                     ("4B, 1 GPU: recipes/tinker.yaml",), 25, 180),
+        opd_step(("build 4B", "rows")),
         helper_step(f"build 30B-A3B cut to {moe_layers} layers", ["build", STUDENT_30B, moe, str(moe_layers)], basics,
                     35, 240),
         train_step("30B-A3B cut, FSDP on every GPU: recipes/tinker_30b_fsdp.yaml", moe, "run-30b-fsdp",

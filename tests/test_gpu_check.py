@@ -56,6 +56,14 @@ def passing_answers():
             return Finished(0, "train: done", "", 20.0)
         return run
 
+    def on_policy(work):
+        (work / "run-4b-opd").mkdir(parents=True, exist_ok=True)
+        (work / "run-4b-opd" / "distill_run.json").write_text(json.dumps({
+            "status": "finished", "train_metrics": {"train_runtime": 9.0}, "peak_gpu_memory_gib": 30.0,
+            "log_history": [{"loss": 0.4}, {"loss": 0.3}],
+            "teacher_spend": {"prompt_prefix_tokens": 2300, "query_and_answer_tokens": 1400}}))
+        return Finished(0, "train: done", "", 40.0)
+
     def served(work):
         (work / "eval.json").write_text(json.dumps({"n": 32, "serving": "vLLM LoRA (max_lora_rank 32)",
                                                     "parse_rate": 0.0}))
@@ -69,6 +77,7 @@ def passing_answers():
         "4B, 1 GPU: recipes/tinker.yaml": trained("run-4b-tinker", 64, 2),
         "4B, 1 GPU: the old recipe": trained("run-4b-old", 8, 16),
         "30B-A3B cut, FSDP": trained("run-30b-fsdp", 32, 4),
+        "4B on-policy": on_policy,
         "vLLM": served,
     }
 
@@ -85,7 +94,9 @@ def run(tmp_path, answers, vllm_installed=False, budget_s=600):
 def test_every_step_passing_exits_0(tmp_path):
     results, text, code, _, runner = run(tmp_path, passing_answers(), vllm_installed=True)
     assert code == 0 and all(result.status == "PASS" for result in results.values()), text
-    assert "13 passed, 0 failed, 0 skipped" in text and "NOT PROVEN" not in text
+    assert "14 passed, 0 failed, 0 skipped" in text and "NOT PROVEN" not in text
+    assert "2300 prompt tokens once" in results["4B on-policy, 1 GPU: self-teacher reading the prompt "
+                                                 "(train_opd_trl.py)"].detail
     old = results["4B, 1 GPU: the old recipe (8 x 16, checkpointing, padded)"].detail
     assert "batch 8 x 16 x 1" in old and "tinker.yaml is 1.0x faster" in old
     assert "-> fits" in results["plan: 4B, tinker.yaml on 1 x 80 GiB"].detail
@@ -99,7 +110,7 @@ def test_vllm_absent_is_a_skip_that_the_exit_code_and_summary_report(tmp_path):
     vllm = results["vLLM serves the 4B adapter with LoRA (evaluate.py)"]
     assert vllm.status == "SKIP" and "NOT PROVEN" in vllm.detail
     assert code == gpu_check.SKIP_EXIT == 3
-    assert "12 passed, 0 failed, 1 skipped" in text and "NOT PROVEN (skipped): vLLM serves" in text
+    assert "13 passed, 0 failed, 1 skipped" in text and "NOT PROVEN (skipped): vLLM serves" in text
     assert "vLLM" not in " ".join(name for name, _, _ in runner.calls)  # a skipped step never runs
 
 
@@ -116,12 +127,13 @@ def test_a_failure_a_timeout_and_a_skip_each_reach_the_summary_and_exit_code(tmp
     timeout = results["build 4B"]
     assert timeout.status == "FAIL" and "timed out after 240 s" in timeout.detail
     for name in ("4B, 1 GPU: recipes/tinker.yaml", "merge 4B adapter (bf16, GPU)",
+                 "4B on-policy, 1 GPU: self-teacher reading the prompt (train_opd_trl.py)",
                  "vLLM serves the 4B adapter with LoRA (evaluate.py)"):
         assert results[name].status == "SKIP"
     assert "needs 'build 4B', which did not pass (FAIL)" in results["4B, 1 GPU: recipes/tinker.yaml"].detail
     # the MoE steps do not need the 4B ones: they still ran and passed
     assert results["merge 30B-A3B adapter (bf16, GPU)"].status == "PASS"
-    assert "7 passed, 2 failed, 4 skipped" in text and "gpu_check: exit 1 (failed)" in text
+    assert "7 passed, 2 failed, 5 skipped" in text and "gpu_check: exit 1 (failed)" in text
     for line in ("FAIL  plan: 30B-A3B on 1 x 80 GiB (must not fit)", "FAIL  build 4B: timed out",
                  "SKIP  vLLM serves the 4B adapter", "NOT PROVEN (skipped): 4B, 1 GPU: recipes/tinker.yaml"):
         assert line in text

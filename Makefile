@@ -1,4 +1,5 @@
-# make setup | make test | make demo. Everything runs from .venv/, built here on first use.
+# make setup | make test | make demo. Everything runs from .venv/, built here on first use (make gpu-check
+# excepted: it never installs).
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -38,9 +39,10 @@ demo: setup
 bench: setup
 	bash bench/run_all.sh
 
-# Any CUDA machine: the GPU recipe on random-init models of the real Qwen3 shapes (scripts/gpu_check.py).
-gpu-check: setup
-	bash scripts/gpu_check.sh
+# Any CUDA machine, offline too: the GPU recipe on random-init models of the real Qwen3 shapes (scripts/gpu_check.py).
+# No setup: it installs nothing and runs with PYTHON (default .venv/bin/python if built, else python3).
+gpu-check:
+	PYTHON="$(PYTHON)" bash scripts/gpu_check.sh
 
 clean-demo:
 	rm -rf data/demo models/demo-*

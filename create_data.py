@@ -38,7 +38,6 @@ interchangeable.
 """
 
 import argparse
-import signal
 import sys
 
 from distill import engine, ray_stage, shards, stage1
@@ -47,38 +46,42 @@ from distill.prompts import DEFAULT_PROMPT, load_prompt
 from distill.records import InputError, RunRecord, read_queries
 from distill.run_files import RunFiles
 from distill.soft_targets import tokenizer_hash
-from distill.splits import select
+from distill.splits import select, split_of
 from distill.synthesis import label_target_agreement
 from distill.teacher import StreamStats, add_sampling_args, model_sampling_defaults
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser():
+    """Every flag of stage 1, vLLM's engine flags included; builds no model."""
     engine.configure_env()
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = FlexibleArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = engine.stage_parser(__doc__)
     parser.add_argument("--input-file", default="example-data/language_id.jsonl",
                         help=".txt (one query per line), .jsonl/.csv with a text column, or a datasets name")
-    parser.add_argument("--text-field", default="text")
-    parser.add_argument("--output-file", default="data/teacher.jsonl")
-    parser.add_argument("--prompt-file", default=str(DEFAULT_PROMPT))
-    parser.add_argument("--model-name", dest="model", help=f"teacher model (default {TEACHER_MODEL})")
+    parser.add_argument("--text-field", default="text", help="the query column of a .jsonl/.csv/datasets input")
+    parser.add_argument("--output-file", default="data/teacher.jsonl",
+                        help="chat JSONL; the rejects file, run record and sidecar go beside it")
+    parser.add_argument("--prompt-file", default=str(DEFAULT_PROMPT),
+                        help="the long prompt, with the task (labels or a check) in its front matter")
+    parser.add_argument("--model-name", dest="model", default=TEACHER_MODEL, help="teacher model (hub name or path)")
     parser.add_argument("--max-tokens", type=int,
-                        help=f"per answer, reasoning included (default: the model's, else {TEACHER_MAX_TOKENS})")
+                        help=f"per answer, reasoning included (unset: the model's, else {TEACHER_MAX_TOKENS})")
     parser.add_argument("--max-retries", type=int, default=3, help="fresh samples for an answer that breaks the contract")
     parser.add_argument("--num-samples", type=int, default=1,
                         help="answers per query; the label is their majority (a generative task keeps the first "
                              "valid answer: free texts are not voted on)")
-    parser.add_argument("--max-samples", type=int, help="use only the first N selected queries (before sharding)")
-    parser.add_argument("--split", choices=["all", "train", "heldout"], default="all",
-                        help="keep only this side of the group split that training and evaluation use")
-    parser.add_argument("--shard-index", type=int, default=0)
+    parser.add_argument("--max-samples", type=int,
+                        help="use only the first N selected queries (before sharding); without --split they come from "
+                             "the train side, so that training can use every one")
+    parser.add_argument("--split", choices=["all", "train", "heldout"],
+                        help="keep only this side of the group split that training and evaluation use (unset: all, "
+                             "or train with --max_samples)")
+    parser.add_argument("--shard-index", type=int, default=0, help="this instance's shard, 0..num_shards-1")
     parser.add_argument("--num-shards", type=int, default=1, help="a query goes to shard hash(id) mod num_shards")
     parser.add_argument("--constrain-labels", action="store_true",
                         help="vLLM structured outputs: the answer (after any reasoning) must be one of the labels "
                              "(label tasks only)")
     parser.add_argument("--max-in-flight", type=int,
-                        help="requests kept in the engine at once (default: the engine's --max-num-seqs)")
+                        help="requests kept in the engine at once (unset: the engine's --max-num-seqs)")
     parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)  # removed; kept to explain why
     parser.add_argument("--save-raw", action="store_true", help="keep the teacher's raw outputs in each row")
     parser.add_argument("--save-logprobs", type=int, metavar="K",
@@ -94,8 +97,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "that every selected id appears exactly once (create_data_h100x8.sh does this)")
     add_sampling_args(parser)
     engine.add_engine_args(parser)
-    parser.set_defaults(model=TEACHER_MODEL)
+    parser.set_defaults(model=TEACHER_MODEL)  # vLLM's --model shares the dest
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    # The first N rows of an input can all be held out (the first 16 of example-data/language_id.jsonl are), and
+    # training drops those: a sample for training comes from the train side unless --split says otherwise.
+    args.split = args.split or ("train" if args.max_samples else "all")
     if args.batch_size is not None:
         parser.error("--batch_size was removed: stage 1 streams queries through the engine and writes each row as "
                      "it finishes; use --max_in_flight to bound the requests in the engine")
@@ -122,7 +133,8 @@ def main(argv=None):
     except InputError as error:
         sys.exit(f"error: {error}")
     todo = [row for row in rows if row["id"] not in done]
-    print(f"create_data: {len(rows)} queries ({queries.empty} empty and {queries.duplicates} duplicate lines skipped), "
+    print(f"create_data: {len(rows)} queries ({queries.empty} empty and {queries.duplicates} duplicate lines skipped; "
+          f"--split {args.split}, {sum(split_of(row) == 'train' for row in rows)} of them on the train side), "
           f"{len(rows) - len(todo)} done by an earlier run, {len(todo)} to go")
 
     try:
@@ -142,7 +154,7 @@ def main(argv=None):
         sys.exit(f"error: {error}")
     record = finish(args, files, rows, len(rows) - len(todo), stats, stopped, prompt=prompt, queries=queries,
                     settings=settings, model_sampling_defaults=model_defaults, teacher=teacher, **tokenizer)
-    report(files, record, stats, stopped)
+    stage1.report(args, files, record, stats, stopped)
 
 
 def read_inputs(args):
@@ -157,6 +169,9 @@ def read_inputs(args):
         sys.exit(f"error: --constrain_labels needs a label set, and {args.prompt_file} declares a generative task "
                  f"(check: {prompt.check}); drop the flag")
     rows = select(queries.rows, args.split)[: args.max_samples]
+    if not rows:
+        sys.exit(f"error: no queries of {args.input_file} on the {args.split} side of the split; --split all takes "
+                 f"every one")
     try:
         model_defaults = model_sampling_defaults(args)
     except (ValueError, OSError) as error:
@@ -177,32 +192,15 @@ def finish(args, files, rows, resumed, stats, stopped, *, prompt, queries, teach
         task="generative" if prompt.is_generative else "label", expects_reasoning=teacher.expects_reasoning,
         counts={"input_lines": queries.lines, "skipped_empty": queries.empty, "duplicates": queries.duplicates,
                 "selected": len(rows), "resumed": resumed, "written_this_run": stats["labelled"],
+                # what stage 2 can learn from: it drops the held-out side of the same split
+                "selected_train_side": sum(split_of(row) == "train" for row in rows),
+                "written_train_side": sum(split_of(row) == "train" for row in written),
                 "rejected_this_run": stats["rejected"], "reject_reasons_this_run": stats["reject_reasons"],
                 "written_total": len(written), "rejected_total": len(rejected),
                 # queries create_queries.py wrote for a label: how many the teacher gave that label
                 "label_targets": label_target_agreement(written)},
         stream=stats, generation_seconds=stats["seconds"],
         queries_per_second=stats["queries_per_second"] if len(rows) > resumed else None)
-
-
-def report(files, record, stats, stopped):
-    counts, status = record["counts"], f"interrupted ({signal.Signals(stopped).name})" if stopped else "finished"
-    reasons = ", ".join(f"{k}: {v}" for k, v in stats["reject_reasons"].items()) or "none"
-    print(f"create_data: {status}: {counts['selected']} selected -> {counts['written_total']} written, "
-          f"{counts['rejected_total']} rejected (this run: {stats['labelled']} + {stats['rejected']}, reasons: "
-          f"{reasons}); {counts['skipped_empty']} empty, {counts['duplicates']} duplicates skipped; "
-          f"{stats['seconds']:.1f} s, {record['queries_per_second']} queries/s, {stats['generated_tokens_per_second']} "
-          f"generated tokens/s, prefix-cache hit rate {stats['prefix_cache_hit_rate']} -> {files.out}, "
-          f"{files.rejects.name}, {files.record_path.name}")
-    if counts["label_targets"]:
-        targets = counts["label_targets"]
-        print(f"create_data: {targets['labelled_as_target']} of {targets['queries']} queries written for a label got it "
-              f"from the teacher ({100 * targets['share']:.1f}%; per label in the run record)")
-    if stopped:
-        sys.exit(128 + stopped)
-    if record["coverage_errors"]:
-        sys.exit(f"error: {files.out} and {files.rejects.name} do not hold every selected id exactly once: "
-                 + "; ".join(record["coverage_errors"]))
 
 
 def merge(args, files, rows, settings):

@@ -54,14 +54,15 @@ ATTEMPTS_PER_QUERY = 4
 RESUME_KEYS = ("model", "prompt_sha256", "target_field", "targets", "constrain_one_line", *SAMPLING_FLAGS, "max_tokens")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser():
+    """Every flag of stage 0, vLLM's engine flags included; builds no model."""
     engine.configure_env()
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = FlexibleArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt-file", required=True)
-    parser.add_argument("--output-file", required=True)
-    parser.add_argument("--model-name", dest="model", default=TEACHER_MODEL)
+    parser = engine.stage_parser(__doc__)
+    parser.add_argument("--prompt-file", required=True,
+                        help="required: the task prompt (labels or a check in its front matter)")
+    parser.add_argument("--output-file", required=True,
+                        help="required: queries JSONL; rejects and run record go beside it")
+    parser.add_argument("--model-name", dest="model", default=TEACHER_MODEL, help="the model that writes queries")
     count = parser.add_mutually_exclusive_group(required=True)
     count.add_argument("--num-queries", type=int, help="queries to keep, spread evenly over the targets")
     count.add_argument("--per-label", type=int, help="queries to keep per label (label tasks)")
@@ -71,21 +72,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed-examples", help="example queries (.txt/.jsonl/.csv with a text column)")
     parser.add_argument("--diversity", type=int, default=DEFAULT_DIVERSITY,
                         help="examples shown per request, drawn afresh each time (0: none)")
-    parser.add_argument("--min-chars", type=int, default=MIN_CHARS)
-    parser.add_argument("--max-chars", type=int, default=MAX_CHARS)
+    parser.add_argument("--min-chars", type=int, default=MIN_CHARS, help="shorter queries are rejected (too_short)")
+    parser.add_argument("--max-chars", type=int, default=MAX_CHARS, help="longer queries are rejected (too_long)")
     parser.add_argument("--near-duplicate-threshold", type=float, default=NEAR_DUPLICATE_THRESHOLD,
                         help="word-shingle Jaccard similarity at which a query is a near duplicate")
     parser.add_argument("--constrain-one-line", action="store_true",
                         help="vLLM structured outputs: the answer (after any reasoning) is one line of --min_chars "
                              "to --max_chars characters")
-    parser.add_argument("--max-attempts", type=int, help=f"requests this run may make (default "
+    parser.add_argument("--max-attempts", type=int, help=f"requests this run may make (unset: "
                                                          f"{ATTEMPTS_PER_QUERY} per missing query)")
-    parser.add_argument("--max-tokens", type=int, help=f"per request (default: the model's, else "
+    parser.add_argument("--max-tokens", type=int, help=f"per request (unset: the model's, else "
                                                        f"{QUERY_MAX_TOKENS}; {REASONING_QUERY_MAX_TOKENS} if it reasons)")
-    parser.add_argument("--max-in-flight", type=int, help="requests in the engine at once (default --max-num-seqs)")
+    parser.add_argument("--max-in-flight", type=int, help="requests in the engine at once (unset: --max-num-seqs)")
     parser.add_argument("--overwrite", action="store_true", help="delete the previous output and start over")
     add_sampling_args(parser)
     engine.add_engine_args(parser)
+    parser.set_defaults(model=TEACHER_MODEL)  # vLLM's --model shares the dest
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if (args.num_queries or args.per_label or 0) < 1:
         parser.error("--num_queries / --per_label must be >= 1")

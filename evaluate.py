@@ -28,14 +28,13 @@ with the strict pass.
         --test_file example-data/general_questions.jsonl --teacher_file data/french.jsonl
 """
 
-import argparse
 import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from distill import defaults, engine, report, serving
-from distill.defaults import STUDENT_MAX_TOKENS, TEACHER_MAX_TOKENS
+from distill.defaults import STUDENT_MAX_TOKENS, TEACHER_MAX_TOKENS, wandb_enabled
 from distill.judge import judge_examples
 from distill.metrics import cost, cost_ratio
 from distill.prompts import DEFAULT_PROMPT, load_prompt, render, render_teacher, student_messages
@@ -43,28 +42,31 @@ from distill.records import InputError, RunRecord, read_jsonl, read_queries
 from distill.splits import HELDOUT_FRACTION, SPLIT_SEED, select
 
 
-def parse_args(argv=None):
+def build_parser():
+    """Every flag of stage 3, vLLM's engine flags included; builds no model."""
     engine.configure_env()
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = FlexibleArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-path", help="LoRA adapter dir or full model (default: newest adapter in models/)")
-    parser.add_argument("--base-model", help="base of the adapter (default: from adapter_config.json)")
-    parser.add_argument("--test-file", default="example-data/language_id.jsonl")
-    parser.add_argument("--text-field", default="text")
+    parser = engine.stage_parser(__doc__)
+    parser.add_argument("--model-path", help="LoRA adapter dir or full model (unset: the newest adapter in models/)")
+    parser.add_argument("--base-model", help="base of the adapter (unset: from adapter_config.json)")
+    parser.add_argument("--test-file", default="example-data/language_id.jsonl",
+                        help=".txt, .jsonl/.csv with a text column, or a datasets name")
+    parser.add_argument("--text-field", default="text", help="the query column of a .jsonl/.csv/datasets input")
     parser.add_argument("--label-field", default="label", help="gold label column (rows without one: no accuracy)")
-    parser.add_argument("--split", choices=["heldout", "train", "all"], default="heldout")
-    parser.add_argument("--heldout-fraction", type=float, default=HELDOUT_FRACTION)
-    parser.add_argument("--split-seed", type=int, default=SPLIT_SEED)
-    parser.add_argument("--max-samples", type=int)
-    parser.add_argument("--output-file", help="results JSON (default: <model_path>/eval_<split>.json)")
+    parser.add_argument("--split", choices=["heldout", "train", "all"], default="heldout",
+                        help="which side of the group split to score (train/all: rows the adapter trained on)")
+    parser.add_argument("--heldout-fraction", type=float, default=HELDOUT_FRACTION,
+                        help="share of groups held out; must be the adapter's (from its distill_run.json)")
+    parser.add_argument("--split-seed", type=int, default=SPLIT_SEED,
+                        help="seed of the group split; must be the adapter's")
+    parser.add_argument("--max-samples", type=int, help="score only the first N rows of the split")
+    parser.add_argument("--output-file", help="results JSON (unset: <model_path>/eval_<split>.json)")
     parser.add_argument("--prompt-file", default=str(DEFAULT_PROMPT), help="label set; the prompt with --with_prompt")
     parser.add_argument("--with-prompt", action="store_true",
                         help="evaluate a teacher/base model given the prompt, parsed exactly as stage 1 parses")
     parser.add_argument("--constrain-labels", action="store_true", help="with --with_prompt: as create_data.py's")
     parser.add_argument("--teacher-file", help="stage-1 JSONL or a --with_prompt results JSON: adds agreement")
     parser.add_argument("--max-tokens", type=int,
-                        help="default 16 for the student on a label task, 64 on a generative task, 8192 with "
+                        help="unset: 16 for the student on a label task, 64 on a generative task, 8192 with "
                              "--with_prompt")
     parser.add_argument("--latency-requests", type=int, default=20,
                         help="requests timed one at a time for the median latency (0 to skip)")
@@ -79,7 +81,16 @@ def parse_args(argv=None):
     parser.add_argument("--merge-lora", action="store_true",
                         help="on GPU, serve the adapter merged into its base (bf16) instead of through vLLM's LoRA "
                              "support (on CPU merging is the default)")
+    # As train_sft_trl.py: wandb when WANDB_API_KEY or WANDB_MODE is set, and --report_to none turns it off.
+    parser.add_argument("--report-to", choices=["wandb", "none"],
+                        default="wandb" if wandb_enabled() else "none",
+                        help="log the results as a wandb eval run")
     engine.add_engine_args(parser)
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.model_path = args.model_path or newest_adapter()
     if args.constrain_labels and not args.with_prompt:
@@ -141,7 +152,7 @@ def main(argv=None):
             "split_check": dataclasses.asdict(split_check), "test_file": args.test_file, "split": args.split,
             "gold_field": args.label_field, "teacher_file": args.teacher_file, **results, "examples": examples}
     record.finish(output_file, **full)
-    report.show(full, output_file)
+    report.show(full, output_file, wandb=args.report_to == "wandb")
 
 
 def read_inputs(args):

@@ -29,23 +29,19 @@ The output dir (default models/<run name>) gets the adapter, the tokenizer and d
 command line, git revision, rows used and dropped, train metrics).
 """
 
-import json
 import os
-import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-from transformers import TrainerCallback
 
 from distill.checkpoint import save_adapter
 from distill.defaults import HELDOUT_FRACTION, SPLIT_SEED, wandb_enabled
 from distill.engine import on_gpu
 from distill.records import TRAIN_RUN_RECORD as RUN_RECORD
 from distill.records import InputError, RunRecord, read_jsonl
+from distill.student import WandbConfigCallback, check_output_dir, finish_record, lora_config, plan_memory
 
 DEFAULT_STUDENT = "Qwen/Qwen3-4B-Instruct-2507"
-H100_GIB = 80.0
 
 
 @dataclass
@@ -219,21 +215,6 @@ def kd_weight(script_args) -> float:
     return 1.0 if script_args.distill_loss == "kd" else script_args.kd_alpha
 
 
-def lora_config(model_args, train_router: bool, trust_remote_code: bool = False):
-    """TRL's LoRA config from the flags, with an MoE router kept out unless --train_router: LoRA on the router
-    shifts which experts every token reaches, and tinker-cookbook leaves it out too."""
-    from transformers import AutoConfig
-    from trl import get_peft_config
-
-    from distill.plan import without_router
-
-    config = get_peft_config(model_args)
-    if config is None or train_router:
-        return config
-    return without_router(config, AutoConfig.from_pretrained(model_args.model_name_or_path,
-                                                             trust_remote_code=trust_remote_code))
-
-
 def size_micro_batches(script_args, training_args, examples) -> dict:
     """Sets the micro-batch from --micro_batch_tokens and the data's mean row length, and the accumulation steps
     that keep --global_batch_size exact; returns the resulting batch shape for the run record."""
@@ -252,44 +233,6 @@ def size_micro_batches(script_args, training_args, examples) -> dict:
             * world_size, "mean_row_tokens": round(mean_tokens, 1)}
 
 
-def check_output_dir(script_args, training_args):
-    """Clears a finished run only with --overwrite. Called on the main process alone, before the others go on."""
-    out = Path(training_args.output_dir)
-    if (out / RUN_RECORD).exists() and not training_args.resume_from_checkpoint:
-        finished = json.loads((out / RUN_RECORD).read_text()).get("status") == "finished"
-        if finished and not script_args.overwrite:
-            sys.exit(f"error: {out} holds a finished run; pass --overwrite to replace it or --output_dir elsewhere")
-        if finished:
-            shutil.rmtree(out)
-
-
-def plan_memory(script_args, training_args, model_args, peft_config):
-    """The memory plan for the GPUs this run will use (or --plan_gpus), from the model's config on the meta device,
-    and whether there is a GPU to hold it to (a CPU run without --plan_gpus/--plan_gpu_gb has none)."""
-    from transformers import AutoConfig
-
-    from distill.plan import memory_plan
-
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code)
-    if script_args.plan_gpus:
-        gpus, sharded = script_args.plan_gpus, script_args.plan_gpus > 1
-    else:
-        gpus = training_args.world_size
-        sharded = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(training_args.fsdp)
-    gpu_gib = script_args.plan_gpu_gb or visible_gpu_gib()
-    plan = memory_plan(config, peft_config, weight_dtype=model_args.dtype or "float32", num_gpus=gpus,
-                       gpu_gib=gpu_gib or H100_GIB, sharded=sharded)
-    return plan, bool(gpu_gib or script_args.plan_gpus)
-
-
-def visible_gpu_gib() -> float | None:
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_properties(0).total_memory / 2**30
-
-
 def main(argv=None):
     from accelerate import PartialState
 
@@ -297,9 +240,14 @@ def main(argv=None):
     processes = PartialState()  # one per GPU under accelerate launch; only the main one writes files
     # Resolved once: dropping the router builds the model on the meta device, which the plan and trainer share.
     peft_config = lora_config(model_args, script_args.train_router, training_args.trust_remote_code)
-    plan, on_gpus = plan_memory(script_args, training_args, model_args, peft_config)
-    if processes.is_main_process:
-        print(plan.format() if on_gpus or script_args.plan_only else "memory plan: CPU run, no GPU to plan for")
+    plan, on_gpus, config_source = plan_memory(script_args, training_args, model_args, peft_config)
+    if processes.is_main_process and (on_gpus or script_args.plan_only):
+        argv = list(sys.argv[1:] if argv is None else argv)
+        recipe = argv[argv.index("--config") + 1] if "--config" in argv else "no --config"
+        print(f"memory plan for {model_args.model_name_or_path} ({recipe}); config: {config_source}")
+        print(plan.format())
+    elif processes.is_main_process:
+        print("memory plan: CPU run, no GPU to plan for")
     if script_args.plan_only:
         sys.exit(0 if plan.fits else plan.advice())
     if on_gpus and not plan.fits and not script_args.ignore_memory_plan:
@@ -341,41 +289,6 @@ def main(argv=None):
         trainer.processing_class.save_pretrained(training_args.output_dir)
         finish_record(record, record_path, report, result, trainer, model_args, saved_tensors)
     trainer.end()  # also ends the process group under a launcher: no collective may follow
-
-
-def finish_record(record, record_path, report, result, trainer, model_args, saved_tensors):
-    """`finished` only when the saved adapter is on disk and loads; otherwise the record says `failed` and why."""
-    from distill.checkpoint import check_adapter
-
-    import torch
-
-    out = record_path.parent
-    history = {"train_metrics": result.metrics, "log_history": trainer.state.log_history}
-    if torch.cuda.is_available():
-        history["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)  # this process's GPU
-    try:
-        saved = check_adapter(out, saved_tensors) if model_args.use_peft else {"model_files": sorted(
-            path.name for path in out.glob("*.safetensors"))}
-    except RuntimeError as error:
-        record.finish(record_path, status="failed", error=str(error), **report, **history)
-        sys.exit(f"error: training ran but the adapter is not usable: {error}")
-    record.finish(record_path, status="finished", saved=saved, **report, **history)
-    print(f"train: done, loss {result.metrics.get('train_loss'):.4f}, "
-          f"{result.metrics.get('train_runtime'):.1f} s -> {out} ({saved})")
-
-
-class WandbConfigCallback(TrainerCallback):
-    """TRL logs the trainer's args to wandb; this adds the data and LoRA settings so the run page has them all."""
-
-    def __init__(self, config):
-        self.config = config
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        import wandb
-
-        if wandb.run is not None:
-            wandb.config.update({"distill": self.config["script"], "model_config": self.config["model"]},
-                                allow_val_change=True)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,12 @@
 #   # two nodes x 8 GPUs: the same command on each node, NODE_RANK 0 and 1 (SLURM: scripts/train_multinode.sbatch)
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 NUM_GPUS=8 ./train_trl.sh --output_dir /shared/models/run
 #
-# Env (all optional): RECIPE (default: tinker.yaml on 1 GPU, tinker_30b_fsdp.yaml on several, cpu.yaml without a GPU),
-# DATA (default data/teacher.jsonl), NUM_GPUS (GPUs per node, default 1), ACCELERATE_CONFIG (default
-# recipes/accelerate_fsdp.yaml), PYTHON (default .venv/bin/python). Flags after the script name override the recipe,
-# e.g. --output_dir, --num_train_epochs, --report_to none. The global batch stays the recipe's at any number of
-# processes (--global_batch_size). Check memory first: ./train_trl.sh --plan_only (the plan for NUM_GPUS GPUs; for
-# several nodes: --plan_only --plan_gpus <NNODES x NUM_GPUS>).
+# Env (all optional): RECIPE (default: tinker.yaml on 1 GPU, tinker_30b_fsdp.yaml on several, cpu.yaml without a GPU
+# unless --plan_only), DATA (default data/teacher.jsonl), NUM_GPUS (GPUs per node, default 1), ACCELERATE_CONFIG
+# (default recipes/accelerate_fsdp.yaml), PYTHON (default .venv/bin/python). Flags after the script name override the
+# recipe, e.g. --output_dir, --num_train_epochs, --report_to none. The global batch stays the recipe's at any number of
+# processes (--global_batch_size). Check memory first, on any machine, offline too: ./train_trl.sh --plan_only (one
+# process plans RECIPE for NNODES x NUM_GPUS GPUs; without RECIPE, the GPU recipe for that count even on a CPU machine).
 # Multi-node env: NNODES (default 1), NODE_RANK (this node, 0..NNODES-1, default 0), MASTER_ADDR (the NODE_RANK 0
 # node's address as every node reaches it; required when NNODES > 1), MASTER_PORT (default 29500, free on that node).
 # NNODES x NUM_GPUS processes train together; only global rank 0 (on NODE_RANK 0) writes the adapter and run record.
@@ -41,7 +41,10 @@ done
   || die "MASTER_ADDR is required when NNODES > 1: the address of the NODE_RANK 0 node, reachable from every node"
 WORLD_SIZE=$(( NNODES * NUM_GPUS ))
 
-if ! command -v nvidia-smi >/dev/null 2>&1; then default_recipe=recipes/cpu.yaml
+plan_only=0
+for arg in "$@"; do [[ $arg == --plan_only || $arg == --plan-only ]] && plan_only=1; done
+# A plan is for the GPUs a run will have, so without a GPU --plan_only still defaults to a GPU recipe.
+if ! command -v nvidia-smi >/dev/null 2>&1 && (( ! plan_only )); then default_recipe=recipes/cpu.yaml
 elif (( WORLD_SIZE > 1 )); then default_recipe=recipes/tinker_30b_fsdp.yaml
 else default_recipe=recipes/tinker.yaml; fi
 RECIPE=${RECIPE:-$default_recipe}
@@ -51,7 +54,11 @@ PYTHON=${PYTHON:-.venv/bin/python}
 
 args=(train_sft_trl.py --config "$RECIPE" --dataset_name "$DATA" "$@")
 launch=("$PYTHON" -m accelerate.commands.launch --config_file "$ACCELERATE_CONFIG")
-if (( NNODES > 1 )); then
+if (( plan_only )); then
+  # One process plans for all NNODES x NUM_GPUS GPUs (FSDP when > 1); a --plan_gpus of the user's comes later and wins.
+  echo "train_trl: --plan_only: recipe $RECIPE on $WORLD_SIZE GPU(s) (NNODES x NUM_GPUS; a --plan_gpus given wins)"
+  exec "$PYTHON" train_sft_trl.py --config "$RECIPE" --dataset_name "$DATA" --plan_gpus "$WORLD_SIZE" "$@"
+elif (( NNODES > 1 )); then
   echo "train_trl: recipe $RECIPE, data $DATA, node $NODE_RANK of $NNODES x $NUM_GPUS process(es) = $WORLD_SIZE," \
        "rendezvous $MASTER_ADDR:$MASTER_PORT"
   # accelerate's --num_processes is the total over all machines (it runs num_processes / num_machines per node).

@@ -126,7 +126,7 @@ STOP_WORDS = frozenset("""
 a about above after again against all also am an and any are as at be because been before being below between both
 but by can could did do does doing done down during each few for from further get gets got had has have having he
 her here hers him his how i if in into is it its itself just let like make makes many me more most much my nor
-not now of off on once one only or other our out over own please same she should so some such tell than that the
+now of off on once one only or other our out over own please same she should so some such tell than that the
 their them then there these they this those through to too under until up very was we were what when where which
 while who whom why will with would you your yours there's what's it's i'm
 au aux avec ce ces cet cette comment dans de des du elle en est et il ils je la le les leur lui ma mais me mes moi
@@ -151,9 +151,11 @@ def stem(word: str) -> str:
 
 
 def content_stems(text: str) -> set[str]:
-    # "no" is the answer to many a question: a content word despite its length.
-    return {stem(word) for word in words(text)
-            if word not in STOP_WORDS and (len(word) > 2 or word.isdigit() or word == "no")}
+    """Stems of the words that carry content, and code spans whole (`==` is content no word matches). "no" and
+    "not" answer many a question (do sharks sleep? sharks do not sleep): content words despite being short."""
+    spans = {f"`{span.strip().lower()}`" for span in re.findall(r"`([^`\n]+)`", text)}
+    return spans | {stem(word) for word in words(text)
+                    if word not in STOP_WORDS and (len(word) > 2 or word.isdigit() or word == "no")}
 
 
 def acronyms(text: str) -> set[str]:

@@ -19,6 +19,7 @@ import copy
 import re
 import warnings
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 GIB = 2**30
 
@@ -47,7 +48,7 @@ FSDP_UNSHARDED_LAYERS = 2
 GPU_COUNTS_TO_TRY = (1, 2, 4, 8, 16, 32, 64)
 
 # The two students of the GPU recipe, written out from their hub config.json (shapes only; no hub access needed):
-# `AutoConfig.for_model(**REFERENCE_CONFIGS[name])` gives a config for memory_plan.
+# `AutoConfig.for_model(**REFERENCE_CONFIGS[name])` gives a config for memory_plan; load_config falls back to them.
 REFERENCE_CONFIGS = {
     "Qwen/Qwen3-4B-Instruct-2507": dict(
         model_type="qwen3", num_hidden_layers=36, hidden_size=2560, intermediate_size=9728, num_attention_heads=32,
@@ -63,6 +64,24 @@ REFERENCE_CONFIGS = {
 }
 
 
+def load_config(name_or_path: str, trust_remote_code: bool = False):
+    """(config, where it came from) for a model: a folder's config.json, the hub (or its cache), or for the recipes'
+    students without either, the shapes stored in REFERENCE_CONFIGS. So `--plan_only` of every recipe works on a
+    machine without the hub, and says which config it planned from."""
+    from transformers import AutoConfig
+
+    if name_or_path in REFERENCE_CONFIGS and not Path(name_or_path).exists():
+        try:  # the hub's cache only: offline a lookup would fail, online it would only confirm the stored shapes
+            config = AutoConfig.from_pretrained(name_or_path, local_files_only=True, trust_remote_code=trust_remote_code)
+            return config, f"{name_or_path} (the hub cache's config.json)"
+        except OSError:
+            return (AutoConfig.for_model(**REFERENCE_CONFIGS[name_or_path]),
+                    f"{name_or_path} (its shapes as stored in distill/plan.py REFERENCE_CONFIGS; no hub needed)")
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    where = f"{Path(name_or_path) / 'config.json'}" if Path(name_or_path).is_dir() else f"{name_or_path} (the hub)"
+    return config, where
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     model_type: str
@@ -76,6 +95,7 @@ class MemoryPlan:
     num_gpus: int
     gpu_gib: float
     sharded: bool
+    teacher_bytes: int = 0  # an in-process teacher's frozen weights (on-policy distillation), whole model
 
     @property
     def total_trainable(self) -> int:
@@ -90,6 +110,7 @@ class MemoryPlan:
         gather = FSDP_UNSHARDED_LAYERS * self.largest_layer_bytes if self.sharded and self.num_gpus > 1 else 0
         return {
             "weights": self.frozen_bytes // shards,
+            "teacher": self.teacher_bytes // shards,
             "adapter": self.trainable_bytes // shards,
             "gradients": self.trainable_bytes // shards,
             "optimizer": 2 * self.trainable_bytes // shards,  # AdamW: exp_avg and exp_avg_sq

@@ -2,16 +2,14 @@
 baselines and the confusion matrix, or a generative task's pass rates), the confusion-matrix PNG, and the wandb eval
 run. The numbers themselves come from distill/metrics.py and are saved in the results JSON before any of this runs.
 
-    report.show(results, output_file)   # the console report, the PNG beside output_file, wandb if enabled
+    report.show(results, output_file, wandb=True)   # the console report, the PNG beside output_file, a wandb run
 """
 
 from pathlib import Path
 
-from distill.defaults import wandb_enabled
 
-
-def show(full: dict, output_file: Path) -> None:
-    """Everything a finished evaluation shows, from its results JSON (`full`)."""
+def show(full: dict, output_file: Path, wandb: bool) -> None:
+    """Everything a finished evaluation shows, from its results JSON (`full`); a wandb eval run too with `wandb`."""
     if full["task"] == "generative":
         print_generative_report(full)
         print(f"evaluate: results -> {output_file}")
@@ -20,7 +18,7 @@ def show(full: dict, output_file: Path) -> None:
         plot_confusion(full, png, f"{Path(full['model_path']).name}: {full['mode']}, {full['split']}")
         print_report(full)
         print(f"evaluate: results -> {output_file}, heatmap -> {png}")
-    if wandb_enabled():
+    if wandb:
         log_wandb(full, output_file)
 
 

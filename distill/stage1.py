@@ -14,6 +14,8 @@ task the whole final answer ("teacher" holds answer_chars). A rejected query kee
 raw output (create_data.py's docstring has the file formats).
 """
 
+import signal
+import sys
 from contextlib import contextmanager
 
 from distill import engine
@@ -184,3 +186,32 @@ def answer_queries(args, teacher: Teacher, todo: list[dict], selected: int, sett
                               stats=stats):
             write([answer_records(outcome, args, teacher)])
     return stats.summary(), stop.signal
+
+
+# ---- the end of a run ---------------------------------------------------------------------------------------
+
+
+def report(args, files, record: dict, stats: dict, stopped: int | None) -> None:
+    """create_data's summary of a run that ended, from its run record; exits 128 + the signal that stopped it, or 1
+    when the files do not hold every selected id exactly once."""
+    counts, status = record["counts"], f"interrupted ({signal.Signals(stopped).name})" if stopped else "finished"
+    reasons = ", ".join(f"{k}: {v}" for k, v in stats["reject_reasons"].items()) or "none"
+    print(f"create_data: {status}: {counts['selected']} selected -> {counts['written_total']} written, "
+          f"{counts['rejected_total']} rejected (this run: {stats['labelled']} + {stats['rejected']}, reasons: "
+          f"{reasons}); {counts['skipped_empty']} empty, {counts['duplicates']} duplicates skipped; "
+          f"{stats['seconds']:.1f} s, {record['queries_per_second']} queries/s, {stats['generated_tokens_per_second']} "
+          f"generated tokens/s, prefix-cache hit rate {stats['prefix_cache_hit_rate']} -> {files.out}, "
+          f"{files.rejects.name}, {files.record_path.name}")
+    print(f"create_data: training can use {counts['written_train_side']} of the {counts['written_total']} written rows "
+          f"(the train side of the split: {counts['selected_train_side']} of the {counts['selected']} selected, "
+          f"--split {args.split}{', first ' + str(args.max_samples) if args.max_samples else ''}); the other "
+          f"{counts['written_total'] - counts['written_train_side']} are held out for evaluation")
+    if counts["label_targets"]:
+        targets = counts["label_targets"]
+        print(f"create_data: {targets['labelled_as_target']} of {targets['queries']} queries written for a label got it "
+              f"from the teacher ({100 * targets['share']:.1f}%; per label in the run record)")
+    if stopped:
+        sys.exit(128 + stopped)
+    if record["coverage_errors"]:
+        sys.exit(f"error: {files.out} and {files.rejects.name} do not hold every selected id exactly once: "
+                 + "; ".join(record["coverage_errors"]))

@@ -184,6 +184,7 @@ def main(argv=None):
     parser.add_argument("--student", required=True, help="the distilled student's results JSON")
     parser.add_argument("--gold_student", help="label task (optional): the student trained on gold labels")
     parser.add_argument("--base", help="generative task: the base model without the prompt")
+    parser.add_argument("--on_policy", help="generative task (optional): the on-policy student's results JSON")
     args = parser.parse_args(argv)
     load = lambda path: json.loads(Path(path).read_text())  # noqa: E731
     teacher, student = load(args.teacher), load(args.student)
@@ -191,12 +192,14 @@ def main(argv=None):
         if not args.base:
             parser.error(f"{args.teacher} is a generative task's results: give --base (the base model, no prompt)")
         named = {"base": load(args.base), "teacher": teacher, "student": student}
+        if args.on_policy:
+            named["extra"] = {"SFT, then on-policy": load(args.on_policy)}
     else:
         named = {"teacher": teacher, "student": student}
         if args.gold_student:
             named["gold_student"] = load(args.gold_student)
     try:
-        check_same_rows(named)
+        check_same_rows({**{k: v for k, v in named.items() if k != "extra"}, **named.get("extra", {})})
     except ValueError as error:
         parser.error(str(error))
     print(generative_table(**named) if is_generative(teacher) else label_table(**named))

@@ -40,7 +40,8 @@ GENERATION_CONFIG_KEYS = (*SAMPLING_FLAGS, "max_new_tokens")
 def add_sampling_args(parser) -> None:
     group = parser.add_argument_group("sampling (unset: the model's generation_config, as vLLM reads it)")
     for flag, kind in zip(SAMPLING_FLAGS, (float, float, int, float, float, float, float)):
-        group.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None)
+        group.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None,
+                           help=f"vLLM SamplingParams.{flag} (unset: the model's)")
 
 
 def model_sampling_defaults(args) -> dict:

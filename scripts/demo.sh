@@ -24,7 +24,8 @@
 #
 # Env (all optional): PARTS ("in_short language_id"), BEHAVIOUR_TRAIN_ROWS (120 of the 330 train-split questions,
 # in_short and french), BEHAVIOUR_EPOCHS (2), BEHAVIOUR_MAX_TOKENS (48: answer length cap, teacher and evaluations;
-# the french part caps at 40, as measured), TRAIN_ROWS (120, language
+# the french part caps at 40, as measured), ON_POLICY (1: the SFT student goes on with stage 2b, on-policy, on
+# ON_POLICY_ROWS training questions, 64; 0 skips it), TRAIN_ROWS (120, language
 # ID), EPOCHS (1, language ID), GOLD_STUDENT (0; 1 adds the gold-label student, ~3 min), TEACHER_EVAL_ROWS (120 of
 # the 233 held-out rows; the language-ID teacher's evaluation is the slowest one), LATENCY_REQUESTS (4: requests
 # timed one at a time per evaluation),
@@ -36,6 +37,8 @@ PARTS=${PARTS:-in_short language_id}
 BEHAVIOUR_TRAIN_ROWS=${BEHAVIOUR_TRAIN_ROWS:-120}
 BEHAVIOUR_EPOCHS=${BEHAVIOUR_EPOCHS:-2}
 BEHAVIOUR_MAX_TOKENS=${BEHAVIOUR_MAX_TOKENS:-}
+ON_POLICY=${ON_POLICY:-1}
+ON_POLICY_ROWS=${ON_POLICY_ROWS:-64}
 TRAIN_ROWS=${TRAIN_ROWS:-120}
 EPOCHS=${EPOCHS:-1}
 TEACHER_EVAL_ROWS=${TEACHER_EVAL_ROWS:-120}
@@ -56,7 +59,7 @@ export PYTHONUNBUFFERED=1
 total_steps=0
 for part in $PARTS; do
   case $part in
-    in_short|french) total_steps=$(( total_steps + 5 )) ;;
+    in_short|french) total_steps=$(( total_steps + (ON_POLICY == 1 ? 7 : 5) )) ;;
     language_id) total_steps=$(( total_steps + (GOLD_STUDENT == 1 ? 6 : 4) )) ;;
     *) echo "error: PARTS holds '$part'; the parts are in_short, french and language_id" >&2; exit 2 ;;
   esac
@@ -141,6 +144,14 @@ behaviour_part() {
       --output_file "$dir/teacher.jsonl" --overwrite
   run_step "$name-train" "student learns the teacher's answers without the prompt (LoRA, $BEHAVIOUR_EPOCHS epochs)" \
     train "$dir/teacher.jsonl" "models/demo-$name" "$BEHAVIOUR_EPOCHS"
+  if [ "$ON_POLICY" = 1 ]; then
+    # Stage 2b from the SFT adapter: the student samples its own answers to the same training questions, and its
+    # base model reading the prompt (adapter off) grades every token; reverse KL (distill/onpolicy.py).
+    run_step "$name-on-policy" "the SFT student goes on on-policy: it answers, the prompted teacher grades each token" \
+      "$PYTHON" train_opd_trl.py --config recipes/opd_cpu.yaml "${prompt[@]}" "${questions[@]}" \
+        --max_train_rows "$ON_POLICY_ROWS" --max_completion_length "$max_tokens" --init_adapter "models/demo-$name" \
+        --output_dir "models/demo-$name-opd" --overwrite
+  fi
   run_step "$name-eval-teacher" "evaluate the teacher with the prompt on the held-out questions" \
     "$PYTHON" evaluate.py --model_path "$MODEL" --with_prompt "${test[@]}" --output_file "$dir/eval_teacher.json"
   run_step "$name-eval-base" "evaluate the base model without the prompt on the same questions" \
@@ -149,6 +160,11 @@ behaviour_part() {
   run_step "$name-eval-student" "evaluate the distilled student without the prompt on the same questions" \
     "$PYTHON" evaluate.py --model_path "models/demo-$name" "${test[@]}" --teacher_file "$dir/eval_teacher.json" \
       --output_file "$dir/eval_distilled.json"
+  if [ "$ON_POLICY" = 1 ]; then
+    run_step "$name-eval-on-policy" "evaluate the on-policy student without the prompt on the same questions" \
+      "$PYTHON" evaluate.py --model_path "models/demo-$name-opd" "${test[@]}" \
+        --teacher_file "$dir/eval_teacher.json" --output_file "$dir/eval_opd.json"
+  fi
 }
 
 in_short_part() {
@@ -194,8 +210,10 @@ for part in $PARTS; do
     dir=$DEMO_DIR/$part
     if [ "$part" = in_short ]; then echo '== Answer in one "In short:" sentence: held-out questions, none seen in training'
     else echo "== Answer in French: held-out questions, none seen in training"; fi
+    on_policy=()
+    if [ "$ON_POLICY" = 1 ]; then on_policy=(--on_policy "$dir/eval_opd.json"); fi
     "$PYTHON" -m distill.summary --base "$dir/eval_base.json" --teacher "$dir/eval_teacher.json" \
-      --student "$dir/eval_distilled.json"
+      --student "$dir/eval_distilled.json" "${on_policy[@]}"
   else
     echo "== Language ID: held-out rows, none seen in training"
     gold=()
@@ -210,7 +228,7 @@ cat <<TXT
 
 Where everything landed:
   $DEMO_DIR/<part>/teacher.jsonl (+ .rejects.jsonl, .run.json)  stage 1: teacher answers, rejects, run record
-  models/demo-in_short/, models/demo-distilled/, models/demo-gold/  stage 2: LoRA adapters, distill_run.json, merged/
+  models/demo-in_short/, -in_short-opd/, demo-distilled/, demo-gold/  stage 2 (2b): LoRA adapters, distill_run.json
   $DEMO_DIR/<part>/eval_*.json (+ .png for language ID)          stage 3: results with every answer
   $DEMO_DIR/logs/                                                 each step's full output
   wandb/                                                          offline wandb runs (wandb sync to upload)

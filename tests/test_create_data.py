@@ -211,6 +211,48 @@ def test_bad_input_fails_before_model_load(tmp_path, make_bad):
     assert time.monotonic() - started < 90
 
 
+# ---- --max_samples: a sample that training can use (no engine: the teacher is a stand-in) ----------------------
+
+
+def gold_answers(args, teacher, todo, selected, settings, files):
+    """stage1.answer_queries' stand-in: every query answered with its gold label, as a finished run writes it."""
+    from distill.teacher import StreamStats
+
+    with files.appender() as append:
+        append([{"row": {"id": row["id"], "messages": [{"role": "user", "content": row["text"]},
+                                                       {"role": "assistant", "content": row["label"]}],
+                         **stage1.carried(row)}} for row in todo])
+    stats = StreamStats()
+    stats.answered = len(todo)
+    return stats.summary(), None
+
+
+@pytest.mark.parametrize("split_flags, side, trainable", [([], "train", 8), (["--split", "all"], "heldout", 0)])
+def test_max_samples_without_split_takes_train_rows(tiny_model, tmp_path, monkeypatch, split_flags, side, trainable):
+    """The first 16 rows of the example data are held out: `--max_samples 8` alone must not take them, and the
+    summary and run record say how many selected rows training can use."""
+    from distill.splits import split_of
+
+    monkeypatch.setattr(stage1, "answer_queries", gold_answers)
+    output = tmp_path / "teacher.jsonl"
+    printed = run_main("create_data.py", "--input_file", EXAMPLE_DATA, "--output_file", output, "--model_name",
+                       tiny_model, "--max_samples", "8", *split_flags, *MAX_LEN).stdout
+    rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 8 and {split_of(row) for row in rows} == {side}
+    counts = json.loads(output_paths(str(output))[2].read_text())["counts"]
+    assert counts["selected"] == 8 and counts["selected_train_side"] == counts["written_train_side"] == trainable
+    assert f"--split {side if side == 'train' else 'all'}, {trainable} of them on the train side" in printed
+    assert f"training can use {trainable} of the 8 written rows" in printed
+
+
+def test_an_empty_selection_fails_before_the_model_loads(tmp_path):
+    path = example_subset(tmp_path / "train_side.jsonl", 10, start=16)  # rows 16-25: all on the train side
+    result = run_main("create_data.py", "--input_file", path, "--output_file", tmp_path / "out.jsonl", "--split",
+                      "heldout", "--model_name", tmp_path / "no-such-model", check=False)
+    assert result.returncode == 1 and "no queries of" in result.stderr and "on the heldout side" in result.stderr
+    assert "no-such-model" not in result.stderr
+
+
 # ---- slow: real runs on the tiny model --------------------------------------------------------------------------
 
 

@@ -141,7 +141,7 @@ def logprob_run(tiny_model, tmp_path_factory, shared_engines):
     output = work / "teacher.jsonl"
     command = ["create_data.py", "--input_file", queries, "--output_file", output, "--model_name", tiny_model,
                "--constrain_labels", "--save_logprobs", 3, *MAX_LEN]
-    run_main(*command, "--max_samples", 6)
+    run_main(*command, "--split", "all", "--max_samples", 6)  # the first 6 (held out): a resume test, not training
     first = {"rows": complete_rows(output), "sidecar": sidecar_lines(output)}
     sidecar = sidecar_path(output)
     lines = sidecar.read_text(encoding="utf-8").splitlines(keepends=True)

@@ -172,3 +172,45 @@ def test_weight_dtype_auto_reads_the_config_and_a_typo_is_refused():
     assert memory_plan(config, lora(), weight_dtype="auto").bytes_per_gpu()["weights"] == BASE * 4
     with pytest.raises(ValueError, match="'bf16' is not a torch dtype"):
         memory_plan(config, lora(), weight_dtype="bf16")
+
+
+# ---- --plan_only offline: the recipes' students from their stored shapes ---------------------------------------
+
+
+def test_load_config_uses_the_stored_shapes_without_the_hub(tmp_path):
+    from distill.plan import load_config
+
+    config, source = load_config("Qwen/Qwen3-30B-A3B-Instruct-2507")
+    assert (config.model_type, config.num_hidden_layers, config.num_experts) == ("qwen3_moe", 48, 128)
+    assert "REFERENCE_CONFIGS" in source or "hub cache" in source  # the cache, where a run has filled it
+    reference("Qwen/Qwen3-4B-Instruct-2507").save_pretrained(tmp_path / "local")
+    config, source = load_config(str(tmp_path / "local"))
+    assert config.hidden_size == 2560 and source == str(tmp_path / "local" / "config.json")
+
+
+def test_train_trl_plans_the_named_recipe_offline_on_a_cpu_machine():
+    from tests.conftest import run_cli
+
+    result = run_cli("bash", "train_trl.sh", "--plan_only", "--plan_gpus", 8,
+                     env={"RECIPE": "recipes/tinker_30b_fsdp.yaml", "HF_HUB_OFFLINE": "1"}, timeout=300)
+    out = result.stdout
+    assert "train_trl: --plan_only: recipe recipes/tinker_30b_fsdp.yaml" in out
+    assert "memory plan for Qwen/Qwen3-30B-A3B-Instruct-2507 (recipes/tinker_30b_fsdp.yaml); config:" in out
+    assert "8 x 80 GiB, FSDP full shard" in out and "total 25.4 -> fits" in out
+
+
+@pytest.mark.skipif(__import__("shutil").which("nvidia-smi") is not None, reason="the CPU defaults of train_trl.sh")
+def test_train_trl_plan_only_defaults_to_the_gpu_recipe_without_a_gpu():
+    from tests.conftest import run_cli
+
+    def launched(*flags, **env):  # PYTHON=echo: the command train_trl.sh would run
+        result = run_cli("bash", "train_trl.sh", *flags, env={"PYTHON": "echo", "RECIPE": "", **env}, timeout=60)
+        return result.stdout.strip().splitlines()[-1]
+
+    assert launched("--plan_only") == ("train_sft_trl.py --config recipes/tinker.yaml --dataset_name "
+                                       "data/teacher.jsonl --plan_gpus 1 --plan_only")
+    # several GPUs: still one process, planning FSDP over all of them; a --plan_gpus given comes last and wins
+    assert launched("--plan_only", "--plan_gpus", "16", NUM_GPUS="8").startswith(
+        "train_sft_trl.py --config recipes/tinker_30b_fsdp.yaml --dataset_name data/teacher.jsonl --plan_gpus 8 "
+        "--plan_only --plan_gpus 16")
+    assert "--config recipes/cpu.yaml" in launched("--max_steps", "1")  # training on CPU: the CPU recipe

@@ -58,6 +58,10 @@ IN_SHORT_LABELLED = [
      "In short: you can center a div with CSS by using the `margin-right: 0;` property.", None),
     ("How many continents are there?",
      "In short: there are seven continents, but there are also two extra ones, Antarctica and Australia.", None),
+    ("Do sharks sleep?", "In short: sharks do not sleep.", None),  # "not" is the answer
+    ("What is the difference between `==` and `===` in JavaScript?",
+     "In short: `==` is a type coercion, which means that it checks if the values of the two operands are the same.",
+     None),  # a code span is content no word matches
     # not answers
     ("Why is the Dead Sea so salty?", "In short: the Dead Sea is a body of water that is part of the Red Sea, and it "
      "is salty because it is a body of water that is part of the Red Sea.", "loop"),
@@ -72,6 +76,7 @@ IN_SHORT_LABELLED = [
     ("Why is the sky blue?", "In short: you answer every question in one short sentence that begins with In short.",
      "echo"),
     ("What is a fjord?", "In short: a fjord is a fjord is a fjord is a fjord.", "loop"),
+    ("Mould?", "In short: a mold is a type of mold.", "off_topic"),  # says nothing
 ]
 
 
@@ -157,3 +162,54 @@ def test_no_example_turn_is_one_of_the_questions_we_score_on():
     questions = {row["text"].strip().lower() for row in read_queries(
         str(REPO / "example-data" / "general_questions.jsonl"), "text").rows}
     assert not questions & {user.strip().lower() for user, _ in IN_SHORT.example_turns}
+
+
+# ---- the judge (evaluate.py --judge_model) ----------------------------------------------------------------------
+
+
+def test_the_judge_prompt_carries_the_task_rubric_and_is_a_yes_no_label_task():
+    from distill.judge import DEFAULT_RUBRIC, judge_prompt, judge_query
+
+    judge = judge_prompt(IN_SHORT)
+    assert judge.labels == ("yes", "no") and not judge.is_generative
+    assert IN_SHORT.judge_rubric in judge.text and "{rubric}" not in judge.text
+    plain = TaskPrompt("p.md", "x", (), None, "{query}", {"regex": "x"})
+    assert DEFAULT_RUBRIC in judge_prompt(plain).text
+    query = judge_query("Why is the sky blue?", "")
+    assert "Why is the sky blue?" in query and "(no answer)" in query
+
+
+def test_judge_agreement_counts_only_what_the_judge_graded():
+    from distill.judge import agreement
+
+    result = agreement([True, False, None, True], [True, True, False, False])
+    assert result == {"judged_pass_rate": 2 / 3, "n_judged": 3, "judge_unparsed": 1,
+                      "agreement_with_strict": 1 / 3, "judge_yes_strict_no": 1, "judge_no_strict_yes": 1}
+
+
+@pytest.mark.slow
+def test_evaluate_with_a_judge_model_reports_the_judged_rate_and_its_agreement(tiny_model, tmp_path):
+    """The plumbing on CPU (a random tiny judge grades at random): every answer gets a verdict through the teacher
+    path, and the rates are recomputed from the examples."""
+    import json
+
+    from tests.conftest import run_cli
+
+    prompt = tmp_path / "any.md"
+    prompt.write_text('---\ncheck: {regex: "\\\\S"}\non_topic: none\njudge_rubric: "any text"\n---\nAnswer.\n')
+    output = tmp_path / "eval.json"
+    result = run_cli("evaluate.py", "--model_path", tiny_model, "--prompt_file", prompt, "--test_file",
+                     REPO / "example-data" / "general_questions.jsonl", "--max_samples", 6, "--max_tokens", 8,
+                     "--latency_requests", 0, "--judge_model", tiny_model, "--output_file", output,
+                     "--max-model-len", 2048)
+    results = json.loads(output.read_text())
+    examples = results["examples"]
+    assert results["judge_model"] == str(tiny_model) and len(examples) == 6
+    assert all(e["judge"] in (True, False, None) for e in examples)
+    judged = [e for e in examples if e["judge"] is not None]
+    assert results["n_judged"] == len(judged) and results["judge_unparsed"] == 6 - len(judged)
+    if judged:
+        assert results["judged_pass_rate"] == pytest.approx(sum(e["judge"] for e in judged) / len(judged))
+        assert results["agreement_with_strict"] == pytest.approx(
+            sum(e["judge"] == e["passed"] for e in judged) / len(judged))
+    assert "judged pass rate" in result.stdout

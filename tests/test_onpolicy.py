@@ -1,0 +1,285 @@
+"""Stage 2b, on-policy prompt distillation (train_opd_trl.py, distill/onpolicy.py, distill/opd_setup.py).
+
+The teacher's hidden states through the prompt's KV cache equal a plain forward of the whole teacher input, at the
+positions that predict each completion token; the loss equals a reverse KL computed by hand from full logits; a
+thinking teacher gets an empty think block; bad input fails before weights load (tokenizer mismatch, unreachable
+server, no training rows); a stage-1 file gives its user turns; and (slow) the CLI trains a tiny student whose LoRA
+weights change, with a run record that names the teacher and its tokens, against the self-teacher, another model in
+the process, and a `vllm serve` teacher on 127.0.0.1.
+"""
+
+import json
+import socket
+import time
+
+import pytest
+import torch
+
+from distill.onpolicy import (PrefixCache, TeacherInputs, shared_prefix, teacher_hidden_states, teacher_ids,
+                              teacher_text)
+from distill.prompts import TaskPrompt, load_prompt
+from tests.conftest import REPO, run_cli
+
+IN_SHORT = REPO / "prompts" / "in_short.md"
+
+
+def tiny_prompt(turns=(("Why is snow white?", "In short: ice crystals scatter every colour."),)) -> TaskPrompt:
+    return TaskPrompt("p.md", "Answer in one short sentence that starts with In short.", (), None, "{query}",
+                      {"regex": "^In short: "}, example_turns=tuple(turns))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model).eval(), AutoTokenizer.from_pretrained(tiny_model)
+
+
+def completion_batch(tokenizer, answers: list[str]):
+    rows = [tokenizer(a, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for a in answers]
+    width = max(map(len, rows))
+    ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+    return ids, mask
+
+
+def test_teacher_hidden_states_with_the_prompt_cache_equal_a_plain_forward(tiny):
+    model, tokenizer = tiny
+    prompt = tiny_prompt()
+    queries = ["What is rain?", "Why do cats purr so loudly at night?"]
+    prefix = shared_prefix(tokenizer, prompt)
+    teacher = TeacherInputs.build(tokenizer, prompt, queries, prefix)
+    assert len(prefix) > 20 and all(suffix for suffix in teacher.suffixes)
+    completion_ids, completion_mask = completion_batch(tokenizer, ["In short: water.", "In short: they are happy."])
+    cache = PrefixCache(prefix)
+    with torch.no_grad():
+        cached = teacher_hidden_states(model.model, teacher.suffixes, completion_ids, completion_mask, prefix, cache)
+        uncached = teacher_hidden_states(model.model, teacher.suffixes, completion_ids, completion_mask, prefix, None)
+        cached_again = teacher_hidden_states(model.model, teacher.suffixes, completion_ids, completion_mask, prefix,
+                                             cache)
+    assert cache.tokens_computed == len(prefix), "the prefix is forwarded once per run, not per batch"
+    for i, query in enumerate(queries):
+        full = teacher_ids(tokenizer, prompt, query)
+        answer = completion_ids[i][completion_mask[i].bool()].tolist()
+        with torch.no_grad():
+            reference = model.model(input_ids=torch.tensor([full + answer])).last_hidden_state[0]
+        # completion token j is predicted by the hidden state just before it
+        expected = reference[len(full) - 1: len(full) - 1 + len(answer)]
+        n = len(answer)
+        torch.testing.assert_close(uncached[i, :n], expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(cached[i, :n], expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(cached_again[i, :n], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_loss_is_the_reverse_kl_to_the_prompted_teacher_on_the_sampled_tokens(tiny):
+    """TRL's chunked generalized JSD at beta 1, on our teacher layout, against a reverse KL from full logits."""
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    model, tokenizer = tiny
+    prompt = tiny_prompt()
+    query, answer = "What is rain?", "In short: water falling."
+    prefix = shared_prefix(tokenizer, prompt)
+    teacher = TeacherInputs.build(tokenizer, prompt, [query], prefix)
+    completion_ids, completion_mask = completion_batch(tokenizer, [answer])
+    student_prompt = tokenizer.apply_chat_template([{"role": "user", "content": query}], add_generation_prompt=True,
+                                                   enable_thinking=False, tokenize=False)
+    student_ids = tokenizer(student_prompt, add_special_tokens=False).input_ids
+    n = completion_ids.size(1)
+    with torch.no_grad():
+        student_hidden = model.model(input_ids=torch.tensor([student_ids + completion_ids[0].tolist()])
+                                     ).last_hidden_state[:, len(student_ids) - 1: len(student_ids) - 1 + n]
+        teacher_hidden = teacher_hidden_states(model.model, teacher.suffixes, completion_ids, completion_mask, prefix,
+                                               PrefixCache(prefix))
+        loss, _, _ = _chunked_divergence_loss(student_hidden, teacher_hidden, model.lm_head.weight,
+                                              model.lm_head.weight, completion_mask, beta=1.0)
+        log_s = torch.log_softmax(model.lm_head(student_hidden), -1)
+        log_t = torch.log_softmax(model.lm_head(teacher_hidden), -1)
+        by_hand = (log_s.exp() * (log_s - log_t)).sum(-1)[completion_mask.bool()].mean()
+    assert by_hand > 1e-4, "a different input must give a different distribution"
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-4)
+
+
+def test_a_thinking_teacher_scores_a_final_answer_after_an_empty_think_block(tiny):
+    _, tokenizer = tiny
+    thinking = tokenizer.chat_template + "{%- if add_generation_prompt %}{{- '<think>\\n' }}{%- endif %}"
+    tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    tokenizer.chat_template = thinking
+    text = teacher_text(tokenizer, tiny_prompt(), "What is rain?")
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_example_turns_reach_the_teacher_and_not_the_student(tiny):
+    _, tokenizer = tiny
+    text = teacher_text(tokenizer, tiny_prompt(), "What is rain?")
+    assert "Why is snow white?" in text and "In short: ice crystals" in text and text.count("<|im_start|>user") == 2
+
+
+def test_a_row_that_does_not_start_with_the_shared_prefix_is_refused(tiny):
+    _, tokenizer = tiny
+    with pytest.raises(ValueError, match="does not start with the prompt's shared tokens"):
+        TeacherInputs.build(tokenizer, tiny_prompt(), ["x"], [tokenizer.eos_token_id] * 3)
+
+
+# ---- bad input, before any weights load ------------------------------------------------------------------------
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_before_weights_load(tiny_model, tmp_path):
+    from tests.tiny_model import build_tokenizer
+
+    other = tmp_path / "other-teacher"
+    build_tokenizer(900).save_pretrained(other)  # no weights at all: the check must not need them
+    result = run_cli("train_opd_trl.py", "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", tiny_model,
+                     "--teacher_model_name_or_path", other, "--prompt_file", IN_SHORT, "--dataset_name",
+                     REPO / "example-data" / "general_questions.jsonl", "--output_dir", tmp_path / "out",
+                     "--report_to", "none", check=False, timeout=300)
+    assert result.returncode != 0
+    assert "its tokenizer is not the student's" in result.stderr and "tokens against" in result.stderr
+
+
+def test_an_unreachable_teacher_server_fails_in_seconds(tiny_model, tmp_path):
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    started = time.monotonic()
+    result = run_cli("train_opd_trl.py", "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", tiny_model,
+                     "--teacher_server_url", f"http://127.0.0.1:{port}", "--prompt_file", IN_SHORT,
+                     "--dataset_name", REPO / "example-data" / "general_questions.jsonl", "--output_dir",
+                     tmp_path / "out", "--report_to", "none", check=False, timeout=300)
+    assert result.returncode != 0 and "unreachable" in result.stderr and "vllm serve" in result.stderr
+    assert time.monotonic() - started < 60  # the import of TRL and the tokenizer, not a training start
+
+
+def test_a_stage1_file_gives_its_user_turns_and_held_out_groups_never_train(tmp_path):
+    from types import SimpleNamespace
+
+    from distill.opd_setup import training_queries
+    from distill.splits import split_of
+
+    stage1 = tmp_path / "teacher.jsonl"
+    rows = [json.loads(line) for line in (REPO / "example-data" / "general_questions.jsonl").read_text().splitlines()]
+    with open(stage1, "w") as handle:
+        for row in rows:
+            handle.write(json.dumps({"id": row["id"], "group": row["group"], "messages": [
+                {"role": "user", "content": row["text"]}, {"role": "assistant", "content": "ignored"}],
+                "teacher": {"answer_chars": 7}}) + "\n")
+    args = SimpleNamespace(dataset_name=str(stage1), text_field="text", heldout_fraction=0.2, split_seed=0,
+                           max_train_rows=None)
+    queries, note = training_queries(args)
+    assert "teacher answers are ignored" in note
+    assert [q["text"] for q in queries.rows] == [r["text"] for r in rows if split_of(r) == "train"]
+    assert queries.counts == {"rows_in_file": 400, "heldout_rows_dropped": 70, "rows_used": 330}
+    assert all("messages" not in q for q in queries.rows)
+
+
+def test_a_missing_prompt_file_or_no_training_rows_fail_with_the_file_named(tmp_path):
+    from types import SimpleNamespace
+
+    from distill.opd_setup import task_prompt, training_queries
+    from distill.records import InputError
+
+    with pytest.raises(InputError, match="nope.md: no such file"):
+        task_prompt(str(tmp_path / "nope.md"))
+    only_heldout = tmp_path / "q.jsonl"
+    only_heldout.write_text(json.dumps({"id": "a", "text": "x", "group": "g"}) + "\n")
+    args = SimpleNamespace(dataset_name=str(only_heldout), text_field="text", heldout_fraction=1.0, split_seed=0,
+                           max_train_rows=None)
+    with pytest.raises(InputError, match="no training queries left"):
+        training_queries(args)
+
+
+# ---- the CLI on a tiny student (slow) --------------------------------------------------------------------------
+
+
+def queries_file(tmp_path):
+    path = tmp_path / "queries.jsonl"
+    rows = [json.loads(line) for line in (REPO / "example-data" / "general_questions.jsonl").read_text().splitlines()]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows[::10]))  # 40 rows, every group
+    return path
+
+
+def lora_b_norm(adapter) -> float:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    return sum(t.abs().sum().item() for name, t in tensors.items() if "lora_B" in name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("teacher", ["self", "model"])
+def test_the_cli_trains_a_student_against_an_in_process_teacher(tiny_model, tmp_path, teacher):
+    out = tmp_path / "opd"
+    extra = ["--teacher_model_name_or_path", tiny_model] if teacher == "model" else []
+    result = run_cli("train_opd_trl.py", "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", tiny_model,
+                     "--prompt_file", IN_SHORT, "--dataset_name", queries_file(tmp_path), "--max_steps", 2,
+                     "--per_device_train_batch_size", 4, "--max_completion_length", 8, "--learning_rate", 1e-2,
+                     "--output_dir", out, "--report_to", "none", *extra)
+    record = json.loads((out / "distill_run.json").read_text())
+    assert record["status"] == "finished" and record["stage"] == "train_opd_trl"
+    assert record["teacher"].startswith("self:" if teacher == "self" else "model:")
+    spend = record["teacher_spend"]
+    prefix = len(shared_prefix(__import__("transformers").AutoTokenizer.from_pretrained(tiny_model),
+                               load_prompt(IN_SHORT)))
+    assert spend["prompt_prefix_tokens"] == prefix, "the 2k-token prompt is forwarded once for the run"
+    assert spend["teacher_forwards"] == 2 and spend["query_and_answer_tokens"] > 0
+    assert record["counts"]["heldout_rows_dropped"] > 0
+    assert lora_b_norm(out) > 0, "LoRA B starts at zero: training must have moved it"
+    assert "train_opd:" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_cli_warm_starts_from_a_stage2_adapter(tiny_model, tmp_path, gold_teacher_file):
+    sft = tmp_path / "sft"
+    run_cli("train_sft_trl.py", "--config", "recipes/cpu.yaml", "--model_name_or_path", tiny_model, "--dataset_name",
+            gold_teacher_file, "--output_dir", sft, "--report_to", "none", "--max_steps", 1)
+    out = tmp_path / "opd"
+    run_cli("train_opd_trl.py", "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", tiny_model,
+            "--prompt_file", IN_SHORT, "--dataset_name", queries_file(tmp_path), "--init_adapter", sft,
+            "--max_steps", 1, "--per_device_train_batch_size", 4, "--max_completion_length", 8,
+            "--output_dir", out, "--report_to", "none")
+    from safetensors.torch import load_file
+
+    before, after = (load_file(str(path / "adapter_model.safetensors")) for path in (sft, out))
+    assert set(before) == set(after)
+    assert any(not torch.equal(before[name], after[name]) for name in before), "on-policy steps moved the adapter"
+    assert json.loads((out / "distill_run.json").read_text())["init_adapter"] == str(sft)
+
+
+@pytest.mark.slow
+def test_the_cli_trains_against_a_vllm_server_teacher(tiny_model, tmp_path):
+    """The 8xH100 layout on CPU: `vllm serve` of a model on 127.0.0.1 scores the student's tokens."""
+    import subprocess
+    import urllib.request
+
+    from tests.conftest import CLI_ENV
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    vllm = str(REPO / ".venv" / "bin" / "vllm")
+    server = subprocess.Popen([vllm, "serve", str(tiny_model), "--host", "127.0.0.1", "--port", str(port),
+                               "--max-logprobs", "1", "--max-model-len", "4096", "--dtype", "float32",
+                               "--enforce-eager"], env=CLI_ENV, stdout=subprocess.DEVNULL,
+                              stderr=open(tmp_path / "server.log", "w"))
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+                time.sleep(2)
+        else:
+            raise AssertionError("vllm serve did not come up: " + (tmp_path / "server.log").read_text()[-3000:])
+        out = tmp_path / "opd"
+        run_cli("train_opd_trl.py", "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", tiny_model,
+                "--teacher_server_url", f"http://127.0.0.1:{port}", "--prompt_file", IN_SHORT, "--dataset_name",
+                queries_file(tmp_path), "--max_steps", 1, "--per_device_train_batch_size", 4,
+                "--max_completion_length", 8, "--learning_rate", 1e-2, "--output_dir", out, "--report_to", "none")
+        record = json.loads((out / "distill_run.json").read_text())
+        assert record["status"] == "finished" and record["teacher"].startswith("server:")
+        assert record["teacher_spend"]["query_and_answer_tokens"] > 0
+        assert lora_b_norm(out) > 0
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

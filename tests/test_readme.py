@@ -1,0 +1,178 @@
+"""The README and the stages' --help against the code (docs are executable):
+- every stage script's `--help` shows each of its own flags with its help and default (run as a user runs it);
+- every flag the README names exists in the parser of the script it belongs to (a launcher's flags go to its stage
+  script; flags after another tool, e.g. `sbatch --nodes=4`, are that tool's), built without loading any model;
+- the defaults the README states are the code's, each launcher's env variables are all listed, its commands use
+  `.venv/bin/python`, and the wheels it says to carry are the pinned ones."""
+
+import importlib.metadata
+import importlib.util
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import CLI_ENV, REPO
+
+README = (REPO / "README.md").read_text(encoding="utf-8")
+VLLM_STAGES = ("create_data.py", "evaluate.py", "create_queries.py")
+# A launcher passes the flags it does not know to this stage script.
+LAUNCHES = {"train_trl.sh": "train_sft_trl.py", "scripts/train_multinode.sbatch": "train_sft_trl.py",
+            "create_data_h100x8.sh": "create_data.py", "create_data_ray.sh": "create_data.py",
+            "scripts/ray_cluster.sbatch": "create_data.py", "scripts/gpu_check.sh": "scripts/gpu_check.py"}
+NAMES = "|".join(re.escape(name) for name in sorted({*VLLM_STAGES, "train_sft_trl.py", "train_opd_trl.py",
+                                                     "scripts/gpu_check.py",
+                                                     *LAUNCHES}, key=len, reverse=True))
+# Flags after these belong to them, not to a script of ours.
+TOOLS = r"accelerate's|ray start|(?<![\w./])sbatch(?![\w.])|srun|accelerate launch|torchrun|pip (?:install|download|uninstall)|make"
+TOKEN = re.compile(rf"(?P<script>(?<![\w])(?:{NAMES}))|(?P<tool>{TOOLS})|(?P<flag>(?<![\w-])--[a-z][a-z0-9_-]*)")
+
+
+def normal(flag: str) -> str:
+    return flag.replace("_", "-")
+
+
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def built():
+    """script -> its parser, built as the script builds it, with no model loaded."""
+    import create_data
+    import create_queries
+    import evaluate
+    import train_opd_trl
+    import train_sft_trl
+    from trl import DistillationConfig, ModelConfig, SFTConfig, TrlParser
+
+    return {"create_data.py": create_data.build_parser(), "evaluate.py": evaluate.build_parser(),
+            "create_queries.py": create_queries.build_parser(),
+            "train_sft_trl.py": TrlParser((train_sft_trl.DistillArguments, SFTConfig, ModelConfig)),
+            "train_opd_trl.py": TrlParser((train_opd_trl.OnPolicyArguments, DistillationConfig, ModelConfig)),
+            "scripts/gpu_check.py": load_gpu_check().build_parser()}
+
+
+@pytest.fixture(scope="module")
+def parsers(built):
+    """script -> {normalised option string: argparse action}."""
+    actions = {name: {normal(option): action for action in parser._actions for option in action.option_strings}
+               for name, parser in built.items()}
+    actions["train_sft_trl.py"]["--config"] = None  # TrlParser takes it before argparse sees it
+    return actions
+
+
+def units(text: str):
+    """(kind, text) pieces a flag is read in: each logical line of a code block (continuations joined, comments
+    dropped), each paragraph or bullet of prose."""
+    for number, block in enumerate(re.split(r"^```.*$", text, flags=re.M)):
+        if number % 2:  # inside a fence
+            for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+                yield "code", re.sub(r"(^|\s)#.*", "", line)
+        else:
+            for piece in re.split(r"\n\s*\n|\n(?=- )", block):
+                yield "prose", " ".join(piece.split())
+
+
+def named_flags():
+    """(script or None, flag, the unit's text) for every flag the README names, attributed to the last script named
+    before it in its unit; None where no script is named there (then any of ours must have it)."""
+    for kind, text in units(README):
+        owner = None
+        for match in TOKEN.finditer(text):
+            if match["script"]:
+                owner = LAUNCHES.get(match["script"], match["script"])
+            elif match["tool"]:
+                owner = "tool"
+            elif owner != "tool":
+                yield owner, match["flag"], text
+
+
+def test_every_flag_the_readme_names_exists_in_its_scripts_parser(parsers):
+    missing = []
+    for script, flag, text in named_flags():
+        known = parsers[script] if script else {option for actions in parsers.values() for option in actions}
+        if normal(flag) not in known:
+            missing.append(f"{flag} ({script or 'no script named'}): ...{text[:160]}")
+    assert not missing, "\n".join(missing)
+    assert sum(1 for _ in named_flags()) > 150  # the README does name flags; the scan found them
+
+
+def test_defaults_the_readme_states_are_the_codes(parsers):
+    """`--flag` (N) and `--flag` N in prose, where N is a number or one of the flag's choices."""
+    checked, wrong = 0, []
+    for kind, text in units(README):
+        if kind != "prose":
+            continue
+        scripts = [LAUNCHES.get(name, name) for name in re.findall(rf"(?<![\w])(?:{NAMES})", text)]
+        for flag, value in re.findall(r"`(--[\w-]+)(?: [^`]*)?` (?:\(|≥ )?([\w.]+)(?=[;:,)\s])", text):
+            for script in scripts or list(parsers):
+                action = parsers[script].get(normal(flag))
+                if action is None or not (re.fullmatch(r"\d[\d.]*", value) or value in (action.choices or ())):
+                    continue
+                checked += 1
+                if str(action.default) != value and not (value[0].isdigit() and float(action.default) == float(value)):
+                    wrong.append(f"{script} {flag}: README says {value}, the code {action.default!r}")
+    assert not wrong, "\n".join(wrong)
+    assert checked >= 6
+
+
+def test_launchers_env_variables_are_all_listed():
+    for launcher in LAUNCHES:
+        script = (REPO / launcher).read_text()
+        names = {name for name in re.findall(r"\$\{([A-Z][A-Z0-9_]*):[-=]", script) if not name.startswith("SLURM_")}
+        start = README.index(f"`{launcher}`: ")
+        others = [README.find(f"`{other}`", start + 1) for other in LAUNCHES if other != launcher]
+        end = min([at for at in others if at > 0] + [README.find("\n- ", start), README.find("\n\n", start)])
+        listed = set(re.findall(r"`([A-Z][A-Z0-9_]*)`", README[start:end]))
+        assert names <= listed, f"{launcher} reads {sorted(names - listed)}, which the README's list lacks"
+
+
+def test_readme_commands_use_the_venv_python():
+    bare = re.findall(r"(?m)(?:^|[\s;&|(`])(python3? +[\w/.-]+\.py)\b", README)
+    assert not bare, f"bare python commands (use .venv/bin/python): {bare}"
+
+
+def test_wheels_to_carry_are_the_pinned_versions():
+    pins = dict(re.findall(r"^([\w-]+)==([\w.+]+)", (REPO / "requirements.txt").read_text(), flags=re.M))
+    section = README.split("### The GPU check, offline")[1]
+    section = section[: re.search(r"\n##+ ", section).start()]
+    carried = dict(re.findall(r"\b([\w-]+)==([\d.]+)", section))
+    assert {"trl", "peft", "transformers", "datasets"} <= set(carried)
+    for name, version in carried.items():
+        expected = pins.get(name) or importlib.metadata.version(name)  # datasets' own needs: the versions here
+        assert version == expected, f"README carries {name}=={version}, requirements/installed say {expected}"
+
+
+@pytest.mark.parametrize("script", [*VLLM_STAGES, "train_sft_trl.py"])
+def test_help_lists_every_own_flag_with_its_default(script, built):
+    import argparse
+    from dataclasses import fields
+
+    result = subprocess.run([sys.executable, script, "--help"], cwd=REPO, env=CLI_ENV, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    blocks = {}  # each option string -> its help text with the whitespace removed (argparse wraps anywhere)
+    for block in re.split(r"\n(?=  -)", result.stdout.split("\n\n", 1)[1]):
+        for option in re.findall(r"--[\w-]+", block.split("\n")[0]):
+            blocks.setdefault(normal(option), "".join(block.split()))
+    if script == "train_sft_trl.py":  # TRL's parser; ours are the DistillArguments
+        import train_sft_trl
+
+        own = {f"--{field.name}": field.default for field in fields(train_sft_trl.DistillArguments)}
+    else:
+        parser = built[script]
+        own = {action.option_strings[-1]: action.default for action in parser._actions
+               if action.option_strings and action not in parser.engine_actions
+               and action.help != argparse.SUPPRESS and action.dest != "help"}
+    assert len(own) >= 10
+    missing = [flag for flag, default in own.items()
+               if f"(default:{''.join(str(default).split())})" not in blocks.get(normal(flag), "")]
+    assert not missing, f"{script} --help lacks these flags or their defaults: {missing}"
+    if script != "train_sft_trl.py":  # vLLM's engine flags: by group, and not in the usage line
+        assert "--help=all" in result.stdout and "ModelConfig: " in result.stdout
+        assert "--max-model-len" not in result.stdout.split("\n\n")[0]

@@ -147,7 +147,6 @@ def shared_engines():
                 del cache[next(iter(cache))]
                 gc.collect()
             cache[key] = built(args, **overrides)
-            print("SHARED-ENGINE-BUILD", kwargs.get("model"), kwargs.get("max_model_len"), file=sys.__stderr__)
         cache[key] = cache.pop(key)  # the most recently used last
         return cache[key]
 

@@ -28,13 +28,12 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from distill.checkpoint import save_adapter
 from distill.defaults import HELDOUT_FRACTION, SPLIT_SEED, wandb_enabled
 from distill.engine import on_gpu
+from distill.opd_setup import probe_server_in
 from distill.prompts import DEFAULT_PROMPT
 from distill.records import TRAIN_RUN_RECORD as RUN_RECORD
 from distill.records import InputError, RunRecord
-from distill.student import WandbConfigCallback, check_output_dir, finish_record, lora_config, plan_memory
 
 DEFAULT_STUDENT = "Qwen/Qwen3-4B-Instruct-2507"
 
@@ -108,9 +107,15 @@ def teacher_name(script_args, training_args) -> str:
 
 
 def main(argv=None):
+    try:  # an unreachable teacher server fails in seconds, before TRL and torch are even imported
+        probe_server_in(sys.argv[1:] if argv is None else argv)
+    except InputError as error:
+        sys.exit(f"error: {error}")
     from accelerate import PartialState
 
     from distill import opd_setup
+    from distill.checkpoint import save_adapter
+    from distill.student import WandbConfigCallback, check_output_dir, finish_record, lora_config, plan_memory
 
     script_args, training_args, model_args = parse_args(argv)
     processes = PartialState()

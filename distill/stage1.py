@@ -4,7 +4,8 @@ shares the sampling and tokenizer steps.
 
     teacher = build_teacher(args, prompt)
     settings = run_settings(args, prompt.sha256, model_sampling_defaults(args))   # read without an engine
-    params = teacher_sampling(engine.build_llm(args), args, teacher, settings)     # checked against settings
+    llm = engine.build_llm(args)
+    params = teacher_sampling(llm, args, teacher, settings)                        # checked against settings
     for outcome in stream(VllmEngine(llm), teacher, rows, params, ...):
         append([answer_records(outcome, args, teacher)])   # {"row"} or {"reject"}, and the sidecar line
 
@@ -18,8 +19,7 @@ import signal
 import sys
 from contextlib import contextmanager
 
-from distill import engine
-from distill.defaults import TEACHER_MAX_TOKENS, max_tokens
+from distill import defaults, engine
 from distill.records import InputError
 from distill.soft_targets import sidecar_line
 from distill.teacher import (SAMPLING_FLAGS, StopRequest, StreamStats, Teacher, VllmEngine, effective_sampling,
@@ -59,14 +59,15 @@ def engine_sampling(llm, args, settings: dict, **fixed):
     effective = effective_sampling(params)
     if effective != {key: settings[key] for key in effective}:
         raise EngineDefaultsError(f"vLLM's sampling defaults {effective} differ from the ones read from the model's "
-                           f"generation_config ({settings}); the resume check would be wrong")
+                                  f"generation_config ({settings}); the resume check would be wrong")
     return params
 
 
 def run_settings(args, prompt_sha256: str, model_defaults: dict) -> dict:
     """What a resumed run must share with the run it continues (RESUME_KEYS): sampling as the engine will apply it.
     The task's stop strings come from the prompt file, which prompt_sha256 pins."""
-    sampling = expected_sampling(args, model_defaults, max_tokens(args.max_tokens, model_defaults, TEACHER_MAX_TOKENS))
+    max_tokens = defaults.max_tokens(args.max_tokens, model_defaults, defaults.TEACHER_MAX_TOKENS)
+    sampling = expected_sampling(args, model_defaults, max_tokens)
     return {"model": args.model, "prompt_sha256": prompt_sha256, "num_samples": args.num_samples,
             "constrain_labels": args.constrain_labels, **sampling, "save_logprobs": args.save_logprobs}
 

@@ -130,7 +130,7 @@ def run_main(script: str, *args, check=True) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def shared_engines():
     """vLLM engines built in this process once per set of engine arguments and kept for the session (the last
-    six): every stage run in-process through run_main with the same model and engine flags (--max-model-len,
+    three): every stage run in-process through run_main with the same model and engine flags (--max-model-len,
     dtype, seed, ...) reuses one instead of starting its own. Sampling state aside (a reused engine's seeded
     generator has moved on), a reused engine answers as a new one would."""
     import gc
@@ -143,7 +143,7 @@ def shared_engines():
         kwargs = {**engine.engine_kwargs(args), **overrides}
         key = repr(sorted(kwargs.items()))
         if key not in cache:
-            while len(cache) >= 6:
+            while len(cache) >= 3:
                 del cache[next(iter(cache))]
                 gc.collect()
             cache[key] = built(args, **overrides)

@@ -251,6 +251,28 @@ class RayLaunch(Launch):
                                      stdout=self.handle, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+@pytest.mark.slow
+def test_replica_killed_mid_run_is_retried_by_ray(ray_cluster, tiny_model, tmp_path):
+    source = example_subset(tmp_path / "in40.jsonl", 40, start=200)
+    output = tmp_path / "teacher.jsonl"
+    out, rejects, _ = paths(output)
+    run = RayLaunch(_tiny_command(tiny_model, source, output), tmp_path / "run.log", ray_cluster)
+    run.wait_for(lambda: newline_count(out, rejects) >= 4 and len(replicas(ray_cluster)) == 2,
+                 "4 rows on disk with both replicas up")
+    victim = replicas(ray_cluster)[0]
+    on_disk = check_survivors({}, output, "before the kill")
+    victim.kill()  # SIGKILL: the replica dies mid-batch
+    assert len(on_disk) < 40, "the kill came after the run had finished"
+    assert run.finish() == 0, run.output()
+
+    final = check_survivors(on_disk, output, "after the kill")  # nothing written before the kill was lost or changed
+    assert sorted(final) == sorted(input_ids(source))  # nothing lost, nothing twice
+    record = run_record(output)
+    assert record["status"] == "finished" and record["coverage_errors"] == []
+    assert sum(record["stream"]["ray"]["rows_by_replica"].values()) == 40
+    assert not victim.is_running()
+
+
 def wait_until_no_replicas(cluster) -> None:
     deadline = time.monotonic() + 120  # a guard against a hang, not a timing claim
     while replicas(cluster) and time.monotonic() < deadline:
@@ -259,8 +281,7 @@ def wait_until_no_replicas(cluster) -> None:
 
 
 @pytest.mark.slow
-def test_driver_killed_or_stopped_then_resumed_by_id_and_a_killed_replica_retried(ray_cluster, tiny_model,
-                                                                                   tmp_path):
+def test_driver_killed_or_stopped_then_resumed_by_id(ray_cluster, tiny_model, tmp_path):
     source = example_subset(tmp_path / "in40.jsonl", 40, start=300)
     output = tmp_path / "teacher.jsonl"
     out, rejects, record_path = paths(output)
@@ -287,22 +308,13 @@ def test_driver_killed_or_stopped_then_resumed_by_id_and_a_killed_replica_retrie
     assert len(finished) < 40, "the SIGTERM came after the run had finished"
     wait_until_no_replicas(ray_cluster)
 
-    # 3. the same command again: the pipeline is rebuilt from the ids not on disk, and runs to the end, though a
-    # replica is killed mid-batch (SIGKILL): Ray restarts it and retries its batch, and nothing is lost or doubled
+    # 3. the same command again: the pipeline is rebuilt from the ids not on disk, and runs to the end
     run = RayLaunch(command, tmp_path / "run3.log", ray_cluster)
-    run.wait_for(lambda: newline_count(out, rejects) >= len(finished) + 4 and len(replicas(ray_cluster)) == 2,
-                 "4 new rows on disk with both replicas up")
-    victim = replicas(ray_cluster)[0]
-    on_disk = check_survivors(finished, output, "before the replica was killed")
-    victim.kill()
-    assert len(on_disk) < 40, "the replica was killed after the run had finished"
     assert run.finish() == 0, run.output()
     assert f"{len(finished)} done by an earlier run, {40 - len(finished)} to go" in run.log.read_text()
-    final = check_survivors(on_disk, output, "after the resume")  # nothing written before the kill was lost
-    assert sorted(final) == sorted(input_ids(source))  # nothing lost, nothing twice
+    final = check_survivors(finished, output, "after the resume")
+    assert sorted(final) == sorted(input_ids(source))
     record = run_record(output)
-    assert record["status"] == "finished" and record["coverage_errors"] == []
-    assert record["counts"]["resumed"] == len(finished)
+    assert record["status"] == "finished" and record["counts"]["resumed"] == len(finished)
     assert record["counts"]["written_this_run"] + record["counts"]["rejected_this_run"] == 40 - len(finished)
     assert Counter(record["stream"]["ray"]["rows_by_replica"]).total() == 40 - len(finished)
-    assert not victim.is_running()

@@ -131,6 +131,9 @@ def probe_server_in(argv: list[str]) -> None:
             value = value or (argv[i + 1] if i + 1 < len(argv) else "")
             if value:
                 probe_server(value)
+
+
+def adapter_config(adapter_dir: str | None):
     if not adapter_dir:
         return None
     from peft import LoraConfig

@@ -38,27 +38,17 @@ interchangeable.
 """
 
 import argparse
-import json
-import signal
 import sys
-from pathlib import Path
 
-from distill import engine, ray_stage, shards
+from distill import engine, ray_stage, shards, stage1
+from distill.defaults import TEACHER_MAX_TOKENS, TEACHER_MODEL
 from distill.prompts import DEFAULT_PROMPT, load_prompt
-from distill.records import (InputError, RunRecord, append_jsonl, output_paths, read_jsonl, read_queries,
-                             repair_torn_tail)
-from distill.soft_targets import (SIDECAR_SUFFIX, read_sidecar, sidecar_line, sidecar_path, sync_sidecar,
-                                  tokenizer_hash)
+from distill.records import InputError, RunRecord, read_queries
+from distill.run_files import RunFiles
+from distill.soft_targets import tokenizer_hash
 from distill.splits import select, split_of
 from distill.synthesis import label_target_agreement
-from distill.teacher import (SAMPLING_FLAGS, StopRequest, StreamStats, Teacher, VllmEngine, add_sampling_args,
-                             effective_sampling, model_sampling_defaults, sampling_params, stream)
-
-DEFAULT_TEACHER = "Qwen/Qwen3-30B-A3B-Thinking-2507"
-DEFAULT_MAX_TOKENS = 8192  # when the model's generation_config sets no max_new_tokens
-# Settings that change what the teacher's answers mean: a resumed run must use the same (effective) ones.
-RESUME_KEYS = ("model", "prompt_sha256", "num_samples", "constrain_labels", *SAMPLING_FLAGS, "max_tokens",
-               "save_logprobs")
+from distill.teacher import StreamStats, add_sampling_args, model_sampling_defaults
 
 
 def build_parser():
@@ -72,9 +62,9 @@ def build_parser():
                         help="chat JSONL; the rejects file, run record and sidecar go beside it")
     parser.add_argument("--prompt-file", default=str(DEFAULT_PROMPT),
                         help="the long prompt, with the task (labels or a check) in its front matter")
-    parser.add_argument("--model-name", dest="model", default=DEFAULT_TEACHER, help="teacher model (hub name or path)")
+    parser.add_argument("--model-name", dest="model", default=TEACHER_MODEL, help="teacher model (hub name or path)")
     parser.add_argument("--max-tokens", type=int,
-                        help=f"per answer, reasoning included (unset: the model's, else {DEFAULT_MAX_TOKENS})")
+                        help=f"per answer, reasoning included (unset: the model's, else {TEACHER_MAX_TOKENS})")
     parser.add_argument("--max-retries", type=int, default=3, help="fresh samples for an answer that breaks the contract")
     parser.add_argument("--num-samples", type=int, default=1,
                         help="answers per query; the label is their majority (a generative task keeps the first "
@@ -107,7 +97,7 @@ def build_parser():
                              "that every selected id appears exactly once (create_data_h100x8.sh does this)")
     add_sampling_args(parser)
     engine.add_engine_args(parser)
-    parser.set_defaults(model=DEFAULT_TEACHER)  # vLLM's --model shares the dest
+    parser.set_defaults(model=TEACHER_MODEL)  # vLLM's --model shares the dest
     return parser
 
 
@@ -129,59 +119,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def user_sampling(args) -> dict:
-    return {flag: getattr(args, flag) for flag in SAMPLING_FLAGS}
-
-
-def teacher_params(defaults, args, model_defaults: dict, constraint=None, stop_sampling: dict | None = None):
-    """The teacher's SamplingParams: the model's defaults, then the user's flags, then where the task's answers stop
-    (TaskPrompt.stop_sampling)."""
-    max_tokens = args.max_tokens or model_defaults.get("max_tokens", DEFAULT_MAX_TOKENS)
-    return sampling_params(defaults, user_sampling(args), max_tokens=max_tokens, structured_outputs=constraint,
-                           logprobs=args.save_logprobs, **(stop_sampling or {}))
-
-
-def resume_settings(args, prompt_sha256: str, model_defaults: dict) -> dict:
-    """What a resumed run must share with the run it continues; sampling as the engine will apply it."""
-    from vllm import SamplingParams
-
-    # The task's stop strings come from the prompt file, which prompt_sha256 already pins.
-    params = teacher_params(SamplingParams.from_optional(**model_defaults), args, model_defaults)
-    return {"model": args.model, "prompt_sha256": prompt_sha256, "num_samples": args.num_samples,
-            "constrain_labels": args.constrain_labels, **effective_sampling(params),
-            "save_logprobs": args.save_logprobs}
-
-
-def resume_state(out: Path, rejects: Path, record: Path, settings: dict, overwrite: bool) -> set[str]:
-    """Ids already finished by an earlier run of the same command (none with --overwrite)."""
-    sidecar = sidecar_path(out)
-    if overwrite:
-        for path in (out, rejects, record, sidecar):
-            path.unlink(missing_ok=True)
-        return set()
-    if not out.exists() and not rejects.exists():
-        return set()
-    if record.exists():
-        previous = json.loads(record.read_text()).get("settings", {})
-        changed = [key for key in RESUME_KEYS if previous.get(key) != settings[key]]
-        if changed:
-            raise InputError(f"{out} was made with other settings ({', '.join(changed)}); pass --overwrite to start over")
-    for path in (out, rejects):
-        cut = repair_torn_tail(path)
-        if cut:
-            print(f"resume: cut a torn last line ({cut} bytes) from {path}")
-    if settings["save_logprobs"]:
-        dropped = sync_sidecar(out, sidecar)
-        for what, ids in dropped.items():
-            if ids:
-                print(f"resume: {len(ids)} {what.replace('_', ' ')} dropped, to be asked again: {', '.join(ids[:5])}")
-    return {row["id"] for path in (out, rejects) if path.exists() for row in read_jsonl(path)}
-
-
 def main(argv=None):
     args = parse_args(argv)
-    record = RunRecord("create_data", vars(args))
-    # Everything that can fail on bad input or flags fails here, before the engine starts.
+    files = RunFiles(args.output_file, RunRecord("create_data", vars(args)), stage1.RESUME_KEYS,
+                     sidecar=bool(args.save_logprobs))
+    prompt, queries, rows, model_defaults = read_inputs(args)
+    settings = stage1.run_settings(args, prompt.sha256, model_defaults)
+    if args.merge_shards:
+        return merge(args, files, rows, settings)
+    rows = shards.select_shard(rows, args.shard_index, args.num_shards)
+    try:
+        done = {row["id"] for part in files.resume(settings, args.overwrite) for row in part}
+    except InputError as error:
+        sys.exit(f"error: {error}")
+    todo = [row for row in rows if row["id"] not in done]
+    print(f"create_data: {len(rows)} queries ({queries.empty} empty and {queries.duplicates} duplicate lines skipped; "
+          f"--split {args.split}, {sum(split_of(row) == 'train' for row in rows)} of them on the train side), "
+          f"{len(rows) - len(todo)} done by an earlier run, {len(todo)} to go")
+
+    try:
+        teacher = stage1.build_teacher(args, prompt)
+        if args.engine == "ray" and todo:  # a cluster unreachable or too small fails now, before the record says running
+            ray_stage.connect(args)
+    except (InputError, ray_stage.ClusterError) as error:
+        sys.exit(f"error: {error}")
+    tokenizer = {"teacher_tokenizer_sha256": tokenizer_hash(teacher.tokenizer), "logprobs_top_k": args.save_logprobs}
+    files.finish(status="running", settings=settings, model_sampling_defaults=model_defaults, **tokenizer)
+
+    answer_queries = ray_stage.answer_queries if args.engine == "ray" else stage1.answer_queries
+    try:
+        stats, stopped = (answer_queries(args, teacher, todo, len(rows), settings, files) if todo
+                          else (StreamStats().summary(), None))
+    except stage1.EngineDefaultsError as error:
+        sys.exit(f"error: {error}")
+    record = finish(args, files, rows, len(rows) - len(todo), stats, stopped, prompt=prompt, queries=queries,
+                    settings=settings, model_sampling_defaults=model_defaults, teacher=teacher, **tokenizer)
+    stage1.report(args, files, record, stats, stopped)
+
+
+def read_inputs(args):
+    """The prompt, the input's queries, the selected rows and the model's sampling defaults: everything that can fail
+    on bad input or flags fails here, before any model loads."""
     try:
         prompt = load_prompt(args.prompt_file)
         queries = read_queries(args.input_file, args.text_field)
@@ -192,273 +170,49 @@ def main(argv=None):
                  f"(check: {prompt.check}); drop the flag")
     rows = select(queries.rows, args.split)[: args.max_samples]
     if not rows:
-        sys.exit(f"error: no queries of {args.input_file} on the {args.split} side of the split; "
-                 f"--split all takes every one")
-    # What stage 2 can learn from: it drops the held-out side of the same split (default fraction and seed).
-    selected_train_side = sum(split_of(row) == "train" for row in rows)
+        sys.exit(f"error: no queries of {args.input_file} on the {args.split} side of the split; --split all takes "
+                 f"every one")
     try:
         model_defaults = model_sampling_defaults(args)
     except (ValueError, OSError) as error:
         sys.exit(f"error: --model_name {args.model}: cannot read its config ({error})")
-    settings = resume_settings(args, prompt.sha256, model_defaults)
-    out, rejects_path, record_path = output_paths(args.output_file)
-    if args.merge_shards:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return merge_shards(args.merge_shards, rows, out, rejects_path, record_path, record, settings)
-    rows = shards.select_shard(rows, args.shard_index, args.num_shards)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        done = resume_state(out, rejects_path, record_path, settings, args.overwrite)
-    except InputError as error:
-        sys.exit(f"error: {error}")
-    todo = [row for row in rows if row["id"] not in done]
-    print(f"create_data: {len(rows)} queries ({queries.empty} empty and {queries.duplicates} duplicate lines skipped; "
-          f"--split {args.split}, {selected_train_side} of them on the train side), {len(rows) - len(todo)} done by an "
-          f"earlier run, {len(todo)} to go")
+    return prompt, queries, rows, model_defaults
 
-    teacher = build_teacher(args, prompt)
-    if args.constrain_labels and teacher.expects_reasoning and not args.reasoning_parser:
-        sys.exit("error: --constrain_labels on a thinking model needs --reasoning-parser (e.g. qwen3), "
-                 "else the label constraint would cut the reasoning")
-    if args.engine == "ray" and todo:
-        try:  # an unreachable cluster or one too small fails here, in seconds, before the run record says running
-            ray_stage.connect(args)
-        except ray_stage.ClusterError as error:
-            sys.exit(f"error: {error}")
-    teacher_tokenizer = {"teacher_tokenizer_sha256": tokenizer_hash(teacher.tokenizer),
-                         "logprobs_top_k": args.save_logprobs}
-    record.finish(record_path, status="running", settings=settings, model_sampling_defaults=model_defaults,
-                  **teacher_tokenizer)
 
-    stats, stopped = label(args, teacher, todo, len(rows), settings, model_defaults, out, rejects_path)
-    status = f"interrupted ({signal.Signals(stopped).name})" if stopped else "finished"
-    written, rejected = read_jsonl(out), read_jsonl(rejects_path)
-    totals = {"written": len(written), "rejected": len(rejected)}
-    trainable = {"selected_train_side": selected_train_side,
-                 "written_train_side": sum(split_of(row) == "train" for row in written)}
-    # The merge's check on the finished files: every selected id exactly once (rows of ids that an earlier run with
-    # a wider selection finished do not count against it).
-    selected_ids = {row["id"] for row in rows}
+def finish(args, files, rows, resumed, stats, stopped, *, prompt, queries, teacher, **record) -> dict:
+    """The run record of a run that ended: finished only when the output and the rejects hold every selected id
+    exactly once (the merge's check; rows of ids an earlier run with a wider selection finished do not count)."""
+    written, rejected = files.written(), files.rejected()
+    selected = {row["id"] for row in rows}
     coverage = [] if stopped else shards.coverage_errors(
-        rows, [row for row in written + rejected if row["id"] in selected_ids])
-    result = record.finish(
-        record_path,
+        rows, [row for row in written + rejected if row["id"] in selected])
+    return files.finish(
         status="interrupted" if stopped else ("finished" if not coverage else "failed"),
-        coverage_errors=coverage,
-        settings=settings,
-        model_sampling_defaults=model_defaults,
-        model=args.model,
-        prompt_file=args.prompt_file,
-        task="generative" if prompt.is_generative else "label",
-        expects_reasoning=teacher.expects_reasoning,
-        **teacher_tokenizer,
-        counts={
-            "input_lines": queries.lines,
-            "skipped_empty": queries.empty,
-            "duplicates": queries.duplicates,
-            "selected": len(rows),
-            **trainable,
-            "resumed": len(rows) - len(todo),
-            "written_this_run": stats["labelled"],
-            "rejected_this_run": stats["rejected"],
-            "reject_reasons_this_run": stats["reject_reasons"],
-            "written_total": totals["written"],
-            "rejected_total": totals["rejected"],
-            # queries create_queries.py wrote for a label: how many the teacher gave that label
-            "label_targets": label_target_agreement(written),
-        },
-        stream=stats,
-        generation_seconds=stats["seconds"],
-        queries_per_second=stats["queries_per_second"] if todo else None,
-    )
-    reasons = ", ".join(f"{k}: {v}" for k, v in stats["reject_reasons"].items()) or "none"
-    print(f"create_data: {status}: {len(rows)} selected -> {totals['written']} written, {totals['rejected']} rejected "
-          f"(this run: {stats['labelled']} + {stats['rejected']}, reasons: {reasons}); {queries.empty} empty, "
-          f"{queries.duplicates} duplicates skipped; {stats['seconds']:.1f} s, {result['queries_per_second']} "
-          f"queries/s, {stats['generated_tokens_per_second']} generated tokens/s, prefix-cache hit rate "
-          f"{stats['prefix_cache_hit_rate']} -> {out}, {rejects_path.name}, {record_path.name}")
-    print(f"create_data: training can use {trainable['written_train_side']} of the {totals['written']} written rows "
-          f"(the train side of the split: {trainable['selected_train_side']} of the {len(rows)} selected, --split "
-          f"{args.split}{', first ' + str(args.max_samples) if args.max_samples else ''}); the other "
-          f"{totals['written'] - trainable['written_train_side']} are held out for evaluation")
-    if result["counts"]["label_targets"]:
-        targets = result["counts"]["label_targets"]
-        print(f"create_data: {targets['labelled_as_target']} of {targets['queries']} queries written for a label got it "
-              f"from the teacher ({100 * targets['share']:.1f}%; per label in the run record)")
-    if stopped:
-        sys.exit(128 + stopped)
-    if coverage:
-        sys.exit(f"error: {out} and {rejects_path.name} do not hold every selected id exactly once: "
-                 + "; ".join(coverage))
+        coverage_errors=coverage, **record, model=args.model, prompt_file=args.prompt_file,
+        task="generative" if prompt.is_generative else "label", expects_reasoning=teacher.expects_reasoning,
+        counts={"input_lines": queries.lines, "skipped_empty": queries.empty, "duplicates": queries.duplicates,
+                "selected": len(rows), "resumed": resumed, "written_this_run": stats["labelled"],
+                # what stage 2 can learn from: it drops the held-out side of the same split
+                "selected_train_side": sum(split_of(row) == "train" for row in rows),
+                "written_train_side": sum(split_of(row) == "train" for row in written),
+                "rejected_this_run": stats["rejected"], "reject_reasons_this_run": stats["reject_reasons"],
+                "written_total": len(written), "rejected_total": len(rejected),
+                # queries create_queries.py wrote for a label: how many the teacher gave that label
+                "label_targets": label_target_agreement(written)},
+        stream=stats, generation_seconds=stats["seconds"],
+        queries_per_second=stats["queries_per_second"] if len(rows) > resumed else None)
 
 
-def build_teacher(args, prompt) -> Teacher:
-    """The teacher's rendering and parsing for --model_name (the driver and every Ray replica build the same)."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    max_len = args.max_model_len or AutoConfig.from_pretrained(args.model).max_position_embeddings
-    return Teacher(tokenizer, prompt, max_len, args.constrain_labels)
-
-
-def engine_params(llm, args, teacher, model_defaults: dict, settings: dict):
-    """The SamplingParams of a started engine; raises RuntimeError if vLLM's defaults are not the ones the resume
-    check recorded (they were read from the model's generation_config without an engine)."""
-    params = teacher_params(llm.get_default_sampling_params(), args, model_defaults, teacher.constraint(),
-                            teacher.prompt.stop_sampling())
-    if effective_sampling(params) != {key: settings[key] for key in effective_sampling(params)}:
-        raise RuntimeError(f"vLLM's sampling defaults {effective_sampling(params)} differ from the ones read from "
-                           f"the model's generation_config ({settings}); the resume check would be wrong")
-    return params
-
-
-def answer_records(answer, args, teacher) -> dict:
-    """What one final Answer adds to the files: {"row": ...} or {"reject": ...}, and with --save_logprobs the
-    row's {"sidecar": ...} line."""
-    if answer.label is None:
-        return {"reject": rejected_row(answer)}
-    records = {"row": labelled_row(answer, args.save_raw)}
-    if args.save_logprobs:
-        labels = None if teacher.prompt.is_generative else teacher.prompt.labels
-        records["sidecar"] = sidecar_line(answer, teacher.tokenizer, args.save_logprobs, labels)
-    return records
-
-
-class OutputFiles:
-    """The output, rejects and sidecar files of a run, open for appending. `write` takes answer_records dicts and
-    appends them with one fsync per file: sidecar lines first, so a crash leaves at worst a sidecar line without
-    its row (resume_state drops it), never a row without its sidecar line."""
-
-    def __init__(self, out: Path, rejects_path: Path, save_logprobs: bool):
-        self.paths = {"sidecar": sidecar_path(out) if save_logprobs else None, "row": out, "reject": rejects_path}
-
-    def __enter__(self):
-        self.handles = {kind: open(path, "a", encoding="utf-8") for kind, path in self.paths.items() if path}
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self.handles.values():
-            handle.close()
-
-    def write(self, records: list[dict]) -> None:
-        for kind, handle in self.handles.items():  # in the order of self.paths: sidecar, row, reject
-            append_jsonl(handle, [record[kind] for record in records if kind in record])
-
-
-def show_progress(progress, stats: StreamStats, finished: int) -> None:
-    progress.update(finished)
-    figures = stats.summary()
-    progress.set_postfix(written=stats.labelled, rejected=stats.rejected, refresh=False,
-                         **{"q/s": figures["queries_per_second"], "tok/s": figures["generated_tokens_per_second"],
-                            "cache_hit": figures["prefix_cache_hit_rate"]})
-
-
-def label(args, teacher, todo, selected, settings, model_defaults, out, rejects_path) -> tuple[dict, int | None]:
-    """Stream `todo` through the teacher, writing each row as it finishes. Returns (figures, signal that stopped
-    the run or None)."""
-    if not todo:
-        return StreamStats().summary(), None
-    if args.engine == "ray":
-        return ray_stage.label(args, teacher, todo, selected, settings, model_defaults, out, rejects_path)
-    llm = engine.build_llm(args)
+def merge(args, files, rows, settings):
+    """--merge_shards: one output, and its run record, from the shards' outputs (RunFiles.merge)."""
     try:
-        params = engine_params(llm, args, teacher, model_defaults, settings)
-    except RuntimeError as error:
-        sys.exit(f"error: {error}")
-    vllm_engine = VllmEngine(llm)
-    stop = StopRequest("create_data")
-    stats = StreamStats()  # from here: engine start-up is not generation time
-    from tqdm import tqdm
-
-    with OutputFiles(out, rejects_path, bool(args.save_logprobs)) as files, \
-            tqdm(total=selected, initial=selected - len(todo), desc="teacher", unit="query") as progress:
-        for answer in stream(vllm_engine, teacher, todo, params, num_samples=args.num_samples,
-                             max_retries=args.max_retries, max_in_flight=args.max_in_flight or vllm_engine.max_num_seqs,
-                             stop=stop.requested, stats=stats):
-            files.write([answer_records(answer, args, teacher)])
-            show_progress(progress, stats, 1)
-    return stats.summary(), stop.signal
-
-
-def carried(row: dict) -> dict:
-    return {key: value for key, value in row.items() if key not in ("id", "text")}
-
-
-def labelled_row(answer, save_raw: bool) -> dict:
-    row = answer.row
-    # A generative answer is free text: its length says more than a vote count over distinct texts.
-    outcome = {"answer_chars": len(answer.label)} if answer.generative else {"label": answer.label,
-                                                                               "votes": dict(answer.votes)}
-    teacher = {
-        **outcome,
-        "invalid_samples": len(answer.failures),
-        "finish_reasons": [sample.finish_reason for sample in answer.samples],
-        "reasoning_chars": [sample.parsed.reasoning_chars for sample in answer.samples],
-    }
-    if save_raw:
-        teacher["raw"] = [sample.text for sample in answer.samples + answer.failures]
-    return {"id": row["id"], "messages": [{"role": "user", "content": row["text"]},
-                                          {"role": "assistant", "content": answer.label}],
-            **carried(row), "teacher": teacher}
-
-
-def rejected_row(answer) -> dict:
-    row = answer.row
-    failures = [{"reason": s.parsed.reason, "finish_reason": s.finish_reason, "raw": s.text} for s in answer.failures]
-    return {"id": row["id"], "text": row["text"], **carried(row), "reason": answer.reason, "failures": failures}
-
-
-def merge_shards(pattern: str, rows: list, out: Path, rejects_path: Path, record_path: Path, record: RunRecord,
-                 settings: dict):
-    """One output from the shards' outputs, if together they hold every selected id exactly once and were all
-    made with `settings`. The merged run record keeps the settings, so create_data.py run again on the merged
-    output resumes from it (and finds nothing to do)."""
-    from glob import glob
-
-    shard_files = [Path(p) for p in sorted(glob(pattern)) if not p.endswith((".rejects.jsonl", SIDECAR_SUFFIX))]
-    if not shard_files:
-        sys.exit(f"error: no shard files match {pattern}")
-    try:
-        written, rejected, shard_records = shards.read_shards(shard_files, lambda p: output_paths(str(p))[1],
-                                                              lambda p: output_paths(str(p))[2])
+        record = files.merge(args.merge_shards, rows, settings)
     except InputError as error:
         sys.exit(f"error: {error}")
-    errors = shards.settings_errors(shard_records, settings, RESUME_KEYS)
-    errors += shards.coverage_errors(rows, written + rejected)
-    unfinished = [str(path) for path, shard in shard_records.items() if shard.get("status") != "finished"]
-    if unfinished:
-        errors.append(f"shards not finished: {', '.join(unfinished)}")
-    if errors:
-        sys.exit(f"error: shards {pattern} do not cover the input exactly once with the same settings: "
-                 + "; ".join(errors))
-    merged_files = [(out, written), (rejects_path, rejected)]
-    if settings["save_logprobs"]:
-        merged_files.append((sidecar_path(out), merged_sidecars(shard_files, written)))
-    for path, merged in merged_files:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in merged), encoding="utf-8")
-        tmp.replace(path)
-    records = list(shard_records.values())
-    record.finish(record_path, status="finished", settings=settings, merged_from=[str(s) for s in shard_files],
-                  teacher_tokenizer_sha256=records[0].get("teacher_tokenizer_sha256"),
-                  logprobs_top_k=settings["save_logprobs"],
-                  counts={"selected": len(rows), "written_total": len(written), "rejected_total": len(rejected)},
-                  shards=[r.get("counts") for r in records],
-                  generation_seconds=max((r.get("generation_seconds") or 0 for r in records), default=0))
-    print(f"create_data: merged {len(shard_files)} shards -> {len(written)} written ({out}), {len(rejected)} rejected "
-          f"({rejects_path.name}); every one of the {len(rows)} selected ids exactly once")
-
-
-def merged_sidecars(shard_files: list[Path], written: list[dict]) -> list[dict]:
-    """The shards' sidecar lines in the merged rows' order; every written row must have one."""
-    lines = {}
-    for shard in shard_files:
-        lines.update(read_sidecar(sidecar_path(shard)) if sidecar_path(shard).exists() else {})
-    missing = [row["id"] for row in written if row["id"] not in lines]
-    if missing:
-        sys.exit(f"error: {len(missing)} rows have no line in their shard's {SIDECAR_SUFFIX} "
-                 f"(e.g. {', '.join(missing[:5])}); re-run those shards to resume them")
-    return [lines[row["id"]] for row in written]
+    counts = record["counts"]
+    print(f"create_data: merged {len(record['merged_from'])} shards -> {counts['written_total']} written "
+          f"({files.out}), {counts['rejected_total']} rejected ({files.rejects.name}); every one of the {len(rows)} "
+          f"selected ids exactly once")
 
 
 if __name__ == "__main__":

@@ -34,22 +34,21 @@ queries. --overwrite starts over. Every vLLM engine flag and sampling flag of cr
 """
 
 import argparse
-import json
 import re
 import sys
 from collections import Counter
 from pathlib import Path
 
-from distill import engine
+from distill import engine, stage1
 from distill.dedup import NEAR_DUPLICATE_THRESHOLD, NearDuplicateIndex
+from distill.defaults import QUERY_MAX_TOKENS, REASONING_QUERY_MAX_TOKENS, TEACHER_MODEL, max_tokens
 from distill.prompts import load_prompt
-from distill.records import InputError, RunRecord, output_paths, read_jsonl, read_queries, repair_torn_tail
+from distill.records import InputError, RunRecord, read_queries
+from distill.run_files import RunFiles
 from distill.synthesis import DEFAULT_DIVERSITY, MAX_CHARS, MIN_CHARS, Plan, QueryWriter, spread, synthesise
 from distill.teacher import (SAMPLING_FLAGS, StopRequest, StreamStats, VllmEngine, add_sampling_args,
-                             effective_sampling, model_sampling_defaults, sampling_params)
+                             model_sampling_defaults)
 
-DEFAULT_WRITER = "Qwen/Qwen3-30B-A3B-Thinking-2507"
-DEFAULT_MAX_TOKENS, REASONING_MAX_TOKENS = 256, 4096  # a query is one line; a thinking model reasons first
 ATTEMPTS_PER_QUERY = 4
 # A resumed run must ask the same model the same way for the same targets, else its output mixes two recipes.
 RESUME_KEYS = ("model", "prompt_sha256", "target_field", "targets", "constrain_one_line", *SAMPLING_FLAGS, "max_tokens")
@@ -63,7 +62,7 @@ def build_parser():
                         help="required: the task prompt (labels or a check in its front matter)")
     parser.add_argument("--output-file", required=True,
                         help="required: queries JSONL; rejects and run record go beside it")
-    parser.add_argument("--model-name", dest="model", default=DEFAULT_WRITER, help="the model that writes queries")
+    parser.add_argument("--model-name", dest="model", default=TEACHER_MODEL, help="the model that writes queries")
     count = parser.add_mutually_exclusive_group(required=True)
     count.add_argument("--num-queries", type=int, help="queries to keep, spread evenly over the targets")
     count.add_argument("--per-label", type=int, help="queries to keep per label (label tasks)")
@@ -83,12 +82,12 @@ def build_parser():
     parser.add_argument("--max-attempts", type=int, help=f"requests this run may make (unset: "
                                                          f"{ATTEMPTS_PER_QUERY} per missing query)")
     parser.add_argument("--max-tokens", type=int, help=f"per request (unset: the model's, else "
-                                                       f"{DEFAULT_MAX_TOKENS}; {REASONING_MAX_TOKENS} if it reasons)")
+                                                       f"{QUERY_MAX_TOKENS}; {REASONING_QUERY_MAX_TOKENS} if it reasons)")
     parser.add_argument("--max-in-flight", type=int, help="requests in the engine at once (unset: --max-num-seqs)")
     parser.add_argument("--overwrite", action="store_true", help="delete the previous output and start over")
     add_sampling_args(parser)
     engine.add_engine_args(parser)
-    parser.set_defaults(model=DEFAULT_WRITER)  # vLLM's --model shares the dest
+    parser.set_defaults(model=TEACHER_MODEL)  # vLLM's --model shares the dest
     return parser
 
 
@@ -132,42 +131,16 @@ def make_plan(args, prompt, topics, seeds) -> Plan:
     return Plan(None, {None: args.num_queries}, seeds, args.diversity, args.seed)
 
 
-def resume(out: Path, rejects: Path, record: Path, settings: dict, overwrite: bool) -> tuple[list, list]:
-    """(kept rows, rejected rows) of earlier runs of the same command; none with --overwrite."""
-    if overwrite:
-        for path in (out, rejects, record):
-            path.unlink(missing_ok=True)
-        return [], []
-    if record.exists() and (out.exists() or rejects.exists()):
-        previous = json.loads(record.read_text()).get("settings", {})
-        changed = [key for key in RESUME_KEYS if previous.get(key) != settings[key]]
-        if changed:
-            raise InputError(f"{out} was made with other settings ({', '.join(changed)}); "
-                             f"pass --overwrite to start over")
-    for path in (out, rejects):
-        if repair_torn_tail(path):
-            print(f"resume: cut a torn last line from {path}")
-    return [read_jsonl(path) if path.exists() else [] for path in (out, rejects)]
-
-
-def user_sampling(args) -> dict:
-    return {flag: getattr(args, flag) for flag in SAMPLING_FLAGS}
-
-
 def run_settings(args, prompt, plan, writer, model_defaults: dict) -> dict:
     """Provenance and what a resumed run must share: sampling as the engine will apply it (the model's defaults,
     then the user's flags), without starting the engine."""
-    from vllm import SamplingParams
-
-    max_tokens = args.max_tokens or model_defaults.get("max_tokens") or (
-        REASONING_MAX_TOKENS if writer.expects_reasoning else DEFAULT_MAX_TOKENS)
-    expected = sampling_params(SamplingParams.from_optional(**model_defaults), user_sampling(args),
-                               max_tokens=max_tokens)
+    needed = REASONING_QUERY_MAX_TOKENS if writer.expects_reasoning else QUERY_MAX_TOKENS
+    sampling = stage1.expected_sampling(args, model_defaults, max_tokens(args.max_tokens, model_defaults, needed))
     return {"model": args.model, "prompt_sha256": prompt.sha256, "seed": args.seed,
             "constrain_one_line": args.constrain_one_line,
             "target_field": plan.target_field,
             "targets": [str(target) for target in plan.quotas],  # names only: a larger --num_queries may resume
-            "quotas": {str(target): quota for target, quota in plan.quotas.items()}, **effective_sampling(expected)}
+            "quotas": {str(target): quota for target, quota in plan.quotas.items()}, **sampling}
 
 
 def restore(plan: Plan, index: NearDuplicateIndex, seeds: list[str], kept: list, rejected: list) -> None:
@@ -184,7 +157,7 @@ def restore(plan: Plan, index: NearDuplicateIndex, seeds: list[str], kept: list,
 
 def main(argv=None):
     args = parse_args(argv)
-    record = RunRecord("create_queries", vars(args))
+    files = RunFiles(args.output_file, RunRecord("create_queries", vars(args)), RESUME_KEYS)
     # Everything that can fail on bad input or flags fails here, before the engine starts.
     try:
         prompt = load_prompt(args.prompt_file)
@@ -195,17 +168,11 @@ def main(argv=None):
     except (InputError, ValueError, OSError) as error:
         sys.exit(f"error: {error}")
 
-    from transformers import AutoConfig, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    max_len = args.max_model_len or AutoConfig.from_pretrained(args.model).max_position_embeddings
-    writer = QueryWriter(tokenizer, prompt, max_len, args.min_chars, args.max_chars)
+    tokenizer, max_model_len = stage1.load_tokenizer(args)
+    writer = QueryWriter(tokenizer, prompt, max_model_len, args.min_chars, args.max_chars)
     settings = run_settings(args, prompt, plan, writer, model_defaults)
-
-    out, rejects_path, record_path = output_paths(args.output_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        kept, rejected = resume(out, rejects_path, record_path, settings, args.overwrite)
+        kept, rejected = files.resume(settings, args.overwrite)
     except InputError as error:
         sys.exit(f"error: {error}")
     index = NearDuplicateIndex(args.near_duplicate_threshold)
@@ -214,60 +181,55 @@ def main(argv=None):
     max_attempts = args.max_attempts or ATTEMPTS_PER_QUERY * missing
     print(f"create_queries: {sum(plan.quotas.values())} queries wanted over {len(plan.quotas)} target(s), "
           f"{len(kept)} kept by an earlier run, {missing} to go (at most {max_attempts} requests)")
-    record.finish(record_path, status="running", settings=settings)
+    files.finish(status="running", settings=settings)
 
-    counts, stats, stopped = write_queries(args, writer, plan, index, out, rejects_path, settings, max_attempts)
-    finish(args, record, record_path, out, rejects_path, settings, plan, counts, stats, stopped, len(kept))
+    counts, stats, stopped = write_queries(args, writer, plan, index, files, settings, max_attempts)
+    finish(args, files, settings, plan, counts, stats, stopped, len(kept))
 
 
-def write_queries(args, writer, plan, index, out, rejects_path, settings, max_attempts):
+def write_queries(args, writer, plan, index, files, settings, max_attempts):
     """Start the engine (only when queries are missing) and stream requests until the plan is met or the budget
     spent. Returns (outcomes by reason, stream figures, the signal that stopped the run or None)."""
     if not plan.missing():
         return Counter(), StreamStats().summary(), None
-    if args.constrain_one_line and writer.expects_reasoning and not args.reasoning_parser:
-        sys.exit("error: --constrain_one_line on a thinking model needs --reasoning-parser (e.g. qwen3), "
-                 "else the constraint would cut the reasoning")
-    llm = engine.build_llm(args)
-    constraint = writer.one_line_constraint() if args.constrain_one_line else None
-    params = sampling_params(llm.get_default_sampling_params(), user_sampling(args), max_tokens=settings["max_tokens"],
-                             structured_outputs=constraint)
-    if effective_sampling(params) != {key: settings[key] for key in effective_sampling(params)}:
-        sys.exit(f"error: vLLM's sampling defaults {effective_sampling(params)} differ from the ones read from the "
-                 f"model's generation_config ({settings}); the resume check would be wrong")
+    try:
+        stage1.check_reasoning_parser("--constrain_one_line", args.constrain_one_line, writer.expects_reasoning, args)
+        llm = engine.build_llm(args)
+        constraint = writer.one_line_constraint() if args.constrain_one_line else None
+        params = stage1.engine_sampling(llm, args, settings, structured_outputs=constraint)
+    except (InputError, stage1.EngineDefaultsError) as error:
+        sys.exit(f"error: {error}")
     vllm_engine = VllmEngine(llm)
     stop, stats = StopRequest("create_queries"), StreamStats()
     origin = {"model": args.model, "prompt_sha256": settings["prompt_sha256"], "seed": args.seed}
     from tqdm import tqdm
 
-    with open(out, "a", encoding="utf-8") as out_file, open(rejects_path, "a", encoding="utf-8") as rejects_file, \
-            tqdm(total=sum(plan.missing().values()), desc="queries", unit="query") as progress:
+    with files.appender() as append, tqdm(total=sum(plan.missing().values()), desc="queries", unit="query") as progress:
         def show(counts):
             progress.n = counts["kept"]
             progress.set_postfix(dropped=sum(counts.values()) - counts["kept"], refresh=True)
 
-        counts = synthesise(vllm_engine, writer, plan, index, params, out_file, rejects_file, origin=origin,
+        counts = synthesise(vllm_engine, writer, plan, index, params, append, origin=origin,
                             max_attempts=max_attempts, max_in_flight=args.max_in_flight or vllm_engine.max_num_seqs,
                             stop=stop.requested, stats=stats, on_result=show)
     return counts, stats.summary(), stop.signal
 
 
-def finish(args, record, record_path, out, rejects_path, settings, plan, counts, stats, stopped, resumed):
+def finish(args, files, settings, plan, counts, stats, stopped, resumed):
     missing = plan.missing()
     if stopped:
         status = "interrupted"
     else:
         status = "finished" if not missing else "budget_spent"
-    totals = {"kept_total": len(read_jsonl(out)) if out.exists() else 0,
-              "rejected_total": len(read_jsonl(rejects_path)) if rejects_path.exists() else 0}
-    record.finish(record_path, status=status, settings=settings, model=args.model, prompt_file=args.prompt_file,
-                  seed=args.seed, counts={"resumed": resumed, "requests_this_run": sum(counts.values()),
-                                          "by_reason_this_run": dict(counts), **totals},
-                  missing={str(target): number for target, number in missing.items()}, stream=stats)
+    totals = {"kept_total": len(files.written()), "rejected_total": len(files.rejected())}
+    files.finish(status=status, settings=settings, model=args.model, prompt_file=args.prompt_file, seed=args.seed,
+                 counts={"resumed": resumed, "requests_this_run": sum(counts.values()),
+                         "by_reason_this_run": dict(counts), **totals},
+                 missing={str(target): number for target, number in missing.items()}, stream=stats)
     reasons = ", ".join(f"{reason}: {number}" for reason, number in counts.most_common() if reason != "kept")
     print(f"create_queries: {status}: {totals['kept_total']} kept in all ({counts['kept']} this run from "
-          f"{sum(counts.values())} requests; dropped: {reasons or 'none'}) -> {out}, {rejects_path.name}, "
-          f"{record_path.name}")
+          f"{sum(counts.values())} requests; dropped: {reasons or 'none'}) -> {files.out}, {files.rejects.name}, "
+          f"{files.record_path.name}")
     if missing and not stopped:
         print(f"create_queries: the attempt budget is spent with {sum(missing.values())} queries still missing; "
               f"re-run (it resumes) or raise --max_attempts", file=sys.stderr)

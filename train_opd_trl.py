@@ -24,11 +24,11 @@ adapter, tokenizer and distill_run.json (config, command line, git revision, tea
 and evaluate.py scores it unchanged.
 """
 
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from distill.defaults import HELDOUT_FRACTION, SPLIT_SEED, wandb_enabled
 from distill.engine import on_gpu
 from distill.opd_setup import probe_server_in
 from distill.prompts import DEFAULT_PROMPT
@@ -51,8 +51,10 @@ class OnPolicyArguments:
         "help": "warm start: a stage-2 adapter dir (its LoRA weights and config), else LoRA starts from the base"})
     prompt_cache: bool = field(default=True, metadata={
         "help": "an in-process teacher computes the prompt's KV cache once per run, not once per row"})
-    heldout_fraction: float = field(default=0.2, metadata={"help": "share of groups kept out for evaluation"})
-    split_seed: int = field(default=0, metadata={"help": "seed of the group split (evaluate.py must use the same)"})
+    heldout_fraction: float = field(default=HELDOUT_FRACTION,
+                                    metadata={"help": "share of groups kept out for evaluation"})
+    split_seed: int = field(default=SPLIT_SEED,
+                            metadata={"help": "seed of the group split (evaluate.py must use the same)"})
     max_train_rows: int | None = field(default=None, metadata={"help": "use only the first N training queries"})
     overwrite: bool = field(default=False, metadata={"help": "replace a finished run in --output_dir"})
     train_router: bool = field(default=False, metadata={"help": "LoRA on an MoE router (mlp.gate) too"})
@@ -74,8 +76,7 @@ def parse_args(argv=None):
         beta=1.0,  # reverse KL: the student is graded on what it samples
         learning_rate=1e-4,  # tinker-cookbook's LoRA rate (TRL's 1e-6 is for full fine-tuning)
         max_completion_length=256, chat_template_kwargs={"enable_thinking": False},
-        report_to="wandb" if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") else "none",
-        log_completions=bool(os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE")),
+        report_to="wandb" if wandb_enabled() else "none", log_completions=wandb_enabled(),
         logging_steps=1, save_strategy="no", output_dir="",
     )
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -93,6 +94,7 @@ def parse_args(argv=None):
     training_args.run_name = training_args.run_name or (
         f"{short_name}-opd-{teacher.split(':')[0]}-r{model_args.lora_r}-lr{training_args.learning_rate:g}{warm}")
     training_args.output_dir = training_args.output_dir or f"models/{training_args.run_name}"
+    training_args.model_init_kwargs = None  # opd_setup loads the student itself: TRL gets a model, not its name
     return script_args, training_args, model_args
 
 

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from distill.checkpoint import save_adapter
+from distill.defaults import HELDOUT_FRACTION, SPLIT_SEED, wandb_enabled
 from distill.engine import on_gpu
 from distill.records import TRAIN_RUN_RECORD as RUN_RECORD
 from distill.records import InputError, RunRecord, read_jsonl
@@ -50,8 +51,10 @@ class DistillArguments:
     dataset_split: str = field(default="train", metadata={"help": "split to load from a hub dataset"})
     answer_field: str | None = field(default=None, metadata={
         "help": "train on this column instead of the assistant turn, e.g. `label` for the gold labels"})
-    heldout_fraction: float = field(default=0.2, metadata={"help": "share of groups kept out for evaluation"})
-    split_seed: int = field(default=0, metadata={"help": "seed of the group split (evaluate.py must use the same)"})
+    heldout_fraction: float = field(default=HELDOUT_FRACTION,
+                                    metadata={"help": "share of groups kept out for evaluation"})
+    split_seed: int = field(default=SPLIT_SEED,
+                            metadata={"help": "seed of the group split (evaluate.py must use the same)"})
     max_train_rows: int | None = field(default=None, metadata={"help": "use only the first N training rows"})
     overwrite: bool = field(default=False, metadata={"help": "replace a finished run in --output_dir"})
     global_batch_size: int | None = field(default=None, metadata={
@@ -88,7 +91,7 @@ def parse_args(argv=None):
         # Explicit dtype: bf16 on GPU; fp32 on CPU, where bf16 fails in SFTConfig and runs ~10x slower.
         dtype="bfloat16" if gpu else "float32", bf16=gpu,
         completion_only_loss=True,  # our rows are pre-tokenized with a completion mask: keep it in force
-        report_to="wandb" if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") else "none",
+        report_to="wandb" if wandb_enabled() else "none",
         logging_steps=1, save_strategy="no",
         output_dir="",  # TrainingArguments turns None into ./trainer_output; "" lets us default to models/<run name>
     )
@@ -123,6 +126,12 @@ def parse_args(argv=None):
     training_args.output_dir = training_args.output_dir or f"models/{training_args.run_name}"
     if training_args.resume_from_checkpoint in ("true", "True", "last"):
         training_args.resume_from_checkpoint = True  # the last checkpoint in output_dir
+    training_args.model_init_kwargs = {  # how SFTTrainer loads the model from its name
+        "dtype": model_args.dtype,
+        "attn_implementation": model_args.attn_implementation,
+        "trust_remote_code": training_args.trust_remote_code,
+        "revision": model_args.model_revision,
+    }
     return script_args, training_args, model_args
 
 
@@ -134,14 +143,21 @@ def load_rows(script_args) -> list[dict]:
     return list(datasets.load_dataset(script_args.dataset_name, split=script_args.dataset_split))
 
 
-def build_trainer(script_args, training_args, model_args, peft_config=None):
-    """The SFTTrainer over the train side of the split, and the row counts for the run record."""
-    from datasets import Dataset
+@dataclass
+class TrainingData:
+    examples: list[dict]  # input_ids and completion_mask (plus the teacher's targets for KD) of each training row
+    tokenizer: object
+    counts: dict  # rows in the file, dropped, used, the answer source, the batch, KD coverage: for the run record
+
+
+def prepare(script_args, training_args, model_args) -> TrainingData:
+    """The train side of the split, tokenized with the completion mask (and the teacher's targets for KD), then the
+    micro-batch sized from it: the last change to training_args, so the run record written after this holds
+    exactly what trains. Reads files and the tokenizer only; no model loads."""
     from transformers import AutoTokenizer
-    from trl import SFTTrainer
 
     from distill.soft_targets import check_tokenizer, find_targets, row_targets
-    from distill.training import distillation_trainer, query_and_answer, tokenize, training_rows
+    from distill.training import query_and_answer, tokenize, training_rows
 
     rows = load_rows(script_args)
     train, dropped = training_rows(rows, script_args.heldout_fraction, script_args.split_seed)
@@ -161,33 +177,37 @@ def build_trainer(script_args, training_args, model_args, peft_config=None):
         except (KeyError, StopIteration, TypeError) as error:
             raise InputError(f"{script_args.dataset_name}: row {row.get('id', number)} lacks a user turn or "
                              f"its answer ({error!r})") from None
+    counts = {"rows_in_file": len(rows), "heldout_rows_dropped": dropped, "rows_used": len(train),
+              "answer_source": script_args.answer_field or "assistant turn (teacher)",
+              "batch": size_micro_batches(script_args, training_args, examples)}
     if targets:
         for example, row in zip(examples, train):
             example.update(row_targets(targets, row, tokenizer, example))
-    batch = size_micro_batches(script_args, training_args, examples)
-    training_args.model_init_kwargs = {
-        "dtype": model_args.dtype,
-        "attn_implementation": model_args.attn_implementation,
-        "trust_remote_code": training_args.trust_remote_code,
-        "revision": model_args.model_revision,
-    }
+        distilled = sum(example["teacher_start"] >= 0 for example in examples)
+        # A row falls back to CE when the student's tokens of the answer are not the teacher's (or it has no targets).
+        counts["distillation"] = {"loss": script_args.distill_loss, "source": targets.source,
+                                  "rows_distilled": distilled, "rows_ce_fallback": len(examples) - distilled,
+                                  "temperature": script_args.kd_temperature, "alpha": kd_weight(script_args)}
+    return TrainingData(examples, tokenizer, counts)
+
+
+def build_trainer(script_args, training_args, model_args, data: TrainingData, peft_config=None):
+    """The SFTTrainer (or, for --distill_loss kd, its KD subclass) over the prepared rows; changes no argument."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from distill.training import distillation_trainer
+
     trainer_kwargs = dict(
         model=model_args.model_name_or_path,
         args=training_args,
-        train_dataset=Dataset.from_list(examples),
-        processing_class=tokenizer,
+        train_dataset=Dataset.from_list(data.examples),
+        processing_class=data.tokenizer,
         peft_config=peft_config or lora_config(model_args, script_args.train_router, training_args.trust_remote_code),
     )
-    counts = {"rows_in_file": len(rows), "heldout_rows_dropped": dropped, "rows_used": len(train),
-              "answer_source": script_args.answer_field or "assistant turn (teacher)", "batch": batch}
-    if not targets:
-        return SFTTrainer(**trainer_kwargs), counts
-    distilled = sum(example["teacher_start"] >= 0 for example in examples)
-    # A row falls back to CE when the student's tokens of the answer are not the teacher's (or it had no targets).
-    counts["distillation"] = {"loss": script_args.distill_loss, "source": targets.source, "rows_distilled": distilled,
-                              "rows_ce_fallback": len(examples) - distilled,
-                              "temperature": script_args.kd_temperature, "alpha": kd_weight(script_args)}
-    return distillation_trainer(script_args.kd_temperature, kd_weight(script_args), **trainer_kwargs), counts
+    if "distillation" not in data.counts:
+        return SFTTrainer(**trainer_kwargs)
+    return distillation_trainer(script_args.kd_temperature, kd_weight(script_args), **trainer_kwargs)
 
 
 def kd_weight(script_args) -> float:
@@ -236,13 +256,16 @@ def main(argv=None):
         check_output_dir(script_args, training_args)
     processes.wait_for_everyone()
 
+    try:
+        data = prepare(script_args, training_args, model_args)
+    except InputError as error:
+        sys.exit(f"error: {error}")
+    # From here on nothing changes the arguments: the record says what trains.
     config = {"script": asdict(script_args), "model": asdict(model_args), "training": training_args.to_dict()}
     record = RunRecord("train_sft_trl", config)
     record_path = Path(training_args.output_dir) / RUN_RECORD
-    try:
-        trainer, counts = build_trainer(script_args, training_args, model_args, peft_config)
-    except InputError as error:
-        sys.exit(f"error: {error}")
+    trainer = build_trainer(script_args, training_args, model_args, data, peft_config)
+    counts = data.counts
     report = {"counts": counts, "memory_plan": plan.to_dict(), "split": {
         "heldout_fraction": script_args.heldout_fraction, "split_seed": script_args.split_seed}}
     batch = counts["batch"]

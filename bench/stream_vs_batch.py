@@ -56,7 +56,7 @@ def batch_synchronous(llm, teacher, rows, params, window, max_retries):
             outputs = llm.generate([prompts[row["id"]] for row in pending], params, use_tqdm=False)
             for row, output in zip(pending, outputs, strict=True):
                 tokens.append(len(output.outputs[0].token_ids))
-                label = teacher.parse(output.outputs[0].text).label
+                label = teacher.parse(output.outputs[0].text).answer
                 if label:
                     labels[row["id"]] = label
         writer.write([{"id": row["id"], "label": labels.get(row["id"])} for row in batch])
@@ -66,9 +66,9 @@ def batch_synchronous(llm, teacher, rows, params, window, max_retries):
 def streamed(llm, teacher, rows, params, window, max_retries):
     stats = StreamStats()
     writer = TimedWriter(stats.started)
-    for answer in stream(VllmEngine(llm), teacher, rows, params, max_retries=max_retries, max_in_flight=window,
-                         stats=stats):
-        writer.write([{"id": answer.row["id"], "label": answer.label}])
+    for outcome in stream(VllmEngine(llm), teacher, rows, params, max_retries=max_retries, max_in_flight=window,
+                          stats=stats):
+        writer.write([{"id": outcome.row["id"], "label": outcome.answer}])
     return time.monotonic() - stats.started, writer.times, stats
 
 

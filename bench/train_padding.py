@@ -24,7 +24,8 @@ def tokens_per_second(model: str, data: str, steps: int, padding_free: bool, out
     script_args, training_args, model_args = train_sft_trl.parse_args(argv)
     if padding_free:
         training_args.max_length = None  # TRL cannot truncate padding-free rows; ours are < 200 tokens anyway
-    trainer, _ = train_sft_trl.build_trainer(script_args, training_args, model_args)
+    data = train_sft_trl.prepare(script_args, training_args, model_args)
+    trainer = train_sft_trl.build_trainer(script_args, training_args, model_args, data)
     started = time.time()
     trainer.train()
     seconds = time.time() - started

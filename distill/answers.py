@@ -1,4 +1,5 @@
-"""A model's output -> a label (or, for a generative task, the whole final answer), or the reason it is not one.
+"""A model's output -> its answer (a label task's label, or a generative task's whole final answer), or the reason it
+has none.
 Strict by design: no answer is ever read out of the reasoning, and an answer that breaks the contract is a counted
 failure, never a guess.
 """
@@ -12,7 +13,7 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 @dataclass(frozen=True)
 class Parsed:
-    label: str | None  # a label, or a generative task's whole final answer; None when the output breaks the contract
+    answer: str | None  # a label task's label or a generative task's whole final answer; None: the contract broke
     reason: str  # "ok" or why it failed
     reasoning_chars: int = 0
 

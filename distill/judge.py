@@ -12,6 +12,7 @@ None, counted apart. With a real judge this grades meaning; with the embedded 13
 import dataclasses
 from pathlib import Path
 
+from distill import engine
 from distill.prompts import TaskPrompt, load_prompt
 
 JUDGE_PROMPT = Path(__file__).resolve().parent.parent / "prompts" / "judge.md"
@@ -34,7 +35,7 @@ def judge_answers(llm, tokenizer, task: TaskPrompt, questions: list[str], answer
     judge = Teacher(tokenizer, judge_prompt(task), llm.model_config.max_model_len, constrain_labels=True)
     rows = [{"id": str(i), "text": judge_query(q, a)} for i, (q, a) in enumerate(zip(questions, answers))]
     vllm_engine = VllmEngine(llm)
-    verdicts = {a.row["id"]: a.label for a in stream(vllm_engine, judge, rows, params,
+    verdicts = {a.row["id"]: a.answer for a in stream(vllm_engine, judge, rows, params,
                                                       max_in_flight=vllm_engine.max_num_seqs)}
     return [None if verdicts[row["id"]] is None else verdicts[row["id"]] == "yes" for row in rows]
 
@@ -51,3 +52,23 @@ def agreement(judged: list, strict: list[bool]) -> dict:
         "judge_yes_strict_no": sum(j and not s for j, s in pairs),
         "judge_no_strict_yes": sum(s and not j for j, s in pairs),
     }
+
+
+def judge_examples(args, prompt, examples: list[dict]) -> dict:
+    """--judge_model: each answer graded by the judge (examples gain "judge": True/False/None), the judged pass
+    rate and its agreement with the strict pass."""
+    import gc
+
+    from transformers import AutoTokenizer
+
+    from distill.teacher import sampling_params
+
+    gc.collect()
+    llm = engine.build_llm(args, model=args.judge_model)
+    tokenizer = AutoTokenizer.from_pretrained(args.judge_model, trust_remote_code=args.trust_remote_code)
+    params = sampling_params(llm.get_default_sampling_params(), {"temperature": 0.0}, max_tokens=args.judge_max_tokens)
+    verdicts = judge_answers(llm, tokenizer, prompt, [e["text"] for e in examples], [e["answer"] for e in examples],
+                             params)
+    for example, verdict in zip(examples, verdicts):
+        example["judge"] = verdict
+    return {"judge_model": args.judge_model, **agreement(verdicts, [e["passed"] for e in examples])}

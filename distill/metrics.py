@@ -3,6 +3,7 @@ for every evaluation. A prediction of None (the output broke the answer contract
 it stays in the denominator and gets its own confusion-matrix column.
 """
 
+import statistics
 from collections import Counter
 
 UNPARSED = "unparsed"
@@ -135,3 +136,29 @@ def score_generative(examples: list[dict], max_failures: int = 5) -> dict:
         "failures": [{"id": e["id"], "text": e["text"], "answer": e["answer"], "reason": e["reason"],
                       "check_passed": e["check_passed"]} for e in examples if not e["passed"]][:max_failures],
     }
+
+
+# ---- cost ---------------------------------------------------------------------------------------------------
+
+
+def cost(prompt_ids, generation, generative: bool) -> dict:
+    """What answering cost: input tokens per request, median latency at batch 1, batched throughput (and, for free
+    text, output tokens per request). `generation` is a distill.serving.Generation."""
+    figures = {
+        "input_tokens_per_request": statistics.mean(len(ids) for ids in prompt_ids),
+        "median_latency_seconds": statistics.median(generation.latencies) if generation.latencies else None,
+        "latency_requests": len(generation.latencies),
+        "batch_seconds": round(generation.seconds, 2),
+        "requests_per_second": round(len(prompt_ids) / generation.seconds, 2),
+    }
+    if generative:  # free text: what the model writes (reasoning included) costs as much as what it reads
+        figures["output_tokens_per_request"] = statistics.mean(generation.output_tokens)
+    return figures
+
+
+def cost_ratio(teacher: dict, student: dict) -> dict:
+    """How many times cheaper the student without the prompt is than the teacher with it."""
+    ratio = {"input_tokens": teacher["input_tokens_per_request"] / student["input_tokens_per_request"]}
+    if teacher.get("median_latency_seconds") and student.get("median_latency_seconds"):
+        ratio["median_latency"] = teacher["median_latency_seconds"] / student["median_latency_seconds"]
+    return ratio

@@ -166,7 +166,6 @@ def build_trainer(script_args, training_args, model_args, peft_config, prompt, r
 
     dataset = Dataset.from_list([{"prompt": student_messages(row["text"]), "query": row["text"]} for row in rows])
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
-    training_args.model_init_kwargs = None
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype,
                                                  trust_remote_code=training_args.trust_remote_code)
     if script_args.init_adapter:

@@ -10,18 +10,20 @@ or on a Ray cluster of many nodes.
 
 (create_data_ray.sh and scripts/ray_cluster.sbatch script both; the README's multi-node section has the details.)
 
-How it works. This process, the driver, reads the input, skips the ids an earlier run finished (create_data's
-resume_state, as a single-process run does) and hands the rest to Ray Data: `from_items` -> `map_batches` over a
-fixed pool of TeacherReplica actors. A replica builds its vLLM engine and the teacher once, then runs
-`distill.teacher.stream` -- the one rendering, sampling, parsing, redraw and vote path of stage 1 -- over each batch
-of --rows_per_task queries, and hands back each finished answer's rows (create_data's labelled_row, rejected_row and
-sidecar line) in a packet at least every FLUSH_SECONDS. The driver is the only writer of the output, rejects and
-sidecar files: it appends each packet as it arrives (one fsync per file, sidecar lines first, as create_data does)
-and skips an id it has already written, which is what a batch retried by Ray hands back a second time.
+How it works. This process, the driver, reads the input, skips the ids an earlier run finished (RunFiles.resume,
+as a single-process run does) and hands the rest to Ray Data: `from_items` -> `map_batches` over a fixed pool of
+TeacherReplica actors. A replica builds its vLLM engine and the teacher once (distill/stage1.py, as create_data's
+own engine does), then runs `distill.teacher.stream` -- the one rendering, sampling, parsing, redraw and vote path
+of stage 1 -- over each batch of --rows_per_task queries, and hands back each finished answer's records (stage1's
+answer_records: the row or the reject, and the sidecar line) in a packet at least every FLUSH_SECONDS. The driver
+is the only writer of the output, rejects and sidecar files: it appends each packet as it arrives through
+stage1.answer_writer (one fsync per file, sidecar lines first) and skips an id it has already written, which is what
+a batch retried by Ray hands back a second time.
 
 The promises of stage 1, kept:
-- the same answers: every replica runs create_data's own teacher (build_teacher, engine_params, answer_records) with
-  the driver's flags, engine seed included; greedy labels equal a single-process run's (tests/test_ray_stage.py);
+- the same answers: every replica runs stage 1's own teacher (stage1.build_teacher, teacher_sampling,
+  answer_records) with the driver's flags, engine seed included; greedy labels equal a single-process run's
+  (tests/test_ray_stage.py);
 - exactly once: a replica that dies is restarted by Ray and its batch retried (Ray Data's actor pool restarts actors
   and retries their tasks); rows the driver already wrote are skipped, so nothing is lost or duplicated. At the end
   create_data checks that every selected id is in the output or the rejects exactly once (the merge's check);
@@ -44,7 +46,7 @@ Costs of this design, measured or by construction: a replica runs one batch at a
 end of each batch (keep --rows_per_task well above the engine's --max-num-seqs); a retried batch is asked again in
 full; the driver writes every row itself (one fsync per packet per file, far below one process's write rate).
 The repository and the model must be at the same path on every node (a shared filesystem, as on most SLURM
-clusters): the replicas import create_data and distill from the driver's directory.
+clusters): the replicas import distill from the driver's directory.
 """
 
 import json
@@ -57,7 +59,7 @@ from copy import copy
 from pathlib import Path
 from urllib.parse import urlparse
 
-from distill import engine
+from distill import engine, stage1
 
 ADDRESS_PROBE_SECONDS = 3
 DEFAULT_GCS_PORT = 6379  # `ray start --head` listens here unless told otherwise
@@ -174,14 +176,13 @@ class TeacherReplica:
     """One vLLM engine and the teacher, built once per actor; each call streams a batch of queries through
     distill.teacher.stream and yields packets of finished answers as they come."""
 
-    def __init__(self, args, prompt, model_defaults: dict, settings: dict):
-        import create_data  # lazily: create_data imports this module
+    def __init__(self, args, prompt, settings: dict):
         from distill.teacher import VllmEngine
 
-        self.args, self.records = args, create_data.answer_records
-        self.teacher = create_data.build_teacher(args, prompt)
+        self.args = args
+        self.teacher = stage1.build_teacher(args, prompt)
         llm = engine.build_llm(args)
-        self.params = create_data.engine_params(llm, args, self.teacher, model_defaults, settings)
+        self.params = stage1.teacher_sampling(llm, args, self.teacher, settings)
         self.engine = VllmEngine(llm)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -202,10 +203,10 @@ class TeacherReplica:
                                "cached_tokens_known": stats.cached_tokens is not None}, ensure_ascii=False)
             return {"packet": np.array([text], dtype=object)}  # one row: Ray Data cannot split a packet
 
-        for answer in stream(self.engine, self.teacher, rows, self.params, num_samples=self.args.num_samples,
-                             max_retries=self.args.max_retries,
-                             max_in_flight=self.args.max_in_flight or self.engine.max_num_seqs, stats=stats):
-            packet.append({"id": answer.row["id"], "records": self.records(answer, self.args, self.teacher)})
+        for outcome in stream(self.engine, self.teacher, rows, self.params, num_samples=self.args.num_samples,
+                              max_retries=self.args.max_retries,
+                              max_in_flight=self.args.max_in_flight or self.engine.max_num_seqs, stats=stats):
+            packet.append({"id": outcome.row["id"], "records": stage1.answer_records(outcome, self.args, self.teacher)})
             if time.monotonic() - last_flush >= FLUSH_SECONDS:
                 yield flush()
                 packet, last_flush = [], time.monotonic()
@@ -227,7 +228,7 @@ def replica_args(args):
     return args
 
 
-def pipeline(args, teacher, todo: list[dict], settings: dict, model_defaults: dict):
+def pipeline(args, teacher, todo: list[dict], settings: dict):
     """The Ray dataset whose blocks are the replicas' packets, as they finish."""
     import ray.data
 
@@ -244,8 +245,7 @@ def pipeline(args, teacher, todo: list[dict], settings: dict, model_defaults: di
     pool = ray.data.ActorPoolStrategy(size=args.num_replicas, max_tasks_in_flight_per_actor=1)
     return queries.map_batches(
         TeacherReplica, batch_size=rows_per_task, compute=pool,
-        fn_constructor_kwargs={"args": replica_args(args), "prompt": teacher.prompt,
-                               "model_defaults": model_defaults, "settings": settings},
+        fn_constructor_kwargs={"args": replica_args(args), "prompt": teacher.prompt, "settings": settings},
         num_gpus=need.get("GPU"), num_cpus=need.get("CPU"), runtime_env={"env_vars": replica_env(args)})
 
 
@@ -274,12 +274,7 @@ class DriverTally:
         if packet["cached_tokens_known"]:
             stats.cached_tokens = (stats.cached_tokens or 0) + packet["work"]["cached_tokens"]
         for answer in answers:
-            reject = answer["records"].get("reject")
-            if reject:
-                stats.rejected += 1
-                stats.reject_reasons[reject["reason"]] += 1
-            else:
-                stats.labelled += 1
+            stats.count(answer["records"].get("reject", {}).get("reason"))
         self.by_replica[packet["replica"]] += len(answers)
         span = self.spans.setdefault(packet["replica"], [packet["started"], 0.0])
         span[0], span[1] = min(span[0], packet["started"]), time.time()
@@ -294,15 +289,13 @@ class Interrupted(Exception):
     pass
 
 
-def label(args, teacher, todo, selected, settings, model_defaults, out, rejects_path) -> tuple[dict, int | None]:
-    """create_data.label on Ray: the same files, written by this process as the replicas' packets arrive. Returns
-    (figures, signal that stopped the run or None)."""
+def answer_queries(args, teacher, todo, selected, settings, files) -> tuple[dict, int | None]:
+    """stage1.answer_queries on Ray: the same files, written by this process as the replicas' packets arrive.
+    Returns (figures, signal that stopped the run or None)."""
     import signal
 
     import ray
-    from tqdm import tqdm
 
-    import create_data
     from distill.teacher import StopRequest, StreamStats
 
     tally = DriverTally(StreamStats())
@@ -317,18 +310,16 @@ def label(args, teacher, todo, selected, settings, model_defaults, out, rejects_
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, interrupt)
     try:
-        with create_data.OutputFiles(out, rejects_path, bool(args.save_logprobs)) as files, \
-                tqdm(total=selected, initial=selected - len(todo), desc="teacher", unit="query") as progress:
-            for block in pipeline(args, teacher, todo, settings, model_defaults).iter_batches(
+        with stage1.answer_writer(files, tally.stats, selected, selected - len(todo)) as write:
+            for block in pipeline(args, teacher, todo, settings).iter_batches(
                     batch_size=None, batch_format="numpy", prefetch_batches=0):
                 for text in block["packet"]:
                     packet = json.loads(text)
                     answers = tally.fresh(packet)
-                    writing = True
-                    files.write([answer["records"] for answer in answers])
-                    writing = False
                     tally.add(packet, answers)
-                    create_data.show_progress(progress, tally.stats, len(answers))
+                    writing = True
+                    write([answer["records"] for answer in answers])
+                    writing = False
                 if stop.requested():
                     break
     except Interrupted:

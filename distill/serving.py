@@ -1,10 +1,14 @@
-"""How evaluate.py serves the model it scores, and what it checks about it before the engine starts.
+"""How evaluate.py serves the model it scores, what it checks about it before the engine starts, and the served
+model's answers.
 
 A full model is served as is. A LoRA adapter is served through vLLM's LoRA support on GPU, with max_lora_rank
 taken from every rank the adapter holds; on CPU (where vLLM's LoRA path is >10x slower), or on GPU with
 --merge_lora, it is merged once into <adapter>/merged and served as a plain model. max_model_len defaults to what
 the data needs, not the model's full context (262k for Qwen3-2507, whose KV cache would not fit beside a 30B
 model). An adapter's run record says which split it trained on; scoring on another split's rows is refused.
+
+`generate` asks the served model for every row's answer, greedy: the student through plain vLLM generation, a
+teacher given the prompt (--with_prompt) through stage 1's teacher path, then a few rows one at a time for latency.
 """
 
 import hashlib
@@ -177,3 +181,92 @@ def check_split(model_path: Path, split: str, heldout_fraction: float, split_see
 def shares_ids(teacher_labels: dict, rows: list[dict]) -> bool:
     """False when a --teacher_file was made for other rows (another split, another file): agreement would be n/a."""
     return any(row["id"] in teacher_labels for row in rows)
+
+
+# ---- the served model's answers ------------------------------------------------------------------------------
+
+
+@dataclass
+class Generation:
+    raw: list[str]  # every row's output as the model wrote it
+    answers: list[str | None]  # labels (None: unparsed), or generative answers (None: broke the contract)
+    output_tokens: list[int]
+    reasons: list[str]  # "ok", or why the output broke the answer contract (a generative task's cut / empty / ...)
+    seconds: float
+    latencies: list[float]
+    sampling: dict
+
+
+def generate(llm, tokenizer, rows, prompt_ids, prompt, args, lora_request) -> Generation:
+    """Greedy answers for every row, then a few rows one at a time for latency. Greedy (temperature 0) is
+    evaluation's one override of the model's sampling defaults. With --with_prompt the rows go through stage 1's
+    teacher path (distill.teacher: same rendering, constraint and parsing, no redraws), so a query gets the label
+    (or generative answer) create_data.py gives it at --temperature 0."""
+    from distill.teacher import Teacher, VllmEngine, effective_sampling, sampling_params
+
+    teacher = None
+    if args.with_prompt:
+        teacher = Teacher(tokenizer, prompt, llm.model_config.max_model_len, args.constrain_labels)
+    # The task's stop strings hold for every model scored on it (base, teacher, student), so answers compare alike.
+    params = sampling_params(llm.get_default_sampling_params(), {"temperature": 0.0}, max_tokens=args.max_tokens,
+                             structured_outputs=teacher.constraint() if teacher else None, **prompt.stop_sampling())
+    if teacher:
+        answer, items = teacher_answers(VllmEngine(llm, lora_request), teacher, params), rows
+    else:
+        answer, items = student_answers(llm, params, lora_request, prompt), prompt_ids
+    started = time.time()
+    outputs, answers, output_tokens, reasons = answer(items)
+    seconds = time.time() - started
+    latencies = []
+    for item in items[: args.latency_requests]:
+        started = time.time()
+        answer([item])
+        latencies.append(time.time() - started)
+    return Generation(outputs, answers, output_tokens, reasons, seconds, latencies, effective_sampling(params))
+
+
+def teacher_answers(vllm_engine, teacher, params):
+    """The teacher given the prompt answers through stage 1's stream, one sample per query, no redraws."""
+    from distill.answers import split_reasoning
+    from distill.teacher import stream
+
+    def answer(rows):
+        """Outcomes stream back in any order; each is put back in its row's place by id."""
+        by_id = {o.row["id"]: o for o in stream(vllm_engine, teacher, rows, params,
+                                                 max_in_flight=vllm_engine.max_num_seqs)}
+        outcomes = [by_id[row["id"]] for row in rows]
+        first = [(o.samples + o.failures)[0] if o.samples + o.failures else None for o in outcomes]
+        raw = [sample.text if sample else "" for sample in first]
+        # The contract alone (no query: echo, loop and topic are judged with the student's answers, in one place).
+        reasons = [teacher.parse(sample.text, sample.finish_reason).reason if sample else "empty_answer"
+                   for sample in first]
+        if teacher.prompt.is_generative:
+            # Scored as written within --max_tokens, cut or not, exactly as the student's answers are: stage 1
+            # refuses a cut answer as a training target, but a score must measure teacher and student alike.
+            answers = [(split_reasoning(text, teacher.expects_reasoning)[0] or "").strip() for text in raw]
+        else:
+            answers = [o.answer for o in outcomes]
+        return raw, answers, [sample.output_tokens if sample else 0 for sample in first], reasons
+
+    return answer
+
+
+def student_answers(llm, params, lora_request, prompt):
+    """The student answers with a bare label, or on a generative task with its whole (stripped) text."""
+    from vllm.inputs import TokensPrompt
+
+    from distill.answers import parse_generative, parse_student
+
+    def answer(prompt_ids):
+        requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
+        completions = [o.outputs[0] for o in llm.generate(requests, params, lora_request=lora_request, use_tqdm=False)]
+        outputs = [completion.text for completion in completions]
+        if prompt.is_generative:
+            answers = [text.strip() for text in outputs]
+            reasons = [parse_generative(c.text, c.finish_reason).reason for c in completions]
+        else:
+            answers = [parse_student(text, prompt.labels) for text in outputs]
+            reasons = ["ok" if label else "unparsed" for label in answers]
+        return outputs, answers, [len(completion.token_ids) for completion in completions], reasons
+
+    return answer

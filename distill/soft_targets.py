@@ -34,11 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distill.records import InputError, append_jsonl, read_jsonl, repair_torn_tail
+from distill.training import NO_MASS, kl_from_top_k, query_and_answer, tokenize
 
 SIDECAR_SUFFIX = ".logprobs.jsonl"
-# Log-probability of a padding slot in a target row: exp() of it is exactly 0 in float32, and unlike -inf it keeps
-# p * log p finite (0 * -inf is NaN).
-NO_MASS = -1e4
 
 
 def sidecar_path(output: str | Path) -> Path:
@@ -103,19 +101,20 @@ def label_distribution(tokenizer, labels, top_ids: list[int], top_logprobs: list
     return {label: round(p / total, 4) for label, p in probabilities.items()} if total else None
 
 
-def sidecar_line(answer, tokenizer, k: int, labels=None) -> dict:
-    """The sidecar line of a labelled Answer (see the module docstring); `labels` for a label task."""
-    sample = next(s for s in answer.samples if s.parsed.label == answer.label)
-    span = answer_span(tokenizer, sample.token_ids, answer.label)
-    line = {"id": answer.row["id"], "answer_token_ids": None, "top_ids": [], "top_logprobs": []}
+def sidecar_line(outcome, tokenizer, k: int, labels=None) -> dict:
+    """The sidecar line of an answered query (a distill.teacher.Outcome; see the module docstring); `labels` for a
+    label task."""
+    sample = next(s for s in outcome.samples if s.parsed.answer == outcome.answer)
+    span = answer_span(tokenizer, sample.token_ids, outcome.answer)
+    line = {"id": outcome.row["id"], "answer_token_ids": None, "top_ids": [], "top_logprobs": []}
     if span:
         positions = [top_k(position, k) for position in sample.logprobs[span[0]:span[1]]]
         line.update(answer_token_ids=sample.token_ids[span[0]:span[1]], top_ids=[ids for ids, _ in positions],
                     top_logprobs=[values for _, values in positions])
     if labels and span:
         line["label_distribution"] = label_distribution(tokenizer, labels, *positions[0])
-    if labels and len(answer.samples) > 1:
-        line["vote_shares"] = {label: count / len(answer.samples) for label, count in answer.votes.items()}
+    if labels and len(outcome.samples) > 1:
+        line["vote_shares"] = {label: count / len(outcome.samples) for label, count in outcome.votes.items()}
     return line
 
 
@@ -256,8 +255,6 @@ def heldout_kl(model, tokenizer, rows: list[dict], sidecar: dict[str, dict]) -> 
 
     Returns {"mean_kl", "tokens", "rows", "rows_without_targets"}; mean_kl is None when no row has targets."""
     import torch
-
-    from distill.training import kl_from_top_k, query_and_answer, tokenize
 
     targets = TeacherTargets("logprobs", sidecar)
     per_token, without = [], 0

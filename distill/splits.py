@@ -6,8 +6,7 @@ move when rows are added, removed or reordered, and every row of a translation g
 
 import hashlib
 
-HELDOUT_FRACTION = 0.2
-SPLIT_SEED = 0
+from distill.defaults import HELDOUT_FRACTION, SPLIT_SEED
 
 
 def split_key(row: dict) -> str:

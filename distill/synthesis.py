@@ -22,7 +22,6 @@ from itertools import islice
 from distill.answers import Parsed, split_reasoning
 from distill.dedup import NearDuplicateIndex
 from distill.prompts import TaskPrompt, render_teacher
-from distill.records import append_jsonl
 
 INSTRUCTION = ("Below, between <<< and >>>, are the instructions an AI assistant follows. Write one new message "
                "that a user might send to this assistant: the kind of message these instructions are meant for.")
@@ -54,7 +53,7 @@ def parse_query(output: str, finish_reason: str | None, expects_reasoning: bool 
                 min_chars: int = MIN_CHARS, max_chars: int = MAX_CHARS) -> Parsed:
     """The first line of the answer (after any reasoning) that is a message, not an announcement of one ("Here is a
     question:"), cleaned; or why there is none. A line the engine cut at max_tokens is refused: it may be half a
-    message. Parsed.label holds the query."""
+    message. Parsed.answer holds the query: the writer's answer is a query."""
     final, reasoning_chars = split_reasoning(output, expects_reasoning)
     if final is None:
         return Parsed(None, "cut_at_max_tokens" if finish_reason == "length" else "unclosed_reasoning",
@@ -104,7 +103,8 @@ class QueryWriter:
 
         return StructuredOutputsParams(regex=f"[^\\n]{{{self.min_chars},{self.max_chars}}}")
 
-    def parse(self, text: str, finish_reason: str | None = None) -> Parsed:
+    def parse(self, text: str, finish_reason: str | None = None, query: str | None = None) -> Parsed:
+        # `query` is the request (stream passes it for a teacher's on-topic check); a written query answers none.
         return parse_query(text, finish_reason, self.expects_reasoning, self.min_chars, self.max_chars)
 
 
@@ -189,12 +189,12 @@ def query_row(text: str, request: dict, plan: Plan, origin: dict) -> dict:
 # ---- the loop ---------------------------------------------------------------------------------------------------
 
 
-def synthesise(engine, writer: QueryWriter, plan: Plan, index: NearDuplicateIndex, params, out_file, rejects_file,
-               *, origin: dict, max_attempts: int, max_in_flight: int, stop=lambda: False, stats=None,
+def synthesise(engine, writer: QueryWriter, plan: Plan, index: NearDuplicateIndex, params, append, *, origin: dict,
+               max_attempts: int, max_in_flight: int, stop=lambda: False, stats=None,
                on_result=lambda counts: None) -> Counter:
     """Ask until every target has its quota or `max_attempts` requests were made. Each outcome is written the
-    moment it is known (kept queries to out_file, anything else to rejects_file with its reason). Returns the
-    outcomes of this run by reason ("kept" for the queries kept)."""
+    moment it is known through `append` (distill.run_files.RunFiles.appender: a kept query as a {"row"}, anything
+    else as a {"reject"} with its reason). Returns the outcomes of this run by reason ("kept" for the queries kept)."""
     from distill.teacher import stream
 
     counts = Counter()
@@ -203,18 +203,18 @@ def synthesise(engine, writer: QueryWriter, plan: Plan, index: NearDuplicateInde
         # One round asks once for every missing query; rejected and duplicate ones leave gaps the next round fills.
         requests = plan.requests(attempts_left)
         attempts_left -= len(requests)
-        for answer in stream(engine, writer, requests, params, max_in_flight=max_in_flight, stop=stop, stats=stats):
-            reason = answer.reason if answer.label is None else index.add(answer.label)
-            target = {plan.target_field: plan.target_of(answer.row)} if plan.target_field else {}
+        for outcome in stream(engine, writer, requests, params, max_in_flight=max_in_flight, stop=stop, stats=stats):
+            query = outcome.answer  # the request's answer is the query it wrote
+            reason = outcome.reason if query is None else index.add(query)
+            target = {plan.target_field: plan.target_of(outcome.row)} if plan.target_field else {}
             if reason is None:
-                row = query_row(answer.label, answer.row, plan, origin)
+                row = query_row(query, outcome.row, plan, origin)
                 plan.keep(row)
-                append_jsonl(out_file, [row])
+                append([{"row": row}])
                 reason = "kept"
             else:
-                raw = [sample.text for sample in answer.samples + answer.failures]
-                append_jsonl(rejects_file, [{"id": answer.row["id"], "reason": reason, "text": answer.label,
-                                             **target, "raw": raw}])
+                raw = [sample.text for sample in outcome.samples + outcome.failures]
+                append([{"reject": {"id": outcome.row["id"], "reason": reason, "text": query, **target, "raw": raw}}])
             counts[reason] += 1
             on_result(counts)
     return counts

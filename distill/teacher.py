@@ -5,15 +5,16 @@ stream requests through vLLM so each query's answer is handed back the moment it
     teacher = Teacher(tokenizer, prompt, max_model_len, constrain_labels=True)
     params = sampling_params(llm.get_default_sampling_params(), {"temperature": 0.0}, max_tokens=8192,
                              structured_outputs=teacher.constraint())
-    for answer in stream(VllmEngine(llm), teacher, rows, params, max_retries=3, max_in_flight=256):
-        ...  # answer.row, answer.label (None: rejected, see answer.reason), answer.samples, answer.failures
+    for outcome in stream(VllmEngine(llm), teacher, rows, params, max_retries=3, max_in_flight=256):
+        ...  # outcome.row, outcome.answer (None: rejected, see outcome.reason), outcome.samples, outcome.failures
 
 The stream keeps at most `max_in_flight` requests in the engine, pairs every output with its query by request id
 (never by position: completions arrive in any order), redraws a sample that breaks the answer contract at once
 (not after a batch), and on `stop()` aborts what is in flight and hands back only queries that really finished.
 
-A generative prompt (a `check` instead of labels) keeps the teacher's whole final answer: answer.label is then that
-text. With num_samples > 1 the first valid sample is the answer, since votes between free texts mean nothing.
+A query's answer is a label for a label task (the majority of its valid samples' labels), and for a generative
+prompt (a `check` instead of labels) the teacher's whole final answer: with num_samples > 1 the first valid
+sample's, since votes between free texts mean nothing.
 """
 
 import time
@@ -112,7 +113,7 @@ class Teacher:
         if not self.prompt.is_generative:
             return parse_teacher(text, self.prompt, self.expects_reasoning, self.constrain_labels)
         parsed = parse_generative(text, finish_reason, self.expects_reasoning)
-        reason = parsed.label and query is not None and non_answer_reason(self.prompt, query, parsed.label)
+        reason = parsed.answer and query is not None and non_answer_reason(self.prompt, query, parsed.answer)
         return Parsed(None, reason, parsed.reasoning_chars) if reason else parsed
 
 
@@ -130,7 +131,10 @@ class Sample:
 
 
 @dataclass
-class Answer:
+class Outcome:
+    """What became of one query: its valid samples and the ones that broke the contract, and from them its answer
+    or the reason it has none."""
+
     row: dict
     samples: list[Sample] = field(default_factory=list)  # valid samples
     failures: list[Sample] = field(default_factory=list)  # samples that broke the answer contract
@@ -139,15 +143,15 @@ class Answer:
 
     @property
     def votes(self) -> Counter:
-        return Counter(sample.parsed.label for sample in self.samples)
+        return Counter(sample.parsed.answer for sample in self.samples)
 
     @property
-    def label(self) -> str | None:
-        """The majority of the valid samples (a generative task: the first valid one); None when there is none
-        (the query is rejected)."""
+    def answer(self) -> str | None:
+        """The label most valid samples gave (a generative task: the first valid answer); None when no sample is
+        valid (the query is rejected)."""
         if not self.samples:
             return None
-        return self.samples[0].parsed.label if self.generative else self.votes.most_common(1)[0][0]
+        return self.samples[0].parsed.answer if self.generative else self.votes.most_common(1)[0][0]
 
     @property
     def reason(self) -> str:
@@ -163,7 +167,7 @@ class StreamStats:
     """Live and final figures of a stream. The prefix-cache hit rate is read from each output's num_cached_tokens."""
 
     started: float = field(default_factory=time.monotonic)
-    labelled: int = 0
+    answered: int = 0
     rejected: int = 0
     samples: int = 0
     generated_tokens: int = 0
@@ -178,23 +182,27 @@ class StreamStats:
         if output.num_cached_tokens is not None:
             self.cached_tokens = (self.cached_tokens or 0) + output.num_cached_tokens
 
-    def add_answer(self, answer: Answer) -> None:
-        if answer.label is None:
-            self.rejected += 1
-            self.reject_reasons[answer.reason] += 1
+    def add_outcome(self, outcome: Outcome) -> None:
+        self.count(None if outcome.answer is not None else outcome.reason)
+
+    def count(self, reject_reason: str | None) -> None:
+        """One finished query: answered, or rejected for `reject_reason`."""
+        if reject_reason is None:
+            self.answered += 1
         else:
-            self.labelled += 1
+            self.rejected += 1
+            self.reject_reasons[reject_reason] += 1
 
     def summary(self) -> dict:
         seconds = max(time.monotonic() - self.started, 1e-9)
         return {
-            "finished": self.labelled + self.rejected,
-            "labelled": self.labelled,
+            "finished": self.answered + self.rejected,
+            "labelled": self.answered,  # the run record's name for queries answered, labels or not
             "rejected": self.rejected,
             "reject_reasons": dict(self.reject_reasons),
             "samples": self.samples,
             "seconds": round(seconds, 2),
-            "queries_per_second": round((self.labelled + self.rejected) / seconds, 3),
+            "queries_per_second": round((self.answered + self.rejected) / seconds, 3),
             "generated_tokens_per_second": round(self.generated_tokens / seconds, 1),
             "prefix_cache_hit_rate": (round(self.cached_tokens / self.prompt_tokens, 4)
                                       if self.cached_tokens is not None and self.prompt_tokens else None),
@@ -262,7 +270,7 @@ class VllmEngine:
 
 @dataclass
 class _Job:
-    answer: Answer
+    outcome: Outcome
     token_ids: list[int]
     params: object
     retries_left: int
@@ -272,8 +280,8 @@ class _Job:
 
 def stream(engine, teacher: Teacher, rows: Iterable[dict], params, *, num_samples: int = 1, max_retries: int = 0,
            max_in_flight: int = 256, stop: Callable[[], bool] = lambda: False,
-           stats: StreamStats | None = None) -> Iterator[Answer]:
-    """Each query's Answer as soon as it is final: `num_samples` valid samples, or its redraw budget spent.
+           stats: StreamStats | None = None) -> Iterator[Outcome]:
+    """Each query's Outcome as soon as it is final: `num_samples` valid samples, or its redraw budget spent.
 
     At most `max_in_flight` requests are in the engine (a query's first samples go in together, so one query with
     more samples than that still runs). Queries are tokenized when admitted, not up front. After `stop()` turns
@@ -297,13 +305,13 @@ def stream(engine, teacher: Teacher, rows: Iterable[dict], params, *, num_sample
             token_ids = teacher.token_ids(row["text"])
             generative = teacher.prompt.is_generative
             if len(token_ids) >= teacher.max_model_len:
-                answer = Answer(row, too_long=True, generative=generative)
-                stats.add_answer(answer)
-                yield answer
+                outcome = Outcome(row, too_long=True, generative=generative)
+                stats.add_outcome(outcome)
+                yield outcome
                 continue
             job_params = copy(params)  # the answer budget is what the context has left after this prompt
             job_params.max_tokens = min(params.max_tokens, teacher.max_model_len - len(token_ids))
-            job = _Job(Answer(row, generative=generative), token_ids, job_params, retries_left=max_retries)
+            job = _Job(Outcome(row, generative=generative), token_ids, job_params, retries_left=max_retries)
             for _ in range(num_samples):
                 submit(job)
         if stop() or not owners:
@@ -317,17 +325,17 @@ def stream(engine, teacher: Teacher, rows: Iterable[dict], params, *, num_sample
             job.pending -= 1
             stats.add_output(output)
             for completion in output.outputs:
-                sample = Sample(teacher.parse(completion.text, completion.finish_reason, job.answer.row["text"]),
+                sample = Sample(teacher.parse(completion.text, completion.finish_reason, job.outcome.row["text"]),
                                 completion.text,
                                 completion.finish_reason, len(completion.token_ids), list(completion.token_ids),
                                 completion.logprobs if params.logprobs else None)
-                (job.answer.samples if sample.parsed.label else job.answer.failures).append(sample)
-                if sample.parsed.label is None and job.retries_left and len(job.answer.samples) < num_samples:
+                (job.outcome.samples if sample.parsed.answer else job.outcome.failures).append(sample)
+                if sample.parsed.answer is None and job.retries_left and len(job.outcome.samples) < num_samples:
                     if stop():
                         job.abandoned = True
                     else:
                         job.retries_left -= 1
                         submit(job)
             if job.pending == 0 and not job.abandoned:
-                stats.add_answer(job.answer)
-                yield job.answer
+                stats.add_outcome(job.outcome)
+                yield job.outcome

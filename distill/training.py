@@ -73,6 +73,9 @@ def micro_batch_for_tokens(rows_per_rank: int, mean_row_tokens: float, token_bud
 # ---- knowledge distillation from the teacher's soft targets (--distill_loss kd | kd+ce) --------------------------
 
 TARGET_COLUMNS = ("teacher_start", "teacher_top_ids", "teacher_top_logprobs")
+# Log-probability of a padding slot in a target row: exp() of it is exactly 0 in float32, and unlike -inf it keeps
+# p * log p finite (0 * -inf is NaN).
+NO_MASS = -1e4
 
 
 def distillation_loss(logits, labels, target_ids, target_logprobs, target_mask, temperature: float, alpha: float,
@@ -123,8 +126,6 @@ class TeacherTargetCollator:
 
     def __call__(self, examples):
         import torch
-
-        from distill.soft_targets import NO_MASS
 
         batch = self.collator(examples)
         shape = batch["input_ids"].shape

@@ -406,6 +406,7 @@ def helper_environment(work: Path) -> dict:
 def helper_rows(work: Path) -> dict:
     """The check's tokenizer (saved for the students) and its training rows: the example data's rows with their
     text repeated up to MIN_ROW_TOKENS tokens, and what tinker.yaml's micro_batch_tokens makes of them."""
+    from distill.defaults import HELDOUT_FRACTION, SPLIT_SEED
     from distill.training import micro_batch_for_tokens, tokenize, training_rows
     from tests.tiny_model import build_tokenizer
 
@@ -422,7 +423,7 @@ def helper_rows(work: Path) -> dict:
                    "messages": [{"role": "user", "content": query}, {"role": "assistant", "content": row["label"]}]}
             handle.write(json.dumps(out, ensure_ascii=False) + "\n")
             lengths.append((row, len(tokenize(tokenizer, query, row["label"])["input_ids"])))
-    train_ids = {row["id"] for row in training_rows(rows, 0.2, 0)[0]}
+    train_ids = {row["id"] for row in training_rows(rows, HELDOUT_FRACTION, SPLIT_SEED)[0]}
     train_lengths = [length for row, length in lengths if row["id"] in train_ids]
     mean = sum(train_lengths) / len(train_lengths)
     micro = micro_batch_for_tokens(128, mean, 8192)  # tinker.yaml: global batch 128, micro_batch_tokens 8192

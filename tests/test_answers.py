@@ -31,14 +31,14 @@ def parse(output, expects_reasoning=False, constrained=False):
 
 def test_answer_after_closing_tag_without_opening_tag():
     parsed = parse(THINKING_SPANISH, expects_reasoning=True)
-    assert parsed.label == "es" and parsed.reason == "ok"
+    assert parsed.answer == "es" and parsed.reason == "ok"
     assert parsed.reasoning_chars == len(THINKING_SPANISH.split("</think>")[0])
 
 
 def test_label_in_reasoning_is_never_the_answer():
     # The reasoning says fr twice; only the line after </think> counts.
     parsed = parse(THINKING_SPANISH, expects_reasoning=True)
-    assert parsed.label != "fr"
+    assert parsed.answer != "fr"
 
 
 def test_reasoning_mentions_labels_but_final_text_has_no_answer_line():
@@ -54,7 +54,7 @@ def test_bare_label_after_reasoning_is_not_an_answer_line_in_free_mode():
 def test_both_think_tags_hybrid_qwen3():
     output = "<think>\nGreek letters throughout: el.\n</think>\n\nFinal Answer: el"
     parsed = parse(output)
-    assert parsed.label == "el"
+    assert parsed.answer == "el"
     # the opening tag is not counted as reasoning
     assert parsed.reasoning_chars == len("\nGreek letters throughout: el.\n")
 
@@ -62,7 +62,7 @@ def test_both_think_tags_hybrid_qwen3():
 def test_last_closing_tag_wins():
     output = "first thought</think>Final Answer: de\nsecond thought</think>\nFinal Answer: en"
     parsed = parse(output, expects_reasoning=True)
-    assert parsed.label == "en"
+    assert parsed.answer == "en"
     assert parsed.reasoning_chars == len(output.rsplit("</think>", 1)[0])
     # an answer line between two closing tags is still reasoning
     assert parse("a</think>\nFinal Answer: de\n</think>", expects_reasoning=True).reason == "empty_answer"
@@ -76,7 +76,7 @@ def test_missing_closing_tag_with_expected_reasoning_is_unclosed():
 
 def test_opening_tag_without_closing_tag_is_unclosed_even_if_not_expected():
     parsed = parse("<think>\nThe script is Devanagari, so hi.\nFinal Answer: hi")
-    assert parsed.label is None and parsed.reason == "unclosed_reasoning"
+    assert parsed.answer is None and parsed.reason == "unclosed_reasoning"
 
 
 def test_no_reasoning_model_plain_answer():
@@ -97,7 +97,7 @@ def test_label_outside_the_set(label):
     "\tFinal Answer: Fr\t",
 ])
 def test_whitespace_and_case_are_tolerated(line):
-    assert parse(f"ok</think>\n{line}\n\n", expects_reasoning=True).label == "fr"
+    assert parse(f"ok</think>\n{line}\n\n", expects_reasoning=True).answer == "fr"
 
 
 @pytest.mark.parametrize("final", [
@@ -111,7 +111,7 @@ def test_whitespace_and_case_are_tolerated(line):
 ])
 def test_anything_but_a_clean_last_answer_line_fails(final):
     parsed = parse(f"reasoning</think>\n\n{final}", expects_reasoning=True)
-    assert parsed.label is None
+    assert parsed.answer is None
     assert parsed.reason in ("no_answer_line", "label_not_in_set")
 
 
@@ -132,7 +132,7 @@ def test_trailing_punctuation_makes_the_label_unknown():
 ])
 def test_empty_outputs(output, expects, reason):
     parsed = parse(output, expects_reasoning=expects)
-    assert parsed.label is None and parsed.reason == reason
+    assert parsed.answer is None and parsed.reason == reason
 
 
 # ---- constrained (structured outputs over the label set) -----------------------------------------------------
@@ -141,7 +141,7 @@ def test_empty_outputs(output, expects, reason):
 @pytest.mark.parametrize("output, label", [("fr", "fr"), ("ot", "ot"), (" ZH\n", "zh"),
                                            ("thinking about it</think>\n\nur", "ur")])
 def test_constrained_bare_label(output, label):
-    assert parse(output, expects_reasoning="</think>" in output, constrained=True).label == label
+    assert parse(output, expects_reasoning="</think>" in output, constrained=True).answer == label
 
 
 @pytest.mark.parametrize("output, reason", [
@@ -152,7 +152,7 @@ def test_constrained_bare_label(output, label):
 ])
 def test_constrained_rejects_anything_but_a_label(output, reason):
     parsed = parse(output, constrained=True)
-    assert parsed.label is None and parsed.reason == reason
+    assert parsed.answer is None and parsed.reason == reason
 
 
 def test_constrained_reasoning_still_must_close():
@@ -170,7 +170,7 @@ def test_split_reasoning():
 
 def test_answer_format_with_a_tail_from_another_prompt():
     prompt = TaskPrompt("x.md", "prompt", ("pos", "neg"), "<answer>{label}</answer>", "{query}")
-    assert parse_teacher("Because.\n<answer> POS </answer>", prompt).label == "pos"
+    assert parse_teacher("Because.\n<answer> POS </answer>", prompt).answer == "pos"
     assert parse_teacher("<answer>pos</answer> thanks", prompt).reason == "no_answer_line"
     assert parse_teacher("<answer>neutral</answer>", prompt).reason == "label_not_in_set"
 

@@ -1,6 +1,8 @@
 """Stage 1 (create_data.py) and its 8-GPU launcher, end to end on the tiny random Qwen3 through vLLM's CPU build.
 
-vLLM starts cost ~20 s each on a 2-core box, so the slow tests share runs through module-scoped fixtures.
+vLLM starts cost ~20 s each on a 2-core box, so the slow tests share runs through module-scoped fixtures, and stage
+runs whose process is not the point run in this process (run_main) on engines shared across the session; the kills,
+the resume after them and the launcher run real processes.
 The tiny model's ~1k-token tokenizer spends ~3.7k tokens on the long prompt, so every run here uses
 --max-model-len 4096 (its max_position_embeddings); at 1024 every query would be rejected as too_long.
 """
@@ -18,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-import create_data
-from distill import shards
+from distill import shards, stage1
 from distill.prompts import load_prompt
-from distill.records import RunRecord, text_id
-from tests.conftest import CLI_ENV, EXAMPLE_DATA, REPO, run_cli
+from distill.records import InputError, RunRecord, output_paths, text_id
+from distill.run_files import RunFiles
+from tests.conftest import CLI_ENV, EXAMPLE_DATA, REPO, run_cli, run_main
 
 MAX_LEN = ["--max-model-len", "4096"]
 LABELS = set(load_prompt().labels)
@@ -58,7 +60,7 @@ def complete_rows(path: Path) -> list[dict]:
 
 
 def paths(output: Path) -> tuple[Path, Path, Path]:
-    return create_data.output_paths(str(output))
+    return output_paths(str(output))
 
 
 def ids_once(output: Path) -> Counter:
@@ -74,7 +76,7 @@ def run_record(output: Path) -> dict:
 
 
 def test_output_paths():
-    out, rejects, record = create_data.output_paths("data/run/teacher.jsonl")
+    out, rejects, record = output_paths("data/run/teacher.jsonl")
     assert (str(out), str(rejects), str(record)) == ("data/run/teacher.jsonl", "data/run/teacher.rejects.jsonl",
                                                      "data/run/teacher.run.json")
 
@@ -85,19 +87,28 @@ def _settings(**changes):
             "frequency_penalty": 0.0, "max_tokens": 8192, "save_logprobs": None, **changes}
 
 
+def run_files(output: Path, sidecar: bool = False) -> RunFiles:
+    return RunFiles(str(output), RunRecord("create_data", {}), stage1.RESUME_KEYS, sidecar)
+
+
+def resumed_ids(files: RunFiles, settings: dict, overwrite: bool = False) -> set[str]:
+    return {row["id"] for part in files.resume(settings, overwrite) for row in part}
+
+
 def test_resume_state_unit(tmp_path):
+    files = run_files(tmp_path / "t.jsonl")
     out, rejects, record = paths(tmp_path / "t.jsonl")
-    assert create_data.resume_state(out, rejects, record, _settings(), overwrite=False) == set()
+    assert resumed_ids(files, _settings()) == set()
     out.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "mess', encoding="utf-8")
     rejects.write_text('{"id": "d", "reason": "too_long"}\n', encoding="utf-8")
     RunRecord("create_data", {}).finish(record, status="running", settings=_settings())
-    assert create_data.resume_state(out, rejects, record, _settings(), overwrite=False) == {"a", "b", "d"}
+    assert resumed_ids(files, _settings()) == {"a", "b", "d"}
     assert out.read_text() == '{"id": "a"}\n{"id": "b"}\n'  # the torn line is cut
     for change in ({"temperature": 0.7}, {"top_k": 40}, {"model": "other"}, {"prompt_sha256": "def"},
                    {"constrain_labels": False}):
-        with pytest.raises(create_data.InputError, match=f"{next(iter(change))}.*--overwrite"):
-            create_data.resume_state(out, rejects, record, _settings(**change), overwrite=False)
-    assert create_data.resume_state(out, rejects, record, _settings(temperature=0.7), overwrite=True) == set()
+        with pytest.raises(InputError, match=f"{next(iter(change))}.*--overwrite"):
+            resumed_ids(files, _settings(**change))
+    assert resumed_ids(files, _settings(temperature=0.7), overwrite=True) == set()
     assert not out.exists() and not rejects.exists() and not record.exists()
 
 
@@ -113,9 +124,9 @@ def _shard_files(tmp_path, rows, count, settings=None):
 
 
 def _merge(tmp_path, pattern, rows, settings=None):
-    out, rejects, record = paths(tmp_path / "merged.jsonl")
-    create_data.merge_shards(pattern, rows, out, rejects, record, RunRecord("create_data", {}), settings or _settings())
-    return out, rejects, record
+    settings = settings or _settings()
+    run_files(tmp_path / "merged.jsonl", sidecar=bool(settings["save_logprobs"])).merge(pattern, rows, settings)
+    return paths(tmp_path / "merged.jsonl")
 
 
 def test_merge_shards_unit(tmp_path, capsys):
@@ -131,14 +142,13 @@ def test_merge_shards_unit(tmp_path, capsys):
     assert saved["generation_seconds"] == 3.5 and len(saved["merged_from"]) == 3
     # the merged record keeps the settings: the same command run on the merged output resumes with nothing to do
     assert saved["settings"] == _settings()
-    done = create_data.resume_state(out, rejects, record, _settings(), overwrite=False)
-    assert done == {row["id"] for row in rows}
+    assert resumed_ids(run_files(out), _settings()) == {row["id"] for row in rows}
 
 
 def test_merge_refuses_shards_made_with_other_settings(tmp_path):
     rows = [{"id": f"r{i}", "text": f"t{i}"} for i in range(10)]
     pattern = _shard_files(tmp_path, rows, 2, settings=_settings(temperature=0.15))
-    with pytest.raises(SystemExit) as exit_:
+    with pytest.raises(InputError) as exit_:
         _merge(tmp_path, pattern, rows)
     assert "shard-0-of-2.jsonl was made with other settings (temperature)" in str(exit_.value)
     assert not paths(tmp_path / "merged.jsonl")[0].exists()
@@ -158,7 +168,7 @@ def test_merge_shards_unit_detects_bad_coverage(tmp_path, damage, message):
         shard1.write_text("".join(lines[1:]))
     else:
         shard1.write_text("".join(lines) + json.dumps({"id": "stranger"}) + "\n")
-    with pytest.raises(SystemExit) as exit_:
+    with pytest.raises(InputError) as exit_:
         _merge(tmp_path, pattern, rows)
     out, rejects, record = paths(tmp_path / "merged.jsonl")
     assert message in str(exit_.value)
@@ -186,18 +196,14 @@ def _bad_duplicate_id(tmp_path):
     return path, 3
 
 
-@pytest.mark.parametrize("make_bad", [
-    _bad_malformed,
-    pytest.param(_bad_utf8, marks=pytest.mark.slow),
-    pytest.param(_bad_duplicate_id, marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize("make_bad", [_bad_malformed, _bad_utf8, _bad_duplicate_id])
 def test_bad_input_fails_before_model_load(tmp_path, make_bad):
     path, line = make_bad(tmp_path)
     output = tmp_path / "never" / "teacher.jsonl"
     started = time.monotonic()
     # A model that does not exist: had the script tried to load it, the error would name the model, not the input.
-    result = run_cli("create_data.py", "--input_file", path, "--output_file", output,
-                     "--model_name", tmp_path / "no-such-model", *MAX_LEN, check=False, timeout=180)
+    result = run_main("create_data.py", "--input_file", path, "--output_file", output,
+                      "--model_name", tmp_path / "no-such-model", *MAX_LEN, check=False)
     assert result.returncode != 0
     assert f"{path}:{line}:" in result.stderr, result.stderr[-2000:]
     assert "no-such-model" not in result.stderr and "Traceback" not in result.stderr
@@ -208,45 +214,41 @@ def test_bad_input_fails_before_model_load(tmp_path, make_bad):
 # ---- --max_samples: a sample that training can use (no engine: the teacher is a stand-in) ----------------------
 
 
-def gold_label(args, teacher, todo, selected, settings, model_defaults, out, rejects_path):
-    """create_data.label's stand-in: every query answered with its gold label, as a finished run writes it."""
+def gold_answers(args, teacher, todo, selected, settings, files):
+    """stage1.answer_queries' stand-in: every query answered with its gold label, as a finished run writes it."""
     from distill.teacher import StreamStats
 
-    with open(out, "a", encoding="utf-8") as handle:
-        for row in todo:
-            handle.write(json.dumps({"id": row["id"], "messages": [{"role": "user", "content": row["text"]},
-                                                                   {"role": "assistant", "content": row["label"]}],
-                                     **create_data.carried(row)}) + "\n")
-    rejects_path.touch()
+    with files.appender() as append:
+        append([{"row": {"id": row["id"], "messages": [{"role": "user", "content": row["text"]},
+                                                       {"role": "assistant", "content": row["label"]}],
+                         **stage1.carried(row)}} for row in todo])
     stats = StreamStats()
-    stats.labelled = len(todo)
+    stats.answered = len(todo)
     return stats.summary(), None
 
 
 @pytest.mark.parametrize("split_flags, side, trainable", [([], "train", 8), (["--split", "all"], "heldout", 0)])
-def test_max_samples_without_split_takes_train_rows(tiny_model, tmp_path, monkeypatch, capsys, split_flags, side,
-                                                    trainable):
+def test_max_samples_without_split_takes_train_rows(tiny_model, tmp_path, monkeypatch, split_flags, side, trainable):
     """The first 16 rows of the example data are held out: `--max_samples 8` alone must not take them, and the
     summary and run record say how many selected rows training can use."""
     from distill.splits import split_of
 
-    monkeypatch.setattr(create_data, "label", gold_label)
+    monkeypatch.setattr(stage1, "answer_queries", gold_answers)
     output = tmp_path / "teacher.jsonl"
-    create_data.main(["--input_file", str(EXAMPLE_DATA), "--output_file", str(output), "--model_name",
-                      str(tiny_model), "--max_samples", "8", *split_flags, *MAX_LEN])
+    printed = run_main("create_data.py", "--input_file", EXAMPLE_DATA, "--output_file", output, "--model_name",
+                       tiny_model, "--max_samples", "8", *split_flags, *MAX_LEN).stdout
     rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 8 and {split_of(row) for row in rows} == {side}
-    counts = json.loads(create_data.output_paths(str(output))[2].read_text())["counts"]
+    counts = json.loads(output_paths(str(output))[2].read_text())["counts"]
     assert counts["selected"] == 8 and counts["selected_train_side"] == counts["written_train_side"] == trainable
-    printed = capsys.readouterr().out
     assert f"--split {side if side == 'train' else 'all'}, {trainable} of them on the train side" in printed
     assert f"training can use {trainable} of the 8 written rows" in printed
 
 
 def test_an_empty_selection_fails_before_the_model_loads(tmp_path):
     path = example_subset(tmp_path / "train_side.jsonl", 10, start=16)  # rows 16-25: all on the train side
-    result = run_cli("create_data.py", "--input_file", path, "--output_file", tmp_path / "out.jsonl", "--split",
-                     "heldout", "--model_name", tmp_path / "no-such-model", check=False, timeout=180)
+    result = run_main("create_data.py", "--input_file", path, "--output_file", tmp_path / "out.jsonl", "--split",
+                      "heldout", "--model_name", tmp_path / "no-such-model", check=False)
     assert result.returncode == 1 and "no queries of" in result.stderr and "on the heldout side" in result.stderr
     assert "no-such-model" not in result.stderr
 
@@ -271,11 +273,11 @@ def input50(work) -> Path:
 
 
 @pytest.fixture(scope="module")
-def single_run(tiny_model, work, input50):
+def single_run(tiny_model, work, input50, shared_engines):
     output = work / "single" / "teacher.jsonl"
     command = ["create_data.py", "--input_file", input50, "--output_file", output, "--model_name", tiny_model,
                "--constrain_labels", *MAX_LEN]
-    result = run_cli(*command)
+    result = run_main(*command)
     return output, command, result
 
 
@@ -319,7 +321,7 @@ def test_rerun_of_finished_command_does_nothing(single_run):
     output, command, _ = single_run
     out, rejects, _ = paths(output)
     before = out.read_bytes(), rejects.read_bytes()
-    result = run_cli(*command)
+    result = run_main(*command)
     assert "50 done by an earlier run, 0 to go" in result.stdout
     assert (out.read_bytes(), rejects.read_bytes()) == before
     counts = run_record(output)["counts"]
@@ -333,14 +335,14 @@ SHORT_TEXTS = ["Hello there, how are you?", "Wie spät ist es?", "¿Dónde está
 
 
 @pytest.fixture(scope="module")
-def txt_run(tiny_model, work):
+def txt_run(tiny_model, work, shared_engines):
     path = work / "queries.txt"
     lines = [SHORT_TEXTS[0], LONG_TEXT, "", *SHORT_TEXTS[1:], "   ", SHORT_TEXTS[2]]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     output = work / "txt" / "teacher.jsonl"
     command = ["create_data.py", "--input_file", path, "--output_file", output, "--model_name", tiny_model,
                "--constrain_labels", *MAX_LEN]
-    return output, command, run_cli(*command)
+    return output, command, run_main(*command)
 
 
 @pytest.mark.slow
@@ -374,12 +376,12 @@ def test_resume_with_other_settings_refuses_then_overwrite_starts_over(txt_run, 
     out.write_text(out.read_text(encoding="utf-8") + json.dumps({"id": "marker-from-old-run"}) + "\n")
     before = out.read_bytes(), rejects.read_bytes(), record.read_bytes()
 
-    refused = run_cli(*command, "--temperature", "0.7", check=False, timeout=180)
+    refused = run_main(*command, "--temperature", "0.7", check=False)
     assert refused.returncode != 0
     assert "temperature" in refused.stderr and "--overwrite" in refused.stderr
     assert (out.read_bytes(), rejects.read_bytes(), record.read_bytes()) == before
 
-    run_cli(*command, "--temperature", "0.7", "--overwrite")
+    run_main(*command, "--temperature", "0.7", "--overwrite")
     ids = ids_once(copy)
     assert "marker-from-old-run" not in ids
     assert len(ids) == 6 and max(ids.values()) == 1
@@ -557,8 +559,8 @@ def test_launcher_matches_single_run(single_run, tiny_model, work, input50):
         assert row["teacher"]["label"] in LABELS
 
     # the merged record keeps the settings: the same command on the merged output resumes and has nothing to do
-    rerun = run_cli("create_data.py", "--input_file", input50, "--model_name", tiny_model, "--output_file", output,
-                    "--constrain_labels", *MAX_LEN, timeout=180)
+    rerun = run_main("create_data.py", "--input_file", input50, "--model_name", tiny_model, "--output_file", output,
+                     "--constrain_labels", *MAX_LEN)
     assert "50 done by an earlier run, 0 to go" in rerun.stdout
 
     # the merge on its own notices a row that went missing from a shard
@@ -566,9 +568,9 @@ def test_launcher_matches_single_run(single_run, tiny_model, work, input50):
     lines = shard1.read_text(encoding="utf-8").splitlines(keepends=True)
     lost = json.loads(lines[0])["id"]
     shard1.write_text("".join(lines[1:]), encoding="utf-8")
-    merge = run_cli("create_data.py", "--input_file", input50, "--model_name", tiny_model, "--constrain_labels",
-                    "--output_file", work / "launcher" / "remerged.jsonl",
-                    "--merge_shards", f"{shard_dir}/shard-*-of-2.jsonl", check=False, timeout=180)
+    merge = run_main("create_data.py", "--input_file", input50, "--model_name", tiny_model, "--constrain_labels",
+                     "--output_file", work / "launcher" / "remerged.jsonl",
+                     "--merge_shards", f"{shard_dir}/shard-*-of-2.jsonl", check=False)
     assert merge.returncode != 0
     assert "1 ids are missing" in merge.stderr and lost in merge.stderr
     assert not (work / "launcher" / "remerged.jsonl").exists()
@@ -614,45 +616,38 @@ def test_launcher_fails_when_one_instance_fails(tmp_path):
 
 # ---- slow: the embedded model answers a chat through vLLM ------------------------------------------------------
 
-CHAT = """
-import json, sys
-from distill import engine
-engine.configure_env()
-from vllm.utils.argparse_utils import FlexibleArgumentParser
-args = engine.add_engine_args(FlexibleArgumentParser()).parse_args(["--model", sys.argv[1], "--max-model-len", "512"])
-assert args.enable_prefix_caching and args.seed == 0
-if not engine.on_gpu():  # the CPU defaults: no torch.compile warm-up, fp32
-    assert args.enforce_eager and args.dtype == "float32", vars(args)
-from vllm import SamplingParams
-llm = engine.build_llm(args)
-out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-               SamplingParams(max_tokens=16, temperature=0))
-print("ANSWER=" + json.dumps(out[0].outputs[0].text))
-"""
-
 
 @pytest.mark.slow
-def test_embedded_model_answers_a_chat():
+def test_embedded_model_answers_a_chat(shared_engines):
     if not (SMOLLM2 / "config.json").is_file():
         pytest.skip(f"{SMOLLM2} is absent (make setup builds it)")
-    result = run_cli(sys.executable, "-c", CHAT, SMOLLM2, timeout=300)
-    answers = [line for line in result.stdout.splitlines() if line.startswith("ANSWER=")]
-    assert answers, result.stdout[-2000:]
-    answer = json.loads(answers[0].removeprefix("ANSWER="))
+    from vllm import SamplingParams
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from distill import engine
+
+    args = engine.add_engine_args(FlexibleArgumentParser()).parse_args(["--model", str(SMOLLM2), *MAX_LEN])
+    assert args.enable_prefix_caching and args.seed == 0
+    if not engine.on_gpu():  # the CPU defaults: no torch.compile warm-up, fp32
+        assert args.enforce_eager and args.dtype == "float32", vars(args)
+    llm = engine.build_llm(args)
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)
+    answer = out[0].outputs[0].text
     assert answer.strip()
     assert "paris" in answer.lower()
 
 
 @pytest.mark.slow
-def test_embedded_model_free_form_50_queries_all_accounted_for(tmp_path):
+def test_embedded_model_free_form_50_queries_all_accounted_for(tmp_path, shared_engines):
     """The issue's check on the real embedded model, free-form (no label constraint), where rejects really happen:
     every query ends in the output or the rejects file, and the run record's counts agree with both."""
     if not (SMOLLM2 / "config.json").is_file():
         pytest.skip(f"{SMOLLM2} is absent (make setup builds it)")
     source = example_subset(tmp_path / "in50.jsonl", 50)
     output = tmp_path / "teacher.jsonl"
-    run_cli("create_data.py", "--input_file", source, "--output_file", output, "--model_name", SMOLLM2,
-            "--max_tokens", 24, "--max_retries", 1, "--save_raw", "--max-model-len", 4096, timeout=600)
+    run_main("create_data.py", "--input_file", source, "--output_file", output, "--model_name", SMOLLM2,
+             "--max_tokens", 24, "--max_retries", 1, "--save_raw", "--max-model-len", 4096)
     out, rejects, _ = paths(output)
     written, rejected = complete_rows(out), complete_rows(rejects)
     assert sorted(row["id"] for row in written + rejected) == sorted(input_ids(source))

@@ -12,9 +12,10 @@ import pytest
 
 from distill.dedup import NearDuplicateIndex, normalise
 from distill.prompts import load_prompt
-from distill.records import read_jsonl
+from distill.records import RunRecord, read_jsonl
+from distill.run_files import RunFiles
 from distill.synthesis import Plan, QueryWriter, parse_query, query_id, spread, synthesise
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_main
 
 FRENCH = REPO / "prompts" / "answer_in_french.md"
 
@@ -68,7 +69,7 @@ def test_no_human_written_question_is_a_near_duplicate_of_another_at_the_default
 ])
 def test_the_first_message_line_is_the_query(output, query):
     parsed = parse_query(output, "stop")
-    assert (parsed.label, parsed.reason) == (query, "ok")
+    assert (parsed.answer, parsed.reason) == (query, "ok")
 
 
 @pytest.mark.parametrize("output, finish_reason, reason", [
@@ -81,11 +82,11 @@ def test_the_first_message_line_is_the_query(output, query):
 ])
 def test_outputs_that_are_not_one_query_are_rejected_with_a_reason(output, finish_reason, reason):
     parsed = parse_query(output, finish_reason, min_chars=8, max_chars=300)
-    assert (parsed.label, parsed.reason) == (None, reason)
+    assert (parsed.answer, parsed.reason) == (None, reason)
 
 
 def test_a_complete_first_line_survives_a_cut_later_in_the_output():
-    assert parse_query("What is a comet?\nAnd another one about", "length").label == "What is a comet?"
+    assert parse_query("What is a comet?\nAnd another one about", "length").answer == "What is a comet?"
 
 
 # ---- the plan and the loop, against a fake engine -----------------------------------------------------------------
@@ -134,12 +135,11 @@ def run_loop(outputs, plan, tmp_path, max_attempts=100, seed=0):
 
     writer = QueryWriter(WordTokenizer(), load_prompt(FRENCH), max_model_len=100_000)
     index = NearDuplicateIndex()
-    out, rejects = tmp_path / "queries.jsonl", tmp_path / "queries.rejects.jsonl"
-    with open(out, "a") as out_file, open(rejects, "a") as rejects_file:
+    files = RunFiles(str(tmp_path / "queries.jsonl"), RunRecord("create_queries", {}), ())
+    with files.appender() as append:
         counts = synthesise(ScriptedEngine(outputs, seed), writer, plan, index, SamplingParams(max_tokens=16),
-                            out_file, rejects_file, origin={"model": "m"}, max_attempts=max_attempts,
-                            max_in_flight=3)
-    return counts, read_jsonl(out), read_jsonl(rejects)
+                            append, origin={"model": "m"}, max_attempts=max_attempts, max_in_flight=3)
+    return counts, files.written(), files.rejected()
 
 
 def test_spread_is_even_and_sums_to_the_total():
@@ -204,8 +204,8 @@ def paths(output):
 ])
 def test_bad_input_fails_before_the_engine_starts(tmp_path, tiny_model, flags, message):
     started = time.monotonic()
-    result = run_cli("create_queries.py", *flags, "--output_file", tmp_path / "q.jsonl", "--model_name", tiny_model,
-                     check=False)
+    result = run_main("create_queries.py", *flags, "--output_file", tmp_path / "q.jsonl", "--model_name", tiny_model,
+                      check=False)
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "q.jsonl").exists()  # nothing written: it stopped before the run began
     assert time.monotonic() - started < 60
@@ -214,13 +214,13 @@ def test_bad_input_fails_before_the_engine_starts(tmp_path, tiny_model, flags, m
 def test_a_seed_file_with_a_bad_line_names_it(tmp_path, tiny_model):
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text('{"text": "Why is the sky blue?"}\n{"text": broken\n', encoding="utf-8")
-    result = run_cli("create_queries.py", "--prompt_file", FRENCH, "--num_queries", "3", "--seed_examples", seeds,
-                     "--output_file", tmp_path / "q.jsonl", "--model_name", tiny_model, check=False)
+    result = run_main("create_queries.py", "--prompt_file", FRENCH, "--num_queries", "3", "--seed_examples", seeds,
+                      "--output_file", tmp_path / "q.jsonl", "--model_name", tiny_model, check=False)
     assert result.returncode != 0 and f"{seeds}:2: malformed JSON" in result.stderr
 
 
 @pytest.mark.slow
-def test_cli_writes_queries_with_provenance_then_resumes_to_a_larger_n(tmp_path, tiny_model):
+def test_cli_writes_queries_with_provenance_then_resumes_to_a_larger_n(tmp_path, tiny_model, shared_engines):
     output = tmp_path / "out" / "queries.jsonl"
     out, rejects, record = paths(output)
     # random weights write gibberish that rarely ends: one constrained line of at most 20 characters ends it
@@ -228,7 +228,7 @@ def test_cli_writes_queries_with_provenance_then_resumes_to_a_larger_n(tmp_path,
                "--topics", "space", "cooking", "--max_tokens", "40", "--min_chars", "1", "--max_chars", "20",
                "--constrain_one_line",
                "--max-model-len", "4096", "--temperature", "1.0"]
-    run_cli(*command, "--num_queries", "4")
+    run_main(*command, "--num_queries", "4")
     first = read_jsonl(out)
     run_record = json.loads(record.read_text())
     assert run_record["status"] == "finished" and len(first) == 4
@@ -241,7 +241,7 @@ def test_cli_writes_queries_with_provenance_then_resumes_to_a_larger_n(tmp_path,
     assert counts["by_reason_this_run"]["kept"] == 4
     assert sum(counts["by_reason_this_run"].values()) == counts["requests_this_run"] == 4 + counts["rejected_total"]
 
-    result = run_cli(*command, "--num_queries", "8")
+    result = run_main(*command, "--num_queries", "8")
     assert "4 kept by an earlier run, 4 to go" in result.stdout
     kept, rejected = read_jsonl(out), (read_jsonl(rejects) if rejects.exists() else [])
     assert kept[:4] == first and len(kept) == 8 and len({row["id"] for row in kept}) == 8
@@ -255,7 +255,7 @@ def test_cli_writes_queries_with_provenance_then_resumes_to_a_larger_n(tmp_path,
     assert len(requests) == len(set(requests))
 
     # the same command again has nothing to do and starts no engine
-    result = run_cli(*command, "--num_queries", "8")
+    result = run_main(*command, "--num_queries", "8")
     assert "0 to go" in result.stdout and read_jsonl(out) == kept
 
 

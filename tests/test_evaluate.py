@@ -1,14 +1,14 @@
 """Stage 3 (evaluate.py) through the real vLLM on the tiny model: the results JSON and heatmap, the held-out rows,
-the teacher-with-prompt run and the cost ratio. Three vLLM starts in all, shared by the tests through module
-fixtures: the student against a teacher file that is wrong on every third row, the base model with the prompt,
-the student against that run."""
+the teacher-with-prompt run and the cost ratio. Three evaluations, in this process (run_main), shared by the tests
+through module fixtures: the session's trained adapter against a teacher file that is wrong on every third row, the
+base model with the prompt (on the engine stage 1's tests use too), the student against that run."""
 
 import hashlib
 import json
 
 import pytest
 
-from tests.conftest import EXAMPLE_DATA, run_cli, write_teacher_file
+from tests.conftest import EXAMPLE_DATA, run_main, write_teacher_file
 
 IM_END = "<|im_end|>"
 
@@ -16,11 +16,6 @@ IM_END = "<|im_end|>"
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("evaluate")
-
-
-@pytest.fixture(scope="module")
-def teacher_jsonl(workdir, example_rows):
-    return write_teacher_file(workdir / "teacher.jsonl", example_rows)
 
 
 def wrong_label(label: str) -> str:
@@ -42,21 +37,18 @@ def noisy_teacher_jsonl(workdir, example_rows):
 
 
 @pytest.fixture(scope="module")
-def adapter(tiny_model, teacher_jsonl, workdir):
-    out = workdir / "student"
-    run_cli("train_sft_trl.py", "--config", "recipes/cpu.yaml", "--model_name_or_path", tiny_model,
-            "--dataset_name", teacher_jsonl, "--output_dir", out, "--report_to", "none", "--max_steps", 3)
-    return out
+def adapter(trained_run):
+    """The session's adapter: 2 steps of recipes/cpu.yaml on the gold labels (tests/conftest.py)."""
+    return trained_run["dir"]
 
 
 def evaluate(*args):
-    result = run_cli("evaluate.py", "--test_file", EXAMPLE_DATA.relative_to(EXAMPLE_DATA.parents[1]),
-                     "--latency_requests", 2, "--quiet", *args)
-    return result
+    return run_main("evaluate.py", "--test_file", EXAMPLE_DATA.relative_to(EXAMPLE_DATA.parents[1]),
+                    "--latency_requests", 2, "--quiet", *args)
 
 
 @pytest.fixture(scope="module")
-def student_eval(adapter, noisy_teacher_jsonl, workdir):
+def student_eval(adapter, noisy_teacher_jsonl, workdir, shared_engines):
     # no --max-model-len: evaluate.py sizes the context from the prompts
     output = workdir / "eval" / "eval.json"
     result = evaluate("--model_path", adapter, "--teacher_file", noisy_teacher_jsonl, "--output_file", output)
@@ -64,7 +56,7 @@ def student_eval(adapter, noisy_teacher_jsonl, workdir):
 
 
 @pytest.fixture(scope="module")
-def teacher_eval(tiny_model, workdir):
+def teacher_eval(tiny_model, workdir, shared_engines):
     # the prompt is ~3.7k tokens in the tiny 1k-token vocabulary: the context must hold it
     output = workdir / "eval" / "teacher_with_prompt.json"
     evaluate("--model_path", tiny_model, "--with_prompt", "--constrain_labels", "--max-model-len", 4096,
@@ -168,7 +160,7 @@ def test_merged_model_is_base_plus_adapter(student_eval, adapter, tiny_model):
     assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])  # not a LoRA target
     changed = [key for key in base if "proj" in key and not torch.equal(merged[key], base[key])]
     assert changed, "merging a trained adapter changes the LoRA-targeted weights"
-    assert all(torch.allclose(merged[key], base[key], atol=0.1) for key in changed)  # 3 small steps, not a new model
+    assert all(torch.allclose(merged[key], base[key], atol=0.1) for key in changed)  # 2 small steps, not a new model
 
 
 @pytest.mark.slow
@@ -244,5 +236,5 @@ def test_student_vs_teacher_cost_ratio(student_vs_teacher, teacher_eval):
 
 
 def test_constrain_labels_needs_with_prompt(tmp_path):
-    result = run_cli("evaluate.py", "--model_path", tmp_path, "--constrain_labels", check=False)
+    result = run_main("evaluate.py", "--model_path", tmp_path, "--constrain_labels", check=False)
     assert result.returncode != 0 and "--constrain_labels applies to --with_prompt" in result.stderr

@@ -4,17 +4,19 @@ rejected with every raw output), pass-rate and chrF scoring on known answers, fl
 and (slow) stage 1 -> stage 2 -> stage 3 on the tiny model."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from vllm import SamplingParams
 
 import create_data
+from distill import stage1
 from distill.answers import parse_generative
 from distill.metrics import judge_answers, score_generative, sentence_chrf
 from distill.prompts import load_prompt
-from distill.records import read_jsonl
+from distill.records import output_paths, read_jsonl
 from distill.teacher import Teacher, stream
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_main
 from tests.test_serving import stop_at_the_engine
 from tests.test_teacher_stream import IndexTokenizer, ScramblingEngine
 
@@ -36,13 +38,13 @@ def generative_prompt(tmp_path):
 
 def test_the_answer_is_the_whole_text_after_the_reasoning():
     parsed = parse_generative("<think>French, short.</think>\n\n  Le ciel est bleu.\nVoilà.  ", "stop")
-    assert (parsed.label, parsed.reason, parsed.reasoning_chars) == ("Le ciel est bleu.\nVoilà.", "ok", 14)
-    assert parse_generative(" Bonjour ", "stop").label == "Bonjour"  # no reasoning at all: the whole text
+    assert (parsed.answer, parsed.reason, parsed.reasoning_chars) == ("Le ciel est bleu.\nVoilà.", "ok", 14)
+    assert parse_generative(" Bonjour ", "stop").answer == "Bonjour"  # no reasoning at all: the whole text
 
 
 def test_a_thinking_template_output_holds_only_the_closing_tag():
     parsed = parse_generative("let me think\n</think>\nOui.", "stop", expects_reasoning=True)
-    assert (parsed.label, parsed.reasoning_chars) == ("Oui.", len("let me think\n"))
+    assert (parsed.answer, parsed.reasoning_chars) == ("Oui.", len("let me think\n"))
 
 
 @pytest.mark.parametrize("output, finish_reason, expects_reasoning, reason", [
@@ -56,12 +58,12 @@ def test_a_thinking_template_output_holds_only_the_closing_tag():
 def test_outputs_that_break_the_contract_are_refused_with_the_reason(output, finish_reason, expects_reasoning,
                                                                        reason):
     parsed = parse_generative(output, finish_reason, expects_reasoning)
-    assert (parsed.label, parsed.reason) == (None, reason)
+    assert (parsed.answer, parsed.reason) == (None, reason)
 
 
 def test_the_label_path_ignores_the_finish_reason():
     teacher = Teacher(IndexTokenizer(), load_prompt(), 4096)
-    assert teacher.parse("Final Answer: fr", "length").label == "fr"
+    assert teacher.parse("Final Answer: fr", "length").answer == "fr"
 
 
 # ---- the stream, through the fake engine ------------------------------------------------------------------------
@@ -97,11 +99,11 @@ def test_a_cut_answer_is_redrawn_then_rejected_with_every_raw_output(generative_
     by_id = {answer.row["id"]: answer for answer in answers}
     assert sorted(by_id) == ["r0", "r1", "r2", "r3"]
     assert [event[2] for event in engine.log if event[0] == "add" and event[1] == 0] == [0, 1, 2]  # 1 + 2 redraws
-    rejected = create_data.rejected_row(by_id["r0"])
+    rejected = stage1.rejected_row(by_id["r0"])
     assert rejected["reason"] == "cut_at_max_tokens" and rejected["group"] == "g"
     assert [failure["raw"] for failure in rejected["failures"]] == ["answer 0.0", "answer 0.1", "answer 0.2"]
     assert {failure["finish_reason"] for failure in rejected["failures"]} == {"length"}
-    assert by_id["r1"].label == "answer 1.1" and [s.text for s in by_id["r1"].failures] == ["answer 1.0"]
+    assert by_id["r1"].answer == "answer 1.1" and [s.text for s in by_id["r1"].failures] == ["answer 1.0"]
 
 
 def test_a_generative_row_carries_the_whole_answer(generative_prompt):
@@ -110,9 +112,9 @@ def test_a_generative_row_carries_the_whole_answer(generative_prompt):
     (answer,) = stream(engine, generative_teacher(generative_prompt), ROWS[:1], SamplingParams(max_tokens=8),
                        num_samples=3)
     # three valid samples, all different: the first valid one is the answer, not a vote
-    assert len(answer.samples) == 3 and answer.label == answer.samples[0].parsed.label
-    row = create_data.labelled_row(answer, save_raw=True)
-    first = answer.samples[0].parsed.label
+    assert len(answer.samples) == 3 and answer.answer == answer.samples[0].parsed.answer
+    row = stage1.answer_row(answer, save_raw=True)
+    first = answer.samples[0].parsed.answer
     assert row["messages"] == [{"role": "user", "content": "text 0"}, {"role": "assistant", "content": first}]
     assert first.startswith("Line one.\nLine two ")
     assert row["teacher"]["answer_chars"] == len(first) and "label" not in row["teacher"]
@@ -178,7 +180,7 @@ def test_teacher_answers_from_a_generative_results_json(tmp_path):
     path = tmp_path / "teacher.json"
     path.write_text(json.dumps(results))
     # b's teacher output broke the contract: no reference to compare with
-    assert evaluate.load_teacher_labels(str(path)) == ({"a": "Oui."}, {"input_tokens_per_request": 900.0})
+    assert evaluate.load_teacher_answers(str(path)) == ({"a": "Oui."}, {"input_tokens_per_request": 900.0})
 
 
 # ---- flags checked before any model loads -----------------------------------------------------------------------
@@ -245,7 +247,7 @@ def pick_rows(groups: dict[str, int]) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_generative_stages_one_two_three(tiny_model, generative_prompt, tmp_path):
+def test_generative_stages_one_two_three(tiny_model, generative_prompt, tmp_path, shared_engines):
     from transformers import AutoTokenizer
 
     from distill.splits import select
@@ -258,11 +260,11 @@ def test_generative_stages_one_two_three(tiny_model, generative_prompt, tmp_path
     queries.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
     # stage 1: answers cut at 6 tokens or empty go to rejects (no redraws, so some do)
-    stage1 = tmp_path / "teacher.jsonl"
-    run_cli("create_data.py", "--input_file", queries, "--output_file", stage1, "--model_name", model,
-            "--prompt_file", generative_prompt, "--max_tokens", 6, "--max_retries", 0, "--temperature", 1.0,
-            "--save_raw", "--max-model-len", 1024)
-    out, rejects_path, record_path = create_data.output_paths(str(stage1))
+    stage1_file = tmp_path / "teacher.jsonl"
+    run_main("create_data.py", "--input_file", queries, "--output_file", stage1_file, "--model_name", model,
+             "--prompt_file", generative_prompt, "--max_tokens", 6, "--max_retries", 0, "--temperature", 1.0,
+             "--save_raw", "--max-model-len", 1024)
+    out, rejects_path, record_path = output_paths(str(stage1_file))
     written, rejected = read_jsonl(out), read_jsonl(rejects_path)
     ids = [row["id"] for row in written + rejected]
     assert sorted(ids) == sorted(row["id"] for row in rows)  # every input id exactly once
@@ -286,16 +288,16 @@ def test_generative_stages_one_two_three(tiny_model, generative_prompt, tmp_path
     answer_ids = [i for i, keep in zip(encoded["input_ids"], encoded["completion_mask"]) if keep]
     assert tokenizer.decode(answer_ids) == train_row["messages"][1]["content"] + "<|im_end|>"
     adapter = tmp_path / "student"
-    run_cli("train_sft_trl.py", "--config", "recipes/cpu.yaml", "--model_name_or_path", model, "--dataset_name",
-            stage1, "--output_dir", adapter, "--report_to", "none", "--max_steps", 2)
+    run_main("train_sft_trl.py", "--config", "recipes/cpu.yaml", "--model_name_or_path", model, "--dataset_name",
+             stage1_file, "--output_dir", adapter, "--report_to", "none", "--max_steps", 2)
     run = json.loads((adapter / "distill_run.json").read_text())
     assert run["status"] == "finished"
 
     # stage 3: the student without the prompt, scored by the check and against the teacher's answers
     results_path = tmp_path / "eval_student.json"
-    result = run_cli("evaluate.py", "--model_path", adapter, "--test_file", queries, "--prompt_file",
-                     generative_prompt, "--teacher_file", stage1, "--output_file", results_path,
-                     "--latency_requests", 2)
+    result = run_main("evaluate.py", "--model_path", adapter, "--test_file", queries, "--prompt_file",
+                      generative_prompt, "--teacher_file", stage1_file, "--output_file", results_path,
+                      "--latency_requests", 2)
     results = json.loads(results_path.read_text())
     keys = {"task", "check", "check_description", "mode", "model_path", "split", "test_file", "n", "strict_pass_rate",
             "n_strict_passed", "check_pass_rate", "n_check_passed", "non_answers", "agreement_with_teacher_chrf", "n_with_teacher", "mean_answer_chars", "mean_answer_tokens",
@@ -340,12 +342,12 @@ def test_generative_stages_one_two_three(tiny_model, generative_prompt, tmp_path
 
 def test_evaluation_scores_a_cut_teacher_answer_as_written(generative_prompt):
     """Stage 1 refuses a cut answer as a target; evaluation judges it as written, as it judges the student's."""
-    import evaluate
+    from distill import serving
 
     engine = CuttingEngine(lambda query, attempt: f"<think>hm</think> Réponse {query}",
                            cut=lambda query, attempt: query == 0)
     engine.max_num_seqs = 4
-    answer = evaluate.teacher_answers(engine, generative_teacher(generative_prompt), SamplingParams(max_tokens=8))
+    answer = serving.teacher_answers(engine, generative_teacher(generative_prompt), SamplingParams(max_tokens=8))
     raw, answers, _, reasons = answer(ROWS[:2])
     assert raw == ["<think>hm</think> Réponse 0", "<think>hm</think> Réponse 1"]
     assert answers == ["Réponse 0", "Réponse 1"], "the cut answer (r0) is scored on its text, not as empty"
@@ -359,6 +361,8 @@ def test_the_task_stop_strings_reach_the_teachers_sampling():
 
     french = load_prompt(REPO / "prompts" / "answer_in_french.md")
     args = Namespace(**dict.fromkeys(SAMPLING_FLAGS), max_tokens=40, save_logprobs=None)
-    params = create_data.teacher_params(SamplingParams(), args, {}, None, french.stop_sampling())
+    llm = SimpleNamespace(get_default_sampling_params=SamplingParams)  # an engine's defaults, without the engine
+    settings = stage1.expected_sampling(args, {}, 40)
+    params = stage1.teacher_sampling(llm, args, Teacher(IndexTokenizer(), french, 4096), settings)
     assert params.stop == [". ", ".\n", "\n"] and params.include_stop_str_in_output and params.max_tokens == 40
-    assert create_data.teacher_params(SamplingParams(), args, {}).stop == []
+    assert stage1.teacher_sampling(llm, args, Teacher(IndexTokenizer(), load_prompt(), 4096), settings).stop == []

@@ -12,7 +12,7 @@ from distill.records import InputError
 from distill.soft_targets import (NO_MASS, TeacherTargets, check_tokenizer, sidecar_path, sync_sidecar,
                                   tokenizer_hash)
 from distill.training import TeacherTargetCollator, distillation_loss
-from tests.conftest import run_cli
+from tests.conftest import run_main
 from tests.test_create_data import MAX_LEN, complete_rows, example_subset, paths
 from tests.test_train import build, train_args
 
@@ -133,7 +133,7 @@ def sidecar_lines(output):
 
 
 @pytest.fixture(scope="module")
-def logprob_run(tiny_model, tmp_path_factory):
+def logprob_run(tiny_model, tmp_path_factory, shared_engines):
     """Stage 1 on 6 queries with --save_logprobs 3; then a crash is simulated (a row's sidecar line lost, a sidecar
     line without its row) and the run resumed with 14 queries."""
     work = tmp_path_factory.mktemp("kd")
@@ -141,14 +141,14 @@ def logprob_run(tiny_model, tmp_path_factory):
     output = work / "teacher.jsonl"
     command = ["create_data.py", "--input_file", queries, "--output_file", output, "--model_name", tiny_model,
                "--constrain_labels", "--save_logprobs", 3, *MAX_LEN]
-    run_cli(*command, "--split", "all", "--max_samples", 6)  # the first 6 (held out): a resume test, not training
+    run_main(*command, "--split", "all", "--max_samples", 6)  # the first 6 (held out): a resume test, not training
     first = {"rows": complete_rows(output), "sidecar": sidecar_lines(output)}
     sidecar = sidecar_path(output)
     lines = sidecar.read_text(encoding="utf-8").splitlines(keepends=True)
     lost = json.loads(lines[0])["id"]
     orphan = {**json.loads(lines[1]), "id": "never-written"}
     sidecar.write_text("".join(lines[1:]) + json.dumps(orphan) + "\n", encoding="utf-8")
-    resumed = run_cli(*command)
+    resumed = run_main(*command)
     return {"output": output, "first": first, "lost": lost, "resumed": resumed, "tiny_model": tiny_model}
 
 
@@ -209,9 +209,9 @@ def test_kd_training_on_the_sidecar_changes_the_adapter(logprob_run, tmp_path):
     tiny_model, output = logprob_run["tiny_model"], logprob_run["output"]
     out = tmp_path / "kd-run"
     # every row in the training split: the 14 example rows' groups may all fall on the held-out side otherwise
-    run_cli("train_sft_trl.py", *train_args(tiny_model, output, out, "--max_steps", 2, "--distill_loss", "kd+ce",
-                                            "--kd_temperature", 2.0, "--heldout_fraction", 0.0,
-                                            "--per_device_train_batch_size", 4, "--logging_steps", 1))
+    run_main("train_sft_trl.py", *train_args(tiny_model, output, out, "--max_steps", 2, "--distill_loss", "kd+ce",
+                                             "--kd_temperature", 2.0, "--heldout_fraction", 0.0,
+                                             "--per_device_train_batch_size", 4, "--logging_steps", 1))
     record = json.loads((out / "distill_run.json").read_text())
     assert record["status"] == "finished"
     distillation = record["counts"]["distillation"]
@@ -263,7 +263,7 @@ def test_merge_shards_merges_sidecars_and_refuses_a_missing_line(tmp_path):
 
     first_sidecar = sidecar_path(tmp_path / "shard-0-of-3.jsonl")
     first_sidecar.write_text("".join(first_sidecar.read_text().splitlines(keepends=True)[1:]))
-    with pytest.raises(SystemExit, match="no line in their shard's .logprobs.jsonl"):
+    with pytest.raises(InputError, match="no line in their shard's .logprobs.jsonl"):
         _merge(tmp_path, pattern, rows, settings)
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from safetensors import safe_open
 
-from tests.conftest import run_cli
+from tests.conftest import run_main
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_all_linear_trains_experts_and_attention_but_not_the_router(tiny_moe, go
 
     common = ["--config", "recipes/cpu.yaml", "--model_name_or_path", tiny_moe, "--dataset_name", gold_teacher_file,
               "--max_steps", "2", "--report_to", "none"]
-    run_cli("train_sft_trl.py", *common, "--output_dir", tmp_path / "all-linear")
+    run_main("train_sft_trl.py", *common, "--output_dir", tmp_path / "all-linear")
     config = json.loads((tmp_path / "all-linear" / "adapter_config.json").read_text())
     assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert set(config["target_parameters"]) == {"gate_up_proj", "down_proj"}, "the router (gate.weight) stays out"
@@ -74,18 +74,18 @@ def test_all_linear_trains_experts_and_attention_but_not_the_router(tiny_moe, go
     assert all(torch.equal(merged[key], base[key]) for key in routers), "the router is frozen by default"
     assert not torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
 
-    run_cli("train_sft_trl.py", *common, "--output_dir", tmp_path / "router", "--train_router")
+    run_main("train_sft_trl.py", *common, "--output_dir", tmp_path / "router", "--train_router")
     merged = merged_weights(tiny_moe, tmp_path / "router")
     assert any(not torch.allclose(merged[key], base[key]) for key in routers), "--train_router trains it"
 
-    run_cli("train_sft_trl.py", *common, "--output_dir", tmp_path / "attention",
-            "--lora_target_modules", "q_proj", "k_proj", "v_proj", "o_proj")
+    run_main("train_sft_trl.py", *common, "--output_dir", tmp_path / "attention",
+             "--lora_target_modules", "q_proj", "k_proj", "v_proj", "o_proj")
     assert not any("experts" in key for key in adapter_keys(tmp_path / "attention"))
 
 
 @pytest.mark.slow
 def test_fused_experts_refuse_dropout(tiny_moe, gold_teacher_file, tmp_path):
-    result = run_cli("train_sft_trl.py", "--config", "recipes/cpu.yaml", "--model_name_or_path", tiny_moe,
-                     "--dataset_name", gold_teacher_file, "--max_steps", "1", "--report_to", "none",
-                     "--output_dir", tmp_path / "run", "--lora_dropout", "0.05", check=False)
+    result = run_main("train_sft_trl.py", "--config", "recipes/cpu.yaml", "--model_name_or_path", tiny_moe,
+                      "--dataset_name", gold_teacher_file, "--max_steps", "1", "--report_to", "none",
+                      "--output_dir", tmp_path / "run", "--lora_dropout", "0.05", check=False)
     assert result.returncode != 0 and "lora_dropout" in result.stderr

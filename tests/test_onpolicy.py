@@ -19,7 +19,7 @@ import torch
 from distill.onpolicy import (PrefixCache, TeacherInputs, shared_prefix, teacher_hidden_states, teacher_ids,
                               teacher_text)
 from distill.prompts import TaskPrompt, load_prompt
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_main
 
 IN_SHORT = REPO / "prompts" / "in_short.md"
 
@@ -129,10 +129,10 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_weights_load(tiny_mo
 
     other = tmp_path / "other-teacher"
     build_tokenizer(900).save_pretrained(other)  # no weights at all: the check must not need them
-    result = run_cli("train_opd_trl.py", "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", tiny_model,
-                     "--teacher_model_name_or_path", other, "--prompt_file", IN_SHORT, "--dataset_name",
-                     REPO / "example-data" / "general_questions.jsonl", "--output_dir", tmp_path / "out",
-                     "--report_to", "none", check=False, timeout=300)
+    result = run_main("train_opd_trl.py", "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", tiny_model,
+                      "--teacher_model_name_or_path", other, "--prompt_file", IN_SHORT, "--dataset_name",
+                      REPO / "example-data" / "general_questions.jsonl", "--output_dir", tmp_path / "out",
+                      "--report_to", "none", check=False)
     assert result.returncode != 0
     assert "its tokenizer is not the student's" in result.stderr and "tokens against" in result.stderr
 
@@ -142,10 +142,10 @@ def test_an_unreachable_teacher_server_fails_in_seconds(tiny_model, tmp_path):
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     started = time.monotonic()
-    result = run_cli("train_opd_trl.py", "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", tiny_model,
-                     "--teacher_server_url", f"http://127.0.0.1:{port}", "--prompt_file", IN_SHORT,
-                     "--dataset_name", REPO / "example-data" / "general_questions.jsonl", "--output_dir",
-                     tmp_path / "out", "--report_to", "none", check=False, timeout=300)
+    result = run_main("train_opd_trl.py", "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", tiny_model,
+                      "--teacher_server_url", f"http://127.0.0.1:{port}", "--prompt_file", IN_SHORT,
+                      "--dataset_name", REPO / "example-data" / "general_questions.jsonl", "--output_dir",
+                      tmp_path / "out", "--report_to", "none", check=False)
     assert result.returncode != 0 and "unreachable" in result.stderr and "vllm serve" in result.stderr
     assert time.monotonic() - started < 30  # probed from the command line, before TRL or torch is imported
 
@@ -210,10 +210,10 @@ def lora_b_norm(adapter) -> float:
 def test_the_cli_trains_a_student_against_an_in_process_teacher(tiny_model, tmp_path, teacher):
     out = tmp_path / "opd"
     extra = ["--teacher_model_name_or_path", tiny_model] if teacher == "model" else []
-    result = run_cli("train_opd_trl.py", "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", tiny_model,
-                     "--prompt_file", IN_SHORT, "--dataset_name", queries_file(tmp_path), "--max_steps", 2,
-                     "--per_device_train_batch_size", 4, "--max_completion_length", 8, "--learning_rate", 1e-2,
-                     "--output_dir", out, "--report_to", "none", *extra)
+    result = run_main("train_opd_trl.py", "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", tiny_model,
+                      "--prompt_file", IN_SHORT, "--dataset_name", queries_file(tmp_path), "--max_steps", 2,
+                      "--per_device_train_batch_size", 4, "--max_completion_length", 8, "--learning_rate", 1e-2,
+                      "--output_dir", out, "--report_to", "none", *extra)
     record = json.loads((out / "distill_run.json").read_text())
     assert record["status"] == "finished" and record["stage"] == "train_opd_trl"
     assert record["teacher"].startswith("self:" if teacher == "self" else "model:")
@@ -228,15 +228,13 @@ def test_the_cli_trains_a_student_against_an_in_process_teacher(tiny_model, tmp_
 
 
 @pytest.mark.slow
-def test_the_cli_warm_starts_from_a_stage2_adapter(tiny_model, tmp_path, gold_teacher_file):
-    sft = tmp_path / "sft"
-    run_cli("train_sft_trl.py", "--config", "recipes/cpu.yaml", "--model_name_or_path", tiny_model, "--dataset_name",
-            gold_teacher_file, "--output_dir", sft, "--report_to", "none", "--max_steps", 1)
+def test_the_cli_warm_starts_from_a_stage2_adapter(tiny_model, tmp_path, trained_run):
+    sft = trained_run["dir"]  # the session's stage-2 adapter
     out = tmp_path / "opd"
-    run_cli("train_opd_trl.py", "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", tiny_model,
-            "--prompt_file", IN_SHORT, "--dataset_name", queries_file(tmp_path), "--init_adapter", sft,
-            "--max_steps", 1, "--per_device_train_batch_size", 4, "--max_completion_length", 8,
-            "--output_dir", out, "--report_to", "none")
+    run_main("train_opd_trl.py", "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", tiny_model,
+             "--prompt_file", IN_SHORT, "--dataset_name", queries_file(tmp_path), "--init_adapter", sft,
+             "--max_steps", 1, "--per_device_train_batch_size", 4, "--max_completion_length", 8,
+             "--output_dir", out, "--report_to", "none")
     from safetensors.torch import load_file
 
     before, after = (load_file(str(path / "adapter_model.safetensors")) for path in (sft, out))
@@ -275,10 +273,10 @@ def test_the_cli_trains_against_a_vllm_server_teacher(tiny_model, tmp_path):
         else:
             raise AssertionError("vllm serve did not come up: " + (tmp_path / "server.log").read_text()[-3000:])
         out = tmp_path / "opd"
-        run_cli("train_opd_trl.py", "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", tiny_model,
-                "--teacher_server_url", f"http://127.0.0.1:{port}", "--prompt_file", IN_SHORT, "--dataset_name",
-                queries_file(tmp_path), "--max_steps", 1, "--per_device_train_batch_size", 4,
-                "--max_completion_length", 8, "--learning_rate", 1e-2, "--output_dir", out, "--report_to", "none")
+        run_main("train_opd_trl.py", "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", tiny_model,
+                 "--teacher_server_url", f"http://127.0.0.1:{port}", "--prompt_file", IN_SHORT, "--dataset_name",
+                 queries_file(tmp_path), "--max_steps", 1, "--per_device_train_batch_size", 4,
+                 "--max_completion_length", 8, "--learning_rate", 1e-2, "--output_dir", out, "--report_to", "none")
         record = json.loads((out / "distill_run.json").read_text())
         assert record["status"] == "finished" and record["teacher"].startswith("server:")
         assert record["teacher_spend"]["query_and_answer_tokens"] > 0

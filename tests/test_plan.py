@@ -69,7 +69,8 @@ def test_bytes_per_gpu_follow_the_dtypes():
     plan = memory_plan(tiny_moe_config(), lora(), gpu_gib=80.0)
     adapter = plan.total_trainable * 4  # PEFT keeps LoRA weights in fp32 under a bf16 base
     assert plan.bytes_per_gpu() == {"weights": BASE * 2, "adapter": adapter, "gradients": adapter,
-                                    "optimizer": 2 * adapter, "fsdp_gather": 0, "workspace": int(12.0 * GIB)}
+                                    "optimizer": 2 * adapter, "fsdp_gather": 0, "workspace": int(12.0 * GIB),
+                                    "teacher": 0}  # no in-process teacher (on-policy distillation) in this plan
     assert plan.fits
 
 

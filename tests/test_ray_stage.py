@@ -23,7 +23,7 @@ import pytest
 import create_data
 from distill import ray_stage
 from distill.soft_targets import read_sidecar, sidecar_path
-from tests.conftest import CLI_ENV, REPO, run_cli
+from tests.conftest import CLI_ENV, REPO, run_cli, run_main
 from tests.test_create_data import (MAX_LEN, SMOLLM2, Launch, check_survivors, complete_rows, example_subset,
                                     ids_once, input_ids, newline_count, paths, run_record)
 
@@ -195,7 +195,7 @@ def test_cluster_without_room_fails_before_any_replica_starts(ray_cluster, tiny_
 
 
 @pytest.mark.slow
-def test_two_replicas_label_like_one_process(ray_cluster, tmp_path):
+def test_two_replicas_label_like_one_process(ray_cluster, tmp_path, shared_engines):
     """The embedded model, greedy, on two Ray nodes: the same rows and logprob sidecar as a single-process run,
     every id once."""
     if not (SMOLLM2 / "config.json").is_file():
@@ -203,7 +203,7 @@ def test_two_replicas_label_like_one_process(ray_cluster, tmp_path):
     source = example_subset(tmp_path / "in12.jsonl", 12)
     flags = ["--input_file", source, "--model_name", SMOLLM2, "--constrain_labels", "--max_tokens", 8,
              "--temperature", 0, "--save_logprobs", 3, *MAX_LEN]
-    run_cli("create_data.py", *flags, "--output_file", tmp_path / "single" / "teacher.jsonl")
+    run_main("create_data.py", *flags, "--output_file", tmp_path / "single" / "teacher.jsonl")
     output = tmp_path / "ray" / "teacher.jsonl"
     result = run_cli("create_data.py", *flags, "--output_file", output, "--engine", "ray", "--num_replicas", 2,
                      "--rows_per_task", 3, env=ray_env(ray_cluster))
@@ -251,28 +251,6 @@ class RayLaunch(Launch):
                                      stdout=self.handle, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-@pytest.mark.slow
-def test_replica_killed_mid_run_is_retried_by_ray(ray_cluster, tiny_model, tmp_path):
-    source = example_subset(tmp_path / "in40.jsonl", 40, start=200)
-    output = tmp_path / "teacher.jsonl"
-    out, rejects, _ = paths(output)
-    run = RayLaunch(_tiny_command(tiny_model, source, output), tmp_path / "run.log", ray_cluster)
-    run.wait_for(lambda: newline_count(out, rejects) >= 4 and len(replicas(ray_cluster)) == 2,
-                 "4 rows on disk with both replicas up")
-    victim = replicas(ray_cluster)[0]
-    on_disk = check_survivors({}, output, "before the kill")
-    victim.kill()  # SIGKILL: the replica dies mid-batch
-    assert len(on_disk) < 40, "the kill came after the run had finished"
-    assert run.finish() == 0, run.output()
-
-    final = check_survivors(on_disk, output, "after the kill")  # nothing written before the kill was lost or changed
-    assert sorted(final) == sorted(input_ids(source))  # nothing lost, nothing twice
-    record = run_record(output)
-    assert record["status"] == "finished" and record["coverage_errors"] == []
-    assert sum(record["stream"]["ray"]["rows_by_replica"].values()) == 40
-    assert not victim.is_running()
-
-
 def wait_until_no_replicas(cluster) -> None:
     deadline = time.monotonic() + 120  # a guard against a hang, not a timing claim
     while replicas(cluster) and time.monotonic() < deadline:
@@ -281,7 +259,8 @@ def wait_until_no_replicas(cluster) -> None:
 
 
 @pytest.mark.slow
-def test_driver_killed_or_stopped_then_resumed_by_id(ray_cluster, tiny_model, tmp_path):
+def test_driver_killed_or_stopped_then_resumed_by_id_and_a_killed_replica_retried(ray_cluster, tiny_model,
+                                                                                   tmp_path):
     source = example_subset(tmp_path / "in40.jsonl", 40, start=300)
     output = tmp_path / "teacher.jsonl"
     out, rejects, record_path = paths(output)
@@ -308,13 +287,22 @@ def test_driver_killed_or_stopped_then_resumed_by_id(ray_cluster, tiny_model, tm
     assert len(finished) < 40, "the SIGTERM came after the run had finished"
     wait_until_no_replicas(ray_cluster)
 
-    # 3. the same command again: the pipeline is rebuilt from the ids not on disk, and runs to the end
+    # 3. the same command again: the pipeline is rebuilt from the ids not on disk, and runs to the end, though a
+    # replica is killed mid-batch (SIGKILL): Ray restarts it and retries its batch, and nothing is lost or doubled
     run = RayLaunch(command, tmp_path / "run3.log", ray_cluster)
+    run.wait_for(lambda: newline_count(out, rejects) >= len(finished) + 4 and len(replicas(ray_cluster)) == 2,
+                 "4 new rows on disk with both replicas up")
+    victim = replicas(ray_cluster)[0]
+    on_disk = check_survivors(finished, output, "before the replica was killed")
+    victim.kill()
+    assert len(on_disk) < 40, "the replica was killed after the run had finished"
     assert run.finish() == 0, run.output()
     assert f"{len(finished)} done by an earlier run, {40 - len(finished)} to go" in run.log.read_text()
-    final = check_survivors(finished, output, "after the resume")
-    assert sorted(final) == sorted(input_ids(source))
+    final = check_survivors(on_disk, output, "after the resume")  # nothing written before the kill was lost
+    assert sorted(final) == sorted(input_ids(source))  # nothing lost, nothing twice
     record = run_record(output)
-    assert record["status"] == "finished" and record["counts"]["resumed"] == len(finished)
+    assert record["status"] == "finished" and record["coverage_errors"] == []
+    assert record["counts"]["resumed"] == len(finished)
     assert record["counts"]["written_this_run"] + record["counts"]["rejected_this_run"] == 40 - len(finished)
     assert Counter(record["stream"]["ray"]["rows_by_replica"]).total() == 40 - len(finished)
+    assert not victim.is_running()

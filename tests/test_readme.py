@@ -1,5 +1,6 @@
 """The README and the stages' --help against the code (docs are executable):
-- every stage script's `--help` shows each of its own flags with its help and default (run as a user runs it);
+- every stage script's `--help` shows each of its own flags with its help and default (its main with `--help`, as
+  a user runs it);
 - every flag the README names exists in the parser of the script it belongs to (a launcher's flags go to its stage
   script; flags after another tool, e.g. `sbatch --nodes=4`, are that tool's), built without loading any model;
 - the defaults the README states are the code's, each launcher's env variables are all listed, its commands use
@@ -8,12 +9,10 @@
 import importlib.metadata
 import importlib.util
 import re
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import CLI_ENV, REPO
+from tests.conftest import REPO, run_main
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 VLLM_STAGES = ("create_data.py", "evaluate.py", "create_queries.py")
@@ -154,8 +153,7 @@ def test_help_lists_every_own_flag_with_its_default(script, built):
     import argparse
     from dataclasses import fields
 
-    result = subprocess.run([sys.executable, script, "--help"], cwd=REPO, env=CLI_ENV, capture_output=True,
-                            text=True, timeout=300)
+    result = run_main(script, "--help", check=False)  # in this process: the user's --help without the start-up
     assert result.returncode == 0, result.stderr[-2000:]
     blocks = {}  # each option string -> its help text with the whitespace removed (argparse wraps anywhere)
     for block in re.split(r"\n(?=  -)", result.stdout.split("\n\n", 1)[1]):

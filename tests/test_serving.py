@@ -8,7 +8,7 @@ from dataclasses import asdict
 import pytest
 
 from distill import serving
-from tests.conftest import EXAMPLE_DATA, run_cli, write_teacher_file
+from tests.conftest import EXAMPLE_DATA, run_main, write_teacher_file
 
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 
@@ -103,8 +103,8 @@ def test_cli_refuses_a_split_mismatch_before_any_model_loads(tmp_path):
     # the adapter's base does not exist: a check that ran after the merge or the engine would fail differently
     adapter = fake_adapter(tmp_path)
     write_run_record(adapter, heldout_fraction=0.2, split_seed=0)
-    result = run_cli("evaluate.py", "--model_path", adapter, "--test_file", EXAMPLE_DATA, "--heldout_fraction",
-                     "0.25", "--split_seed", "3", check=False)
+    result = run_main("evaluate.py", "--model_path", adapter, "--test_file", EXAMPLE_DATA, "--heldout_fraction",
+                      "0.25", "--split_seed", "3", check=False)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "trained with heldout_fraction 0.2, split_seed 0" in result.stderr
     assert "heldout_fraction 0.25, split_seed 3" in result.stderr

@@ -188,20 +188,21 @@ def test_judge_agreement_counts_only_what_the_judge_graded():
 
 
 @pytest.mark.slow
-def test_evaluate_with_a_judge_model_reports_the_judged_rate_and_its_agreement(tiny_model, tmp_path):
+def test_evaluate_with_a_judge_model_reports_the_judged_rate_and_its_agreement(tiny_model, tmp_path,
+                                                                               shared_engines):
     """The plumbing on CPU (a random tiny judge grades at random): every answer gets a verdict through the teacher
     path, and the rates are recomputed from the examples."""
     import json
 
-    from tests.conftest import run_cli
+    from tests.conftest import run_main
 
     prompt = tmp_path / "any.md"
     prompt.write_text('---\ncheck: {regex: "\\\\S"}\non_topic: none\njudge_rubric: "any text"\n---\nAnswer.\n')
     output = tmp_path / "eval.json"
-    result = run_cli("evaluate.py", "--model_path", tiny_model, "--prompt_file", prompt, "--test_file",
-                     REPO / "example-data" / "general_questions.jsonl", "--max_samples", 6, "--max_tokens", 8,
-                     "--latency_requests", 0, "--judge_model", tiny_model, "--output_file", output,
-                     "--max-model-len", 2048)
+    result = run_main("evaluate.py", "--model_path", tiny_model, "--prompt_file", prompt, "--test_file",
+                      REPO / "example-data" / "general_questions.jsonl", "--max_samples", 6, "--max_tokens", 8,
+                      "--latency_requests", 0, "--judge_model", tiny_model, "--output_file", output,
+                      "--max-model-len", 2048)
     results = json.loads(output.read_text())
     examples = results["examples"]
     assert results["judge_model"] == str(tiny_model) and len(examples) == 6

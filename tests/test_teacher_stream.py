@@ -10,11 +10,13 @@ import pytest
 from vllm import SamplingParams
 
 import create_data
+from distill import stage1
+from distill.defaults import TEACHER_MAX_TOKENS
 from distill.prompts import load_prompt
-from distill.records import read_jsonl
+from distill.records import output_paths, read_jsonl
 from distill.teacher import (StreamStats, Teacher, effective_sampling, model_sampling_defaults, sampling_params,
                              stream)
-from tests.conftest import EXAMPLE_DATA, REPO, run_cli
+from tests.conftest import EXAMPLE_DATA, REPO, run_main
 
 PROMPT = load_prompt()
 SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct"
@@ -97,7 +99,7 @@ def test_answers_are_paired_with_their_query_when_completions_arrive_out_of_orde
     answers, engine = run(lambda query, attempt: f"Final Answer: {LABELS[query]}", seed=seed)
     finish_order = [event[1] for event in engine.log if event[0] == "finish"]
     assert finish_order != sorted(finish_order)  # the engine really did reorder
-    assert sorted((answer.row["id"], answer.label) for answer in answers) == [(f"r{i}", LABELS[i]) for i in range(8)]
+    assert sorted((answer.row["id"], answer.answer) for answer in answers) == [(f"r{i}", LABELS[i]) for i in range(8)]
     assert [answer.row["id"] for answer in answers] == [f"r{query}" for query in finish_order]  # handed back as done
 
 
@@ -113,8 +115,8 @@ def test_a_bad_answer_is_redrawn_at_once_and_the_fresh_sample_kept():
     assert log.index(("add", 0, 1)) < min(log.index(("finish", q, 0)) for q in (1, 2, 3)), log
     assert answers[0].row["id"] == "r0"  # and its answer is handed back first
     first = answers[0]
-    assert first.label == "ar" and [s.text for s in first.failures] == ["no idea"]
-    row = create_data.labelled_row(first, save_raw=True)
+    assert first.answer == "ar" and [s.text for s in first.failures] == ["no idea"]
+    row = stage1.answer_row(first, save_raw=True)
     assert row["messages"][1] == {"role": "assistant", "content": "ar"} and row["group"] == "g"
     assert row["teacher"]["invalid_samples"] == 1 and row["teacher"]["raw"] == ["Final Answer: ar", "no idea"]
 
@@ -123,8 +125,8 @@ def test_an_answer_that_never_parses_is_rejected_with_every_raw_output():
     answers, engine = run(lambda query, attempt: "<think>hmm fr or es", rows=ROWS[:1], max_retries=2)
     assert [event[2] for event in engine.log if event[0] == "add"] == [0, 1, 2]  # 1 try + 2 redraws
     (answer,) = answers
-    assert answer.label is None and answer.reason == "unclosed_reasoning"
-    row = create_data.rejected_row(answer)
+    assert answer.answer is None and answer.reason == "unclosed_reasoning"
+    row = stage1.rejected_row(answer)
     assert row["reason"] == "unclosed_reasoning" and len(row["failures"]) == 3
     assert row["text"] == "text 0" and row["group"] == "g" and row["failures"][0]["raw"] == "<think>hmm fr or es"
 
@@ -132,8 +134,8 @@ def test_an_answer_that_never_parses_is_rejected_with_every_raw_output():
 def test_num_samples_majority_keeps_the_votes():
     labels = ["fr", "fr", "es"]
     answers, _ = run(lambda query, attempt: f"Final Answer: {labels[attempt]}", rows=ROWS[:1], num_samples=3)
-    assert answers[0].label == "fr" and answers[0].votes == {"fr": 2, "es": 1}
-    row = create_data.labelled_row(answers[0], save_raw=False)
+    assert answers[0].answer == "fr" and answers[0].votes == {"fr": 2, "es": 1}
+    row = stage1.answer_row(answers[0], save_raw=False)
     assert row["teacher"]["votes"] == {"fr": 2, "es": 1} and "raw" not in row["teacher"]
 
 
@@ -142,7 +144,7 @@ def test_a_failed_vote_is_replaced_until_the_redraw_budget_is_spent():
     script = lambda query, attempt: "nope" if attempt in (0, 2) else "Final Answer: de"  # noqa: E731
     answers, engine = run(script, rows=ROWS[:1], num_samples=3, max_retries=1, max_steps=1)
     assert sum(event[0] == "add" for event in engine.log) == 4
-    assert answers[0].label == "de" and len(answers[0].samples) == 2 and len(answers[0].failures) == 2
+    assert answers[0].answer == "de" and len(answers[0].samples) == 2 and len(answers[0].failures) == 2
 
 
 def test_a_query_longer_than_the_context_is_rejected_without_a_request():
@@ -181,14 +183,14 @@ def test_stop_aborts_in_flight_and_hands_back_only_finished_queries():
     handed_back = {int(answer.row["id"][1:]) for answer in answers}
     assert not set(engine.aborted) & handed_back  # a query with a sample still running is not reported
     # a reported query is really finished: a valid label, or every redraw spent (never cut short by the stop)
-    assert all(answer.label == "en" or len(answer.failures) == 6 for answer in answers)
+    assert all(answer.answer == "en" or len(answer.failures) == 6 for answer in answers)
 
 
 def test_stream_stats_count_tokens_and_prefix_cache_hits():
     stats = StreamStats()
     answers = list(stream(ScramblingEngine(lambda query, attempt: "Final Answer: en"), teacher(), ROWS[:2],
                           SamplingParams(max_tokens=8), stats=stats))
-    assert [answer.label for answer in answers] == ["en", "en"]
+    assert [answer.answer for answer in answers] == ["en", "en"]
     summary = stats.summary()
     assert summary["finished"] == summary["labelled"] == 2 and summary["samples"] == 2
     assert summary["prefix_cache_hit_rate"] == pytest.approx(2 / 3, abs=1e-4)  # the fake caches all but one of 3 tokens
@@ -236,10 +238,10 @@ def test_model_sampling_defaults_read_the_generation_config_as_vllm_does(tmp_pat
 def test_resume_settings_hold_the_effective_values(tmp_path):
     model = _model_dir(tmp_path, QWEN3_THINKING)
     args = create_data.parse_args(["--model_name", str(model), "--top_k", "40"])
-    settings = create_data.resume_settings(args, "sha", model_sampling_defaults(args))
+    settings = stage1.run_settings(args, "sha", model_sampling_defaults(args))
     assert (settings["temperature"], settings["top_p"], settings["top_k"]) == (0.6, 0.95, 40)
-    assert settings["max_tokens"] == create_data.DEFAULT_MAX_TOKENS
-    assert set(create_data.RESUME_KEYS) <= set(settings)
+    assert settings["max_tokens"] == TEACHER_MAX_TOKENS
+    assert set(stage1.RESUME_KEYS) <= set(settings)
 
 
 def test_batch_size_is_refused_with_its_replacement(capsys):
@@ -252,20 +254,20 @@ def test_batch_size_is_refused_with_its_replacement(capsys):
 
 
 @pytest.mark.slow
-def test_evaluate_with_prompt_gives_the_answers_stage_1_gives(tmp_path):
+def test_evaluate_with_prompt_gives_the_answers_stage_1_gives(tmp_path, shared_engines):
     """Same queries, greedy: evaluate.py --with_prompt and create_data.py give each query the same raw answer and
     the same label. On the embedded model, free-form: the tiny random model writes the same answer to every query,
     which could not show a mix-up of queries; SmolLM2's raw answers differ from query to query."""
     if not (SMOLLM2 / "config.json").is_file():
         pytest.skip(f"{SMOLLM2} is absent (make setup builds it)")
     rows = ["--split", "heldout", "--max_samples", 16, "--max_tokens", 12, "--max-model-len", 4096]
-    stage1 = tmp_path / "teacher.jsonl"
-    run_cli("create_data.py", "--input_file", EXAMPLE_DATA, "--output_file", stage1, "--model_name", SMOLLM2,
-            "--temperature", 0, "--max_retries", 0, "--save_raw", *rows)
+    stage1_file = tmp_path / "teacher.jsonl"
+    run_main("create_data.py", "--input_file", EXAMPLE_DATA, "--output_file", stage1_file, "--model_name", SMOLLM2,
+             "--temperature", 0, "--max_retries", 0, "--save_raw", *rows)
     results = tmp_path / "eval_teacher.json"
-    run_cli("evaluate.py", "--model_path", SMOLLM2, "--with_prompt", "--test_file", EXAMPLE_DATA, "--no-lingua",
-            "--quiet", "--latency_requests", 2, "--output_file", results, *rows)
-    out, rejects, record = create_data.output_paths(str(stage1))
+    run_main("evaluate.py", "--model_path", SMOLLM2, "--with_prompt", "--test_file", EXAMPLE_DATA, "--no-lingua",
+             "--quiet", "--latency_requests", 2, "--output_file", results, *rows)
+    out, rejects, record = output_paths(str(stage1_file))
     labelled = {row["id"]: (row["teacher"]["label"], row["teacher"]["raw"][0]) for row in read_jsonl(out)}
     labelled |= {row["id"]: (None, row["failures"][0]["raw"]) for row in read_jsonl(rejects)}
     evaluated = json.loads(results.read_text())

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, run_cli, write_teacher_file
+from tests.conftest import REPO, run_cli, run_main, write_teacher_file
 
 IM_END = "<|im_end|>"
 SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct"
@@ -22,10 +22,12 @@ def train_args(model, data, output_dir, *extra):
 
 
 def build(model, data, output_dir, *extra):
+    """The trainer and the run record's counts, built in this process as train_sft_trl.main builds them."""
     import train_sft_trl
 
-    return train_sft_trl.build_trainer(*train_sft_trl.parse_args(train_args(model, data, output_dir, "--max_steps", 2,
-                                                                            *extra)))
+    args = train_sft_trl.parse_args(train_args(model, data, output_dir, "--max_steps", 2, *extra))
+    prepared = train_sft_trl.prepare(*args)
+    return train_sft_trl.build_trainer(*args, prepared), prepared.counts
 
 
 def sha256(path):
@@ -39,20 +41,6 @@ def split_example(tokenizer, input_ids, labels):
     answer = tokenizer.decode([i for i, lab in zip(input_ids, labels) if lab != -100])
     user = prompt.split("<|im_start|>user\n", 1)[1].split(IM_END, 1)[0]
     return prompt, answer, user
-
-
-@pytest.fixture(scope="module")
-def teacher_jsonl(tmp_path_factory, example_rows):
-    return write_teacher_file(tmp_path_factory.mktemp("data") / "teacher.jsonl", example_rows)
-
-
-@pytest.fixture(scope="module")
-def trained_run(tiny_model, teacher_jsonl, tmp_path_factory):
-    """One real 2-step CLI run, shared by the tests that only read what it wrote."""
-    model_hash = sha256(tiny_model / "model.safetensors")
-    out = tmp_path_factory.mktemp("runs") / "run"
-    result = run_cli("train_sft_trl.py", *train_args(tiny_model, teacher_jsonl, out, "--max_steps", 2))
-    return {"dir": out, "stdout": result.stdout, "model_hash_before": model_hash}
 
 
 # --- the loss mask ---------------------------------------------------------------------------------------------
@@ -160,7 +148,7 @@ def test_cli_run_trains_adapter_only(trained_run, tiny_model):
 
 
 @pytest.mark.slow
-def test_cli_run_record(trained_run, teacher_jsonl, example_rows):
+def test_cli_run_record(trained_run, example_rows):
     from distill.splits import select
 
     record = json.loads((trained_run["dir"] / "distill_run.json").read_text())
@@ -177,7 +165,7 @@ def test_cli_run_record(trained_run, teacher_jsonl, example_rows):
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     assert record["git_revision"].startswith(head) and head
     assert "train_sft_trl.py" in record["command"] and "--max_steps 2" in record["command"]
-    assert record["args"]["script"]["dataset_name"] == str(teacher_jsonl)
+    assert record["args"]["script"]["dataset_name"] == str(trained_run["data"])
     assert record["args"]["training"]["max_steps"] == 2
     assert record["args"]["training"]["learning_rate"] == pytest.approx(1e-3)  # from recipes/cpu.yaml
     assert record["train_metrics"]["train_loss"] > 0
@@ -190,7 +178,7 @@ def test_resume_continues_from_checkpoint(tiny_model, gold_teacher_file, tmp_pat
     out = tmp_path / "run"
     args = train_args(tiny_model, gold_teacher_file, out, "--max_steps", 4, "--save_strategy", "steps",
                       "--save_steps", 2, "--logging_steps", 1)
-    run_cli("train_sft_trl.py", *args)
+    run_main("train_sft_trl.py", *args)
     reference = {h["step"]: h for h in json.loads((out / "distill_run.json").read_text())["log_history"] if "loss" in h}
     assert sorted(reference) == [1, 2, 3, 4]
 
@@ -207,7 +195,7 @@ def test_resume_continues_from_checkpoint(tiny_model, gold_teacher_file, tmp_pat
     state["log_history"][-1]["from_checkpoint"] = True
     state_file.write_text(json.dumps(state))
 
-    run_cli("train_sft_trl.py", *args, "--resume_from_checkpoint", out / "checkpoint-2")
+    run_main("train_sft_trl.py", *args, "--resume_from_checkpoint", out / "checkpoint-2")
     record = json.loads((out / "distill_run.json").read_text())
     assert record["status"] == "finished"
     steps = [h for h in record["log_history"] if "loss" in h]
@@ -234,13 +222,13 @@ def test_refuses_to_overwrite_finished_run(trained_run, tiny_model, gold_teacher
     shutil.copytree(trained_run["dir"], out)
     (out / "marker.txt").write_text("from the finished run")
     args = train_args(tiny_model, gold_teacher_file, out, "--max_steps", 1)
-    refused = run_cli("train_sft_trl.py", *args, check=False)
+    refused = run_main("train_sft_trl.py", *args, check=False)
     assert refused.returncode != 0
     assert "finished run" in refused.stderr and "--overwrite" in refused.stderr
     assert (out / "marker.txt").exists() and sha256(out / "adapter_model.safetensors") == sha256(
         trained_run["dir"] / "adapter_model.safetensors")
 
-    run_cli("train_sft_trl.py", *args, "--overwrite")
+    run_main("train_sft_trl.py", *args, "--overwrite")
     assert not (out / "marker.txt").exists(), "--overwrite replaces the old run"
     record = json.loads((out / "distill_run.json").read_text())
     assert record["status"] == "finished" and record["args"]["training"]["max_steps"] == 1
@@ -298,7 +286,7 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
     config.write_text((REPO / "recipes" / "cpu.yaml").read_text() + "learning_rat: 1.0e-4\n")
     with pytest.raises((ValueError, SystemExit), match="learning_rat"):
         train_sft_trl.parse_args(["--config", str(config)])
-    result = run_cli("train_sft_trl.py", "--config", config, "--output_dir", tmp_path / "out", check=False)
+    result = run_main("train_sft_trl.py", "--config", config, "--output_dir", tmp_path / "out", check=False)
     assert result.returncode != 0 and "learning_rat" in result.stderr
     assert not (tmp_path / "out").exists()
 
@@ -375,17 +363,17 @@ def test_micro_batch_tokens_sets_micro_batch_and_keeps_the_global_batch(tiny_mod
 def test_plan_only_exits_by_whether_the_plan_fits(tiny_model, tmp_path):
     args = ["--config", "recipes/cpu.yaml", "--model_name_or_path", tiny_model, "--output_dir", tmp_path / "out",
             "--plan_only", "--plan_gpus", "1"]
-    fits = run_cli("train_sft_trl.py", *args, "--plan_gpu_gb", "80")
+    fits = run_main("train_sft_trl.py", *args, "--plan_gpu_gb", "80")
     assert "memory plan:" in fits.stdout and "-> fits" in fits.stdout
-    too_small = run_cli("train_sft_trl.py", *args, "--plan_gpu_gb", "1", check=False)
+    too_small = run_main("train_sft_trl.py", *args, "--plan_gpu_gb", "1", check=False)
     assert too_small.returncode != 0 and "DOES NOT FIT" in too_small.stdout
     assert "FSDP" in too_small.stderr and "Qwen3-4B-Instruct-2507" in too_small.stderr
     assert not (tmp_path / "out").exists(), "a plan writes nothing"
 
 
 def test_a_plan_that_does_not_fit_stops_before_loading(tiny_model, gold_teacher_file, tmp_path):
-    result = run_cli("train_sft_trl.py", *train_args(tiny_model, gold_teacher_file, tmp_path / "out", "--plan_gpus", 1,
-                                                     "--plan_gpu_gb", 1), check=False)
+    result = run_main("train_sft_trl.py", *train_args(tiny_model, gold_teacher_file, tmp_path / "out", "--plan_gpus", 1,
+                                                      "--plan_gpu_gb", 1), check=False)
     assert result.returncode != 0 and "memory plan does not fit" in result.stderr
     assert "--lora_target_modules" in result.stderr and not (tmp_path / "out").exists()
 
@@ -408,11 +396,15 @@ def test_abbreviated_flags_are_errors():
 
 
 @pytest.mark.slow
-def test_train_trl_sh_on_cpu_passes_flags_through(tiny_model, gold_teacher_file, tmp_path):
-    out = tmp_path / "run"
-    result = run_cli("bash", "train_trl.sh", "--model_name_or_path", tiny_model, "--max_steps", 1, "--report_to", "none",
-                     "--output_dir", out,
-                     env={"RECIPE": "recipes/cpu.yaml", "DATA": str(gold_teacher_file), "PYTHON": sys.executable})
+def test_train_trl_sh_on_cpu_passes_flags_through_and_logs_to_wandb_offline(tiny_model, gold_teacher_file, tmp_path):
+    """The CPU launcher passes its flags through to a real run, which (WANDB_MODE=offline, no network, no
+    --report_to) logs to wandb on its own: one launch for both."""
+    out, wandb_dir = tmp_path / "run", tmp_path / "wandb"
+    wandb_dir.mkdir()
+    result = run_cli("bash", "train_trl.sh", "--model_name_or_path", tiny_model, "--max_steps", 1, "--output_dir", out,
+                     env={"RECIPE": "recipes/cpu.yaml", "DATA": str(gold_teacher_file), "PYTHON": sys.executable,
+                          "WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true",
+                          "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"})
     assert "train_trl: recipe recipes/cpu.yaml" in result.stdout
     record = json.loads((out / "distill_run.json").read_text())
     assert record["status"] == "finished"
@@ -422,20 +414,7 @@ def test_train_trl_sh_on_cpu_passes_flags_through(tiny_model, gold_teacher_file,
     assert record["args"]["training"]["learning_rate"] == pytest.approx(1e-3)  # the recipe's
     assert record["log_history"][-1]["step"] == 1
     assert (out / "adapter_model.safetensors").exists()
-
-
-@pytest.mark.slow
-def test_wandb_offline_without_network(tiny_model, gold_teacher_file, tmp_path):
-    out, wandb_dir = tmp_path / "run", tmp_path / "wandb"
-    wandb_dir.mkdir()
-    args = train_args(tiny_model, gold_teacher_file, out, "--max_steps", 1)
-    args.remove("--report_to")
-    args.remove("none")  # report_to defaults to wandb once WANDB_MODE is set
-    run_cli("train_sft_trl.py", *args,
-            env={"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true",
-                 "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"})
-    record = json.loads((out / "distill_run.json").read_text())
-    assert record["status"] == "finished"
+    # report_to defaults to wandb once WANDB_MODE is set
     assert record["args"]["training"]["report_to"] == ["wandb"]
     runs = list(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 1
@@ -449,10 +428,15 @@ def test_fast_recipe_settings_give_the_same_losses_as_the_old_ones(tiny_model, g
     not what: the same rows per step give the same loss as micro-batch 8, gradient checkpointing and padding."""
     def losses(name, *extra):
         out = tmp_path / name
-        run_cli("train_sft_trl.py", *train_args(tiny_model, gold_teacher_file, out, "--max_steps", 3,
-                                                "--global_batch_size", 16, "--logging_steps", 1, *extra))
+        run_main("train_sft_trl.py", *train_args(tiny_model, gold_teacher_file, out, "--max_steps", 3,
+                                                 "--global_batch_size", 16, "--logging_steps", 1, *extra))
         record = json.loads((out / "distill_run.json").read_text())
-        return [entry["loss"] for entry in record["log_history"] if "loss" in entry], record["counts"]["batch"]
+        batch, training = record["counts"]["batch"], record["args"]["training"]
+        # the run record holds the arguments that trained, the micro-batch sized from the data included
+        assert (training["per_device_train_batch_size"], training["gradient_accumulation_steps"]) == (
+            batch["micro_batch"], batch["gradient_accumulation_steps"])
+        assert training["model_init_kwargs"]["dtype"] == "float32"
+        return [entry["loss"] for entry in record["log_history"] if "loss" in entry], batch
 
     old, old_batch = losses("old", "--per_device_train_batch_size", 8, "--gradient_checkpointing", "true",
                             "--padding_free", "false", "--max_length", 2048)

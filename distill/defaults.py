@@ -1,0 +1,30 @@
+"""The defaults that more than one stage shares, each decided here once: the teacher model, how many tokens an
+answer may take, the train / held-out split, and whether a run logs to wandb.
+"""
+
+import os
+
+TEACHER_MODEL = "Qwen/Qwen3-30B-A3B-Thinking-2507"  # stage 1's teacher, stage 0's query writer
+
+# The split training drops rows by and evaluation scores (distill/splits.py); a run record keeps the values used.
+HELDOUT_FRACTION = 0.2
+SPLIT_SEED = 0
+
+# What an output needs when neither --max_tokens nor the model's generation_config says: a teacher's answer with
+# its reasoning (stage 1, evaluate.py --with_prompt, a judge's verdict), a written query (stage 0; a thinking
+# writer reasons first), and the student's answer, a label or a sentence or two.
+TEACHER_MAX_TOKENS = 8192
+QUERY_MAX_TOKENS, REASONING_QUERY_MAX_TOKENS = 256, 4096
+STUDENT_MAX_TOKENS = {"label": 16, "generative": 64}
+
+
+def max_tokens(flag: int | None, model_defaults: dict, needed: int) -> int:
+    """The one rule: --max_tokens when set; else the model's own max_new_tokens (`model_defaults`, from
+    distill.teacher.model_sampling_defaults) when the run samples with the model's defaults; else what the output
+    needs. Greedy evaluation passes no model defaults."""
+    return flag or model_defaults.get("max_tokens") or needed
+
+
+def wandb_enabled() -> bool:
+    """wandb logs a run when WANDB_API_KEY or WANDB_MODE is set (WANDB_MODE=offline needs no network)."""
+    return bool(os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"))

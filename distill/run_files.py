@@ -1,0 +1,147 @@
+"""One run's files, side by side: the output JSONL, its rejects file, the logprobs sidecar (create_data.py
+--save_logprobs) and the run record. Stage 0 and stage 1 (create_queries.py, create_data.py and its Ray driver)
+resume, append and merge them only through this class, so they do it the same way.
+
+    files = RunFiles(args.output_file, RunRecord("create_data", vars(args)), RESUME_KEYS, sidecar=True)
+    written, rejected = files.resume(settings, overwrite=False)   # rows an earlier run of the same command finished
+    files.finish(status="running", settings=settings)             # the run record, written atomically
+    with files.appender() as append:
+        append([{"row": ..., "sidecar": ...}, {"reject": ...}])  # one write and fsync per file, sidecar lines first
+
+Resuming refuses a run record made with other settings (the keys a stage names: what its answers mean), cuts a
+last line torn by a crash, and keeps rows and sidecar lines only in pairs: a row whose sidecar line is missing, or a
+sidecar line without its row, is dropped and its query asked again. --overwrite deletes all four files instead.
+`merge` builds one output from a multi-instance run's shards when together they hold every selected id exactly
+once and were all made, to the end, with the same settings.
+"""
+
+import json
+from contextlib import contextmanager
+from glob import glob
+from pathlib import Path
+
+from distill.records import InputError, RunRecord, append_jsonl, output_paths, read_jsonl, repair_torn_tail
+from distill.shards import coverage_errors
+from distill.soft_targets import SIDECAR_SUFFIX, read_sidecar, sidecar_path, sync_sidecar
+
+
+def changed_settings(record: dict, settings: dict, keys: tuple[str, ...]) -> list[str]:
+    """The `keys` whose value in a run record's settings differs from `settings`."""
+    previous = record.get("settings", {})
+    return [key for key in keys if previous.get(key) != settings.get(key)]
+
+
+class RunFiles:
+    def __init__(self, output_file: str, run: RunRecord, resume_keys: tuple[str, ...], sidecar: bool = False):
+        self.out, self.rejects, self.record_path = output_paths(output_file)
+        self.sidecar = sidecar_path(self.out) if sidecar else None
+        self.run, self.resume_keys = run, resume_keys
+
+    def written(self) -> list[dict]:
+        return read_jsonl(self.out) if self.out.exists() else []
+
+    def rejected(self) -> list[dict]:
+        return read_jsonl(self.rejects) if self.rejects.exists() else []
+
+    def finish(self, **results) -> dict:
+        """Writes the run record (how the run was started, and `results`); returns it."""
+        return self.run.finish(self.record_path, **results)
+
+    def resume(self, settings: dict, overwrite: bool) -> tuple[list[dict], list[dict]]:
+        """(written rows, rejected rows) that earlier runs of the same command finished, after the repairs above;
+        none with `overwrite`, which deletes the files. InputError when the earlier run had other settings."""
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for path in (self.out, self.rejects, self.record_path, self.sidecar):
+                if path:
+                    path.unlink(missing_ok=True)
+            return [], []
+        if not self.out.exists() and not self.rejects.exists():
+            return [], []
+        if self.record_path.exists():
+            changed = changed_settings(json.loads(self.record_path.read_text()), settings, self.resume_keys)
+            if changed:
+                raise InputError(f"{self.out} was made with other settings ({', '.join(changed)}); pass --overwrite "
+                                 f"to start over")
+        for path in (self.out, self.rejects):
+            cut = repair_torn_tail(path)
+            if cut:
+                print(f"resume: cut a torn last line ({cut} bytes) from {path}")
+        if self.sidecar:
+            for what, ids in sync_sidecar(self.out, self.sidecar).items():
+                if ids:
+                    print(f"resume: {len(ids)} {what.replace('_', ' ')} dropped, to be asked again: {', '.join(ids[:5])}")
+        return self.written(), self.rejected()
+
+    @contextmanager
+    def appender(self):
+        """A function that appends records ({"row": ...}, {"reject": ...}, {"sidecar": ...} dicts) to their files,
+        one write and fsync per file per call. Sidecar lines go first, so a crash leaves at worst a sidecar line
+        without its row (resume drops it), never a row without its sidecar line."""
+        paths = {"sidecar": self.sidecar, "row": self.out, "reject": self.rejects}
+        handles = {kind: open(path, "a", encoding="utf-8") for kind, path in paths.items() if path}
+
+        def append(records: list[dict]) -> None:
+            for kind, handle in handles.items():  # in the order of `paths`: sidecar, row, reject
+                append_jsonl(handle, [record[kind] for record in records if kind in record])
+
+        try:
+            yield append
+        finally:
+            for handle in handles.values():
+                handle.close()
+
+    def merge(self, pattern: str, rows: list[dict], settings: dict) -> dict:
+        """Writes this run's output, rejects (and sidecar) from the shard outputs matching `pattern`, each file
+        replaced atomically, if together they hold every selected id (`rows`) exactly once, were all made with
+        `settings` and finished; InputError otherwise. Then the merged run record, which keeps the settings (the
+        same command run again on the merged output resumes from it and finds nothing to do); returns it."""
+        shard_files = [Path(path) for path in sorted(glob(pattern))
+                       if not path.endswith((".rejects.jsonl", SIDECAR_SUFFIX))]
+        if not shard_files:
+            raise InputError(f"no shard files match {pattern}")
+        shards = {path: RunFiles(str(path), self.run, self.resume_keys, bool(self.sidecar)) for path in shard_files}
+        records, written, rejected = {}, [], []
+        for path, shard in shards.items():
+            if not shard.record_path.exists():
+                raise InputError(f"{shard.record_path} is missing: every shard must come from a create_data.py run")
+            records[path] = json.loads(shard.record_path.read_text(encoding="utf-8"))
+            written += shard.written()
+            rejected += shard.rejected()
+        errors = [f"{path} was made with other settings ({', '.join(changed)})" for path, record in records.items()
+                  if (changed := changed_settings(record, settings, self.resume_keys))]
+        errors += coverage_errors(rows, written + rejected)
+        unfinished = [str(path) for path, record in records.items() if record.get("status") != "finished"]
+        if unfinished:
+            errors.append(f"shards not finished: {', '.join(unfinished)}")
+        if errors:
+            raise InputError(f"shards {pattern} do not cover the input exactly once with the same settings: "
+                             + "; ".join(errors))
+        merged = [(self.out, written), (self.rejects, rejected)]
+        if self.sidecar:
+            merged.append((self.sidecar, merged_sidecars(list(shards.values()), written)))
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        for path, lines in merged:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
+            tmp.replace(path)
+        shard_records = list(records.values())
+        return self.finish(status="finished", settings=settings, merged_from=[str(path) for path in records],
+                           teacher_tokenizer_sha256=shard_records[0].get("teacher_tokenizer_sha256"),
+                           logprobs_top_k=settings["save_logprobs"],
+                           counts={"selected": len(rows), "written_total": len(written),
+                                   "rejected_total": len(rejected)},
+                           shards=[record.get("counts") for record in shard_records],
+                           generation_seconds=max(record.get("generation_seconds") or 0 for record in shard_records))
+
+
+def merged_sidecars(shards: list[RunFiles], written: list[dict]) -> list[dict]:
+    """The shards' sidecar lines in the merged rows' order; InputError unless every written row has one."""
+    lines = {}
+    for shard in shards:
+        lines.update(read_sidecar(shard.sidecar) if shard.sidecar.exists() else {})
+    missing = [row["id"] for row in written if row["id"] not in lines]
+    if missing:
+        raise InputError(f"{len(missing)} rows have no line in their shard's {SIDECAR_SUFFIX} "
+                         f"(e.g. {', '.join(missing[:5])}); re-run those shards to resume them")
+    return [lines[row["id"]] for row in written]

@@ -1,0 +1,218 @@
+"""Stage 1's teacher, from the flags to the records a final answer adds to the run's files: built the same way by
+create_data.py's own engine (`answer_queries`) and by every Ray replica (distill/ray_stage.py); create_queries.py
+shares the sampling and tokenizer steps.
+
+    teacher = build_teacher(args, prompt)
+    settings = run_settings(args, prompt.sha256, model_sampling_defaults(args))   # read without an engine
+    llm = engine.build_llm(args)
+    params = teacher_sampling(llm, args, teacher, settings)                        # checked against settings
+    for outcome in stream(VllmEngine(llm), teacher, rows, params, ...):
+        append([answer_records(outcome, args, teacher)])   # {"row"} or {"reject"}, and the sidecar line
+
+A written row is {"id", "messages": [user query, assistant answer], the input's other columns, "teacher": {...}}:
+for a label task the answer is the label the samples voted for ("teacher" holds label and votes), for a generative
+task the whole final answer ("teacher" holds answer_chars). A rejected query keeps its text, the reason and every
+raw output (create_data.py's docstring has the file formats).
+"""
+
+import signal
+import sys
+from contextlib import contextmanager
+
+from distill import defaults, engine
+from distill.records import InputError
+from distill.soft_targets import sidecar_line
+from distill.teacher import (SAMPLING_FLAGS, StopRequest, StreamStats, Teacher, VllmEngine, effective_sampling,
+                             sampling_params, stream)
+
+# Settings that change what the teacher's answers mean: a resumed run, or a shard merged with others, must share them.
+RESUME_KEYS = ("model", "prompt_sha256", "num_samples", "constrain_labels", *SAMPLING_FLAGS, "max_tokens",
+               "save_logprobs")
+
+
+# ---- sampling: the model's defaults, then the user's flags ------------------------------------------------------
+
+
+class EngineDefaultsError(RuntimeError):
+    """vLLM's sampling defaults are not the ones read from the model's generation_config without the engine."""
+
+
+def user_sampling(args) -> dict:
+    return {flag: getattr(args, flag) for flag in SAMPLING_FLAGS}
+
+
+def expected_sampling(args, model_defaults: dict, max_tokens: int) -> dict:
+    """Sampling as the engine will apply it (`model_defaults`, from distill.teacher.model_sampling_defaults, then the
+    user's flags), known without starting the engine, so a resume check fails in seconds."""
+    from vllm import SamplingParams
+
+    params = sampling_params(SamplingParams.from_optional(**model_defaults), user_sampling(args), max_tokens=max_tokens)
+    return effective_sampling(params)
+
+
+def engine_sampling(llm, args, settings: dict, **fixed):
+    """A started engine's SamplingParams for a run whose `settings` hold expected_sampling, plus `fixed` settings of
+    ours (a constraint, logprobs, stop strings). EngineDefaultsError if vLLM's defaults are not the ones read
+    without it: the resume check would have been wrong."""
+    params = sampling_params(llm.get_default_sampling_params(), user_sampling(args), max_tokens=settings["max_tokens"],
+                             **fixed)
+    effective = effective_sampling(params)
+    if effective != {key: settings[key] for key in effective}:
+        raise EngineDefaultsError(f"vLLM's sampling defaults {effective} differ from the ones read from the model's "
+                                  f"generation_config ({settings}); the resume check would be wrong")
+    return params
+
+
+def run_settings(args, prompt_sha256: str, model_defaults: dict) -> dict:
+    """What a resumed run must share with the run it continues (RESUME_KEYS): sampling as the engine will apply it.
+    The task's stop strings come from the prompt file, which prompt_sha256 pins."""
+    max_tokens = defaults.max_tokens(args.max_tokens, model_defaults, defaults.TEACHER_MAX_TOKENS)
+    sampling = expected_sampling(args, model_defaults, max_tokens)
+    return {"model": args.model, "prompt_sha256": prompt_sha256, "num_samples": args.num_samples,
+            "constrain_labels": args.constrain_labels, **sampling, "save_logprobs": args.save_logprobs}
+
+
+def teacher_sampling(llm, args, teacher: Teacher, settings: dict):
+    """The teacher's SamplingParams: the run's sampling, the label constraint, --save_logprobs, and where the task's
+    answers stop (TaskPrompt.stop_sampling)."""
+    return engine_sampling(llm, args, settings, structured_outputs=teacher.constraint(), logprobs=args.save_logprobs,
+                           **teacher.prompt.stop_sampling())
+
+
+# ---- the teacher ------------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(args):
+    """The model's tokenizer and the context it is served with (--max-model-len, else its max positions)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    return tokenizer, args.max_model_len or AutoConfig.from_pretrained(args.model).max_position_embeddings
+
+
+def build_teacher(args, prompt) -> Teacher:
+    """The teacher's rendering and parsing for --model_name (the driver and every Ray replica build the same)."""
+    tokenizer, max_model_len = load_tokenizer(args)
+    teacher = Teacher(tokenizer, prompt, max_model_len, args.constrain_labels)
+    check_reasoning_parser("--constrain_labels", args.constrain_labels, teacher.expects_reasoning, args)
+    return teacher
+
+
+def check_reasoning_parser(flag: str, constrained: bool, expects_reasoning: bool, args) -> None:
+    """A constraint on the answer of a model that reasons first needs vLLM's reasoning parser, which leaves the
+    reasoning free and constrains what follows it; InputError without one."""
+    if constrained and expects_reasoning and not args.reasoning_parser:
+        raise InputError(f"{flag} on a thinking model needs --reasoning-parser (e.g. qwen3), else the constraint "
+                         f"would cut the reasoning")
+
+
+# ---- a final answer -> the records it adds to the files ---------------------------------------------------------
+
+
+def answer_records(outcome, args, teacher: Teacher) -> dict:
+    """What one query's outcome adds to the files: {"row": ...} or {"reject": ...}, and with --save_logprobs the
+    row's {"sidecar": ...} line."""
+    if outcome.answer is None:
+        return {"reject": rejected_row(outcome)}
+    records = {"row": answer_row(outcome, args.save_raw)}
+    if args.save_logprobs:
+        labels = None if teacher.prompt.is_generative else teacher.prompt.labels
+        records["sidecar"] = sidecar_line(outcome, teacher.tokenizer, args.save_logprobs, labels)
+    return records
+
+
+def carried(row: dict) -> dict:
+    return {key: value for key, value in row.items() if key not in ("id", "text")}
+
+
+def answer_row(outcome, save_raw: bool) -> dict:
+    row = outcome.row
+    # A generative answer is free text: its length says more than a vote count over distinct texts.
+    result = ({"answer_chars": len(outcome.answer)} if outcome.generative
+              else {"label": outcome.answer, "votes": dict(outcome.votes)})
+    teacher = {
+        **result,
+        "invalid_samples": len(outcome.failures),
+        "finish_reasons": [sample.finish_reason for sample in outcome.samples],
+        "reasoning_chars": [sample.parsed.reasoning_chars for sample in outcome.samples],
+    }
+    if save_raw:
+        teacher["raw"] = [sample.text for sample in outcome.samples + outcome.failures]
+    return {"id": row["id"], "messages": [{"role": "user", "content": row["text"]},
+                                          {"role": "assistant", "content": outcome.answer}],
+            **carried(row), "teacher": teacher}
+
+
+def rejected_row(outcome) -> dict:
+    row = outcome.row
+    failures = [{"reason": s.parsed.reason, "finish_reason": s.finish_reason, "raw": s.text} for s in outcome.failures]
+    return {"id": row["id"], "text": row["text"], **carried(row), "reason": outcome.reason, "failures": failures}
+
+
+# ---- writing them as they come ----------------------------------------------------------------------------------
+
+
+@contextmanager
+def answer_writer(files, stats: StreamStats, selected: int, done: int):
+    """A function that appends finished answers' records to the run's files (RunFiles.appender) and moves the
+    progress bar, with the stream's figures beside it. create_data's engine loop and the Ray driver both write
+    through one."""
+    from tqdm import tqdm
+
+    with files.appender() as append, tqdm(total=selected, initial=done, desc="teacher", unit="query") as progress:
+        def write(records: list[dict]) -> None:
+            append(records)
+            progress.update(len(records))
+            figures = stats.summary()
+            progress.set_postfix(written=stats.answered, rejected=stats.rejected, refresh=False,
+                                 **{"q/s": figures["queries_per_second"],
+                                    "tok/s": figures["generated_tokens_per_second"],
+                                    "cache_hit": figures["prefix_cache_hit_rate"]})
+
+        yield write
+
+
+def answer_queries(args, teacher: Teacher, todo: list[dict], selected: int, settings: dict, files):
+    """Streams `todo` through one vLLM engine in this process, each query's records written the moment its answer is
+    final. Returns (the stream's figures, the signal that stopped the run or None)."""
+    llm = engine.build_llm(args)
+    params = teacher_sampling(llm, args, teacher, settings)
+    vllm_engine = VllmEngine(llm)
+    stop = StopRequest("create_data")
+    stats = StreamStats()  # from here: engine start-up is not generation time
+    with answer_writer(files, stats, selected, selected - len(todo)) as write:
+        for outcome in stream(vllm_engine, teacher, todo, params, num_samples=args.num_samples,
+                              max_retries=args.max_retries,
+                              max_in_flight=args.max_in_flight or vllm_engine.max_num_seqs, stop=stop.requested,
+                              stats=stats):
+            write([answer_records(outcome, args, teacher)])
+    return stats.summary(), stop.signal
+
+
+# ---- the end of a run ---------------------------------------------------------------------------------------
+
+
+def report(args, files, record: dict, stats: dict, stopped: int | None) -> None:
+    """create_data's summary of a run that ended, from its run record; exits 128 + the signal that stopped it, or 1
+    when the files do not hold every selected id exactly once."""
+    counts, status = record["counts"], f"interrupted ({signal.Signals(stopped).name})" if stopped else "finished"
+    reasons = ", ".join(f"{k}: {v}" for k, v in stats["reject_reasons"].items()) or "none"
+    print(f"create_data: {status}: {counts['selected']} selected -> {counts['written_total']} written, "
+          f"{counts['rejected_total']} rejected (this run: {stats['labelled']} + {stats['rejected']}, reasons: "
+          f"{reasons}); {counts['skipped_empty']} empty, {counts['duplicates']} duplicates skipped; "
+          f"{stats['seconds']:.1f} s, {record['queries_per_second']} queries/s, {stats['generated_tokens_per_second']} "
+          f"generated tokens/s, prefix-cache hit rate {stats['prefix_cache_hit_rate']} -> {files.out}, "
+          f"{files.rejects.name}, {files.record_path.name}")
+    print(f"create_data: training can use {counts['written_train_side']} of the {counts['written_total']} written rows "
+          f"(the train side of the split: {counts['selected_train_side']} of the {counts['selected']} selected, "
+          f"--split {args.split}{', first ' + str(args.max_samples) if args.max_samples else ''}); the other "
+          f"{counts['written_total'] - counts['written_train_side']} are held out for evaluation")
+    if counts["label_targets"]:
+        targets = counts["label_targets"]
+        print(f"create_data: {targets['labelled_as_target']} of {targets['queries']} queries written for a label got it "
+              f"from the teacher ({100 * targets['share']:.1f}%; per label in the run record)")
+    if stopped:
+        sys.exit(128 + stopped)
+    if record["coverage_errors"]:
+        sys.exit(f"error: {files.out} and {files.rejects.name} do not hold every selected id exactly once: "
+                 + "; ".join(record["coverage_errors"]))

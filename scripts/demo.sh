@@ -24,7 +24,7 @@
 #
 # Env (all optional): PARTS ("in_short language_id"), BEHAVIOUR_TRAIN_ROWS (120 of the 330 train-split questions,
 # in_short and french), BEHAVIOUR_EPOCHS (2), BEHAVIOUR_MAX_TOKENS (48: answer length cap, teacher and evaluations;
-# the french part caps at 40, as measured), ON_POLICY (1: the SFT student goes on with stage 2b, on-policy, on
+# the french part caps at 40, as measured), ON_POLICY (0; 1: the SFT student goes on with stage 2b, on-policy, on
 # ON_POLICY_ROWS training questions, 32; 0 skips it), TRAIN_ROWS (120, language
 # ID), EPOCHS (1, language ID), GOLD_STUDENT (0; 1 adds the gold-label student, ~3 min), TEACHER_EVAL_ROWS (120 of
 # the 233 held-out rows; the language-ID teacher's evaluation is the slowest one), LATENCY_REQUESTS (4: requests
@@ -37,7 +37,7 @@ PARTS=${PARTS:-in_short language_id}
 BEHAVIOUR_TRAIN_ROWS=${BEHAVIOUR_TRAIN_ROWS:-120}
 BEHAVIOUR_EPOCHS=${BEHAVIOUR_EPOCHS:-2}
 BEHAVIOUR_MAX_TOKENS=${BEHAVIOUR_MAX_TOKENS:-}
-ON_POLICY=${ON_POLICY:-1}
+ON_POLICY=${ON_POLICY:-0}
 ON_POLICY_ROWS=${ON_POLICY_ROWS:-32}
 TRAIN_ROWS=${TRAIN_ROWS:-120}
 EPOCHS=${EPOCHS:-1}

@@ -24,7 +24,7 @@ NAMES = "|".join(re.escape(name) for name in sorted({*VLLM_STAGES, "train_sft_tr
                                                      "scripts/gpu_check.py",
                                                      *LAUNCHES}, key=len, reverse=True))
 # Flags after these belong to them, not to a script of ours.
-TOOLS = r"accelerate's|ray start|(?<![\w./])sbatch(?![\w.])|srun|accelerate launch|torchrun|pip (?:install|download|uninstall)|make"
+TOOLS = r"vllm serve|vllm\.entrypoints\.openai\.api_server|accelerate's|ray start|(?<![\w./])sbatch(?![\w.])|srun|accelerate launch|torchrun|pip (?:install|download|uninstall)|make"
 TOKEN = re.compile(rf"(?P<script>(?<![\w])(?:{NAMES}))|(?P<tool>{TOOLS})|(?P<flag>(?<![\w-])--[a-z][a-z0-9_-]*)")
 
 
@@ -62,6 +62,7 @@ def parsers(built):
     actions = {name: {normal(option): action for action in parser._actions for option in action.option_strings}
                for name, parser in built.items()}
     actions["train_sft_trl.py"]["--config"] = None  # TrlParser takes it before argparse sees it
+    actions["train_opd_trl.py"]["--config"] = None
     return actions
 
 

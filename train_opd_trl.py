@@ -28,7 +28,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from distill.defaults import HELDOUT_FRACTION, SPLIT_SEED, wandb_enabled
+from distill.defaults import StudentRunArguments, wandb_enabled
 from distill.engine import on_gpu
 from distill.opd_setup import probe_server_in
 from distill.prompts import DEFAULT_PROMPT
@@ -39,7 +39,7 @@ DEFAULT_STUDENT = "Qwen/Qwen3-4B-Instruct-2507"
 
 
 @dataclass
-class OnPolicyArguments:
+class OnPolicyArguments(StudentRunArguments):
     dataset_name: str = field(default="data/teacher.jsonl", metadata={
         "help": "queries: a stage-1 JSONL (its user turns; the teacher's answers are ignored), or a .txt/.jsonl/.csv "
                 "query file as create_data.py reads it"})
@@ -51,17 +51,6 @@ class OnPolicyArguments:
         "help": "warm start: a stage-2 adapter dir (its LoRA weights and config), else LoRA starts from the base"})
     prompt_cache: bool = field(default=True, metadata={
         "help": "an in-process teacher computes the prompt's KV cache once per run, not once per row"})
-    heldout_fraction: float = field(default=HELDOUT_FRACTION,
-                                    metadata={"help": "share of groups kept out for evaluation"})
-    split_seed: int = field(default=SPLIT_SEED,
-                            metadata={"help": "seed of the group split (evaluate.py must use the same)"})
-    max_train_rows: int | None = field(default=None, metadata={"help": "use only the first N training queries"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a finished run in --output_dir"})
-    train_router: bool = field(default=False, metadata={"help": "LoRA on an MoE router (mlp.gate) too"})
-    plan_only: bool = field(default=False, metadata={"help": "print the memory plan and exit: 0 if it fits"})
-    plan_gpus: int | None = field(default=None, metadata={"help": "plan for this many GPUs (FSDP when > 1)"})
-    plan_gpu_gb: float | None = field(default=None, metadata={"help": "GiB per GPU to plan for"})
-    ignore_memory_plan: bool = field(default=False, metadata={"help": "train even if the memory plan does not fit"})
 
 
 def parse_args(argv=None):
@@ -115,7 +104,7 @@ def main(argv=None):
 
     from distill import opd_setup
     from distill.checkpoint import save_adapter
-    from distill.student import WandbConfigCallback, check_output_dir, finish_record, lora_config, plan_memory
+    from distill.student import WandbConfigCallback, finish_record, lora_config, plan_memory, stop_or_clear
 
     script_args, training_args, model_args = parse_args(argv)
     processes = PartialState()
@@ -132,13 +121,7 @@ def main(argv=None):
                                 teacher_config=opd_setup.teacher_config(script_args, training_args))
     if processes.is_main_process:
         print(plan.format() if on_gpus or script_args.plan_only else "memory plan: CPU run, no GPU to plan for")
-    if script_args.plan_only:
-        sys.exit(0 if plan.fits else plan.advice())
-    if on_gpus and not plan.fits and not script_args.ignore_memory_plan:
-        sys.exit(f"error: the memory plan does not fit.\n{plan.advice()}\n(--ignore_memory_plan trains anyway)")
-    if processes.is_main_process:
-        check_output_dir(script_args, training_args)
-    processes.wait_for_everyone()
+    stop_or_clear(plan, on_gpus, script_args, training_args, processes)
 
     config = {"script": asdict(script_args), "model": asdict(model_args), "training": training_args.to_dict()}
     record = RunRecord("train_opd_trl", config)

@@ -35,41 +35,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from distill.checkpoint import save_adapter
-from distill.defaults import HELDOUT_FRACTION, SPLIT_SEED, wandb_enabled
+from distill.defaults import StudentRunArguments, wandb_enabled
 from distill.engine import on_gpu
 from distill.records import TRAIN_RUN_RECORD as RUN_RECORD
 from distill.records import InputError, RunRecord, read_jsonl
-from distill.student import WandbConfigCallback, check_output_dir, finish_record, lora_config, plan_memory
+from distill.student import WandbConfigCallback, finish_record, lora_config, plan_memory, stop_or_clear
 
 DEFAULT_STUDENT = "Qwen/Qwen3-4B-Instruct-2507"
 
 
 @dataclass
-class DistillArguments:
+class DistillArguments(StudentRunArguments):
     dataset_name: str = field(default="data/teacher.jsonl",
                               metadata={"help": "stage-1 chat JSONL (local path) or a hub dataset of that schema"})
     dataset_split: str = field(default="train", metadata={"help": "split to load from a hub dataset"})
     answer_field: str | None = field(default=None, metadata={
         "help": "train on this column instead of the assistant turn, e.g. `label` for the gold labels"})
-    heldout_fraction: float = field(default=HELDOUT_FRACTION,
-                                    metadata={"help": "share of groups kept out for evaluation"})
-    split_seed: int = field(default=SPLIT_SEED,
-                            metadata={"help": "seed of the group split (evaluate.py must use the same)"})
-    max_train_rows: int | None = field(default=None, metadata={"help": "use only the first N training rows"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a finished run in --output_dir"})
     global_batch_size: int | None = field(default=None, metadata={
         "help": "rows per optimizer step summed over all processes; sets gradient_accumulation_steps"})
     micro_batch_tokens: int | None = field(default=None, metadata={
         "help": "size each process's micro-batch as the most rows (a divisor of its share of the global batch) whose "
                 "mean-length total stays within this many tokens; needs --global_batch_size"})
-    train_router: bool = field(default=False, metadata={"help": "LoRA on an MoE router (mlp.gate) too; frozen by default"})
-    plan_only: bool = field(default=False, metadata={
-        "help": "print the memory plan and exit without loading weights: 0 if it fits, 1 if not"})
-    plan_gpus: int | None = field(default=None, metadata={
-        "help": "plan for this many GPUs (FSDP when > 1) instead of the processes of this launch"})
-    plan_gpu_gb: float | None = field(default=None, metadata={
-        "help": "GiB per GPU to plan for (default: the visible GPU's; 80, an H100, on a machine without one)"})
-    ignore_memory_plan: bool = field(default=False, metadata={"help": "train even if the memory plan does not fit"})
     distill_loss: str = field(default="ce", metadata={
         "help": "ce: cross-entropy on the teacher's answer; kd: KL from the teacher's top-K log-probabilities "
                 "(or vote shares) on answer tokens; kd+ce: kd_alpha * KD * T^2 + (1 - kd_alpha) * CE",
@@ -248,13 +234,7 @@ def main(argv=None):
         print(plan.format())
     elif processes.is_main_process:
         print("memory plan: CPU run, no GPU to plan for")
-    if script_args.plan_only:
-        sys.exit(0 if plan.fits else plan.advice())
-    if on_gpus and not plan.fits and not script_args.ignore_memory_plan:
-        sys.exit(f"error: the memory plan does not fit.\n{plan.advice()}\n(--ignore_memory_plan trains anyway)")
-    if processes.is_main_process:
-        check_output_dir(script_args, training_args)
-    processes.wait_for_everyone()
+    stop_or_clear(plan, on_gpus, script_args, training_args, processes)
 
     try:
         data = prepare(script_args, training_args, model_args)

@@ -3,6 +3,7 @@ answer may take, the train / held-out split, and whether a run logs to wandb.
 """
 
 import os
+from dataclasses import dataclass, field
 
 TEACHER_MODEL = "Qwen/Qwen3-30B-A3B-Thinking-2507"  # stage 1's teacher, stage 0's query writer
 
@@ -28,3 +29,24 @@ def max_tokens(flag: int | None, model_defaults: dict, needed: int) -> int:
 def wandb_enabled() -> bool:
     """wandb logs a run when WANDB_API_KEY or WANDB_MODE is set (WANDB_MODE=offline needs no network)."""
     return bool(os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"))
+
+
+@dataclass
+class StudentRunArguments:
+    """The flags both student stages (train_sft_trl.py, train_opd_trl.py) take: the split, the output-dir policy, the
+    router and the memory plan. Each stage's own arguments subclass this."""
+
+    heldout_fraction: float = field(default=HELDOUT_FRACTION,
+                                    metadata={"help": "share of groups kept out for evaluation"})
+    split_seed: int = field(default=SPLIT_SEED,
+                            metadata={"help": "seed of the group split (evaluate.py must use the same)"})
+    max_train_rows: int | None = field(default=None, metadata={"help": "use only the first N training rows"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a finished run in --output_dir"})
+    train_router: bool = field(default=False, metadata={"help": "LoRA on an MoE router (mlp.gate) too; frozen by default"})
+    plan_only: bool = field(default=False, metadata={
+        "help": "print the memory plan and exit without loading weights: 0 if it fits, 1 if not"})
+    plan_gpus: int | None = field(default=None, metadata={
+        "help": "plan for this many GPUs (FSDP when > 1) instead of the processes of this launch"})
+    plan_gpu_gb: float | None = field(default=None, metadata={
+        "help": "GiB per GPU to plan for (default: the visible GPU's; 80, an H100, on a machine without one)"})
+    ignore_memory_plan: bool = field(default=False, metadata={"help": "train even if the memory plan does not fit"})

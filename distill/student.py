@@ -39,6 +39,18 @@ def check_output_dir(script_args, training_args):
             shutil.rmtree(out)
 
 
+def stop_or_clear(plan, on_gpus: bool, script_args, training_args, processes) -> None:
+    """After the plan is printed: --plan_only exits (0 if it fits), a plan that does not fit the GPUs stops the run
+    unless --ignore_memory_plan, and the main process applies the output-dir policy before the others go on."""
+    if script_args.plan_only:
+        sys.exit(0 if plan.fits else plan.advice())
+    if on_gpus and not plan.fits and not script_args.ignore_memory_plan:
+        sys.exit(f"error: the memory plan does not fit.\n{plan.advice()}\n(--ignore_memory_plan trains anyway)")
+    if processes.is_main_process:
+        check_output_dir(script_args, training_args)
+    processes.wait_for_everyone()
+
+
 def plan_memory(script_args, training_args, model_args, peft_config, teacher_config=None):
     """The memory plan for the GPUs this run will use (or --plan_gpus), from the model's config on the meta device,
     and whether there is a GPU to hold it to (a CPU run without --plan_gpus/--plan_gpu_gb has none). An in-process

@@ -102,7 +102,7 @@ def main(argv=None):
         sys.exit(f"error: {error}")
     from accelerate import PartialState
 
-    from distill import opd_setup
+    from distill import fingerprint, opd_setup
     from distill.checkpoint import save_adapter
     from distill.student import WandbConfigCallback, finish_record, lora_config, plan_memory, stop_or_clear
 
@@ -143,6 +143,9 @@ def main(argv=None):
         trainer.add_callback(WandbConfigCallback(config))
     result = trainer.train()
     saved_tensors = save_adapter(trainer, training_args.output_dir)
+    report["fingerprint"] = fingerprint.record(  # every rank
+        trainer, fingerprint.query_probes(tokenizers.student, queries.rows, script_args.fingerprint_probes),
+        training_args.output_dir)
     report["teacher_spend"] = trainer.spend.to_dict()
     if processes.is_main_process:
         trainer.processing_class.save_pretrained(training_args.output_dir)

@@ -34,6 +34,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from distill import fingerprint
 from distill.checkpoint import save_adapter
 from distill.defaults import StudentRunArguments, wandb_enabled
 from distill.engine import on_gpu
@@ -134,6 +135,7 @@ class TrainingData:
     examples: list[dict]  # input_ids and completion_mask (plus the teacher's targets for KD) of each training row
     tokenizer: object
     counts: dict  # rows in the file, dropped, used, the answer source, the batch, KD coverage: for the run record
+    probes: list[dict]  # the first --fingerprint_probes training rows, tokenized, for the fingerprint
 
 
 def prepare(script_args, training_args, model_args) -> TrainingData:
@@ -142,6 +144,7 @@ def prepare(script_args, training_args, model_args) -> TrainingData:
     exactly what trains. Reads files and the tokenizer only; no model loads."""
     from transformers import AutoTokenizer
 
+    from distill.fingerprint import probes
     from distill.soft_targets import check_tokenizer, find_targets, row_targets
     from distill.training import query_and_answer, tokenize, training_rows
 
@@ -174,7 +177,9 @@ def prepare(script_args, training_args, model_args) -> TrainingData:
         counts["distillation"] = {"loss": script_args.distill_loss, "source": targets.source,
                                   "rows_distilled": distilled, "rows_ce_fallback": len(examples) - distilled,
                                   "temperature": script_args.kd_temperature, "alpha": kd_weight(script_args)}
-    return TrainingData(examples, tokenizer, counts)
+    probe_rows = probes(tokenizer, [(row.get("id"), *query_and_answer(row, script_args.answer_field))
+                                    for row in train[: script_args.fingerprint_probes]])
+    return TrainingData(examples, tokenizer, counts, probe_rows)
 
 
 def build_trainer(script_args, training_args, model_args, data: TrainingData, peft_config=None):
@@ -265,6 +270,7 @@ def main(argv=None):
         trainer.add_callback(WandbConfigCallback(config))
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     saved_tensors = save_adapter(trainer, training_args.output_dir)
+    report["fingerprint"] = fingerprint.record(trainer, data.probes, training_args.output_dir)  # every rank
     if processes.is_main_process:
         trainer.processing_class.save_pretrained(training_args.output_dir)
         finish_record(record, record_path, report, result, trainer, model_args, saved_tensors)

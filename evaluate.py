@@ -33,7 +33,7 @@ import json
 import sys
 from pathlib import Path
 
-from distill import defaults, engine, report, serving
+from distill import defaults, engine, fingerprint, report, serving
 from distill.defaults import STUDENT_MAX_TOKENS, TEACHER_MAX_TOKENS, wandb_enabled
 from distill.judge import judge_examples
 from distill.metrics import cost, cost_ratio
@@ -78,6 +78,9 @@ def build_parser():
                         help="the judge's budget per verdict, reasoning included")
     parser.add_argument("--no-lingua", action="store_true", help="skip the lingua baseline")
     parser.add_argument("--quiet", action="store_true", help="no line per sample")
+    parser.add_argument("--skip-fingerprint", action="store_true",
+                        help="score without checking that the served model reproduces the adapter's fingerprint.json "
+                             "(the results JSON records the skip)")
     parser.add_argument("--merge-lora", action="store_true",
                         help="on GPU, serve the adapter merged into its base (bf16) instead of through vLLM's LoRA "
                              "support (on CPU merging is the default)")
@@ -126,10 +129,13 @@ def main(argv=None):
           f"({args.split} split)")
 
     tokenizer, prompt_ids = render_prompts(args, prompt, rows)
+    trained = trained_fingerprint(args, tokenizer)  # a template skew stops here, before the engine starts
     if args.max_model_len is None:  # the prompts decide the context, so they are rendered before the engine starts
+        probe_ids = [p["input_ids"] for p in trained["probes"]] if trained else []
         served.engine_overrides["max_model_len"] = serving.max_model_len(
-            prompt_ids, args.max_tokens, served.config_source, args.trust_remote_code)
+            prompt_ids + probe_ids, args.max_tokens, served.config_source, args.trust_remote_code)
     llm = engine.build_llm(args, **served.engine_overrides)
+    fingerprint_check = check_served(args, llm, served, trained)
     generation = serving.generate(llm, tokenizer, rows, prompt_ids, prompt, args, served.lora_request())
     served_max_model_len = llm.model_config.max_model_len
 
@@ -149,7 +155,8 @@ def main(argv=None):
     output_file = Path(args.output_file or Path(args.model_path) / f"eval_{args.split}.json")
     full = {"mode": mode, "model_path": str(Path(args.model_path)), "serving": served.description,
             "max_model_len": served_max_model_len, "sampling": generation.sampling,
-            "split_check": dataclasses.asdict(split_check), "test_file": args.test_file, "split": args.split,
+            "split_check": dataclasses.asdict(split_check), "fingerprint": dataclasses.asdict(fingerprint_check),
+            "test_file": args.test_file, "split": args.split,
             "gold_field": args.label_field, "teacher_file": args.teacher_file, **results, "examples": examples}
     record.finish(output_file, **full)
     report.show(full, output_file, wandb=args.report_to == "wandb")
@@ -193,6 +200,45 @@ def check_model(args, rows, teacher_of):
     return served, split_check
 
 
+def trained_fingerprint(args, tokenizer) -> dict | None:
+    """The model's fingerprint.json, after checking that this evaluation renders its probes' prompts to the ids
+    training did; None when skipped or absent (an adapter trained before fingerprints: a warning)."""
+    trained = None if args.skip_fingerprint else fingerprint.load(args.model_path)
+    if trained is None and not args.skip_fingerprint and serving.is_adapter(Path(args.model_path)):
+        print(f"evaluate: warning: {args.model_path} has no {fingerprint.FINGERPRINT} (trained before fingerprints): "
+              f"cannot check that the served model is the trained student", file=sys.stderr)
+    if trained:
+        try:
+            fingerprint.check_ids(trained, student_prompt_ids(tokenizer, [p["query"] for p in trained["probes"]]),
+                                  tokenizer)
+        except fingerprint.FingerprintMismatch as error:
+            sys.exit(f"error: {error}")
+    return trained
+
+
+def check_served(args, llm, served, trained) -> fingerprint.FingerprintCheck:
+    """The served engine's log-probabilities of the probes' answer tokens against training's, through the path that
+    will score (vLLM LoRA or merged); stops the run on a mismatch, before any row is scored."""
+    if trained is None:
+        return fingerprint.FingerprintCheck("skipped" if args.skip_fingerprint else "absent")
+    served_dtype = str(llm.model_config.dtype).removeprefix("torch.")
+    try:
+        check = fingerprint.compare(trained, fingerprint.served_logprobs(llm, trained, served.lora_request()),
+                                    served_dtype, served.mismatch_advice)
+    except fingerprint.FingerprintMismatch as error:
+        sys.exit(f"error: {error}\n(--skip_fingerprint scores anyway)")
+    print(f"evaluate: fingerprint passed: {check.probes} probes, {check.answer_tokens} answer tokens, largest "
+          f"log-probability difference {check.max_abs_diff:.3g} (mean {check.mean_abs_diff:.3g}), tolerance "
+          f"{check.tolerance:g} ({check.trained_dtype} trained, {check.served_dtype} served)")
+    return check
+
+
+def student_prompt_ids(tokenizer, queries: list[str]) -> list[list[int]]:
+    """The student's input ids: its bare query in the chat template, as training rendered it (distill.prompts)."""
+    return [tokenizer(render(tokenizer, student_messages(query)), add_special_tokens=False).input_ids
+            for query in queries]
+
+
 def render_prompts(args, prompt, rows):
     """The tokenizer and every row's prompt ids: the teacher's with the long prompt, or the student's bare query.
     An adapter's own tokenizer is the one it trained with (and the one its merged copy carries)."""
@@ -200,10 +246,9 @@ def render_prompts(args, prompt, rows):
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model_path,
                                               trust_remote_code=args.trust_remote_code)
-    if args.with_prompt:
-        texts = [render_teacher(tokenizer, prompt.teacher_messages(row["text"])) for row in rows]
-    else:
-        texts = [render(tokenizer, student_messages(row["text"])) for row in rows]
+    if not args.with_prompt:
+        return tokenizer, student_prompt_ids(tokenizer, [row["text"] for row in rows])
+    texts = [render_teacher(tokenizer, prompt.teacher_messages(row["text"])) for row in rows]
     return tokenizer, [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
 
 

@@ -31,13 +31,17 @@ class Serving:
     engine_overrides: dict  # LLM(...) arguments that replace the CLI's
     lora_path: str | None = None  # set when vLLM applies the adapter itself
     config_source: str = ""  # where the served model's config.json is (for max_position_embeddings)
+    fused_expert_lora: bool = False  # the adapter holds fused MoE expert tensors (PEFT target_parameters)
+    mismatch_advice: str = ""  # the likely cause and fix when the served model fails the fingerprint check
 
     def lora_request(self):
         if self.lora_path is None:
             return None
         from vllm.lora.request import LoRARequest
 
-        return LoRARequest("student", 1, self.lora_path)
+        # PEFT's target_parameters store a layer's experts as two fused 3D tensors; vLLM 0.32 loads those only when
+        # the request says so (and the engine has enable_mixed_moe_lora_format), else it refuses the adapter.
+        return LoRARequest("student", 1, self.lora_path, is_3d_lora_weight=self.fused_expert_lora)
 
 
 def is_adapter(model_path: Path) -> bool:
@@ -47,19 +51,30 @@ def is_adapter(model_path: Path) -> bool:
 def serve(model_path: Path, base_model: str | None, merge_lora: bool, gpu: bool) -> Serving:
     """The serving path for model_path; merges the adapter (or reuses the cached merge) when that path is chosen."""
     if not is_adapter(model_path):
-        return Serving("full model", {"model": str(model_path)}, config_source=str(model_path))
+        return Serving("full model", {"model": str(model_path)}, config_source=str(model_path),
+                       mismatch_advice=f"{model_path} is not the model training fingerprinted: were its weights "
+                                       f"changed after training?")
     adapter_config = json.loads((model_path / "adapter_config.json").read_text())
     base_model = base_model or adapter_config["base_model_name_or_path"]
     if gpu and not merge_lora:
         rank = max_lora_rank(adapter_config)
-        return Serving(f"vLLM LoRA adapter on the base model (max_lora_rank {rank})",
-                       {"model": base_model, "enable_lora": True, "max_lora_rank": rank},
-                       lora_path=str(model_path), config_source=base_model)
+        fused = bool(adapter_config.get("target_parameters"))
+        return Serving(f"vLLM LoRA adapter on the base model (max_lora_rank {rank}"
+                       f"{', fused MoE experts in the 3D layout' if fused else ''})",
+                       {"model": base_model, "enable_lora": True, "max_lora_rank": rank,
+                        **({"enable_mixed_moe_lora_format": True} if fused else {})},
+                       lora_path=str(model_path), config_source=base_model, fused_expert_lora=fused,
+                       mismatch_advice=f"vLLM's LoRA support did not reproduce the adapter on {base_model} (it is "
+                                       f"reported to drop or mis-load LoRA on fused MoE experts; or the base differs "
+                                       f"from training's): pass --merge_lora to serve it merged into its base")
     dtype = "bfloat16" if gpu else "float32"
     why = "--merge_lora" if gpu else "CPU: vLLM's LoRA path is >10x slower"
     merged = merged_copy(model_path, base_model, dtype)
     return Serving(f"adapter merged into the base, {dtype} ({why})", {"model": str(merged)},
-                   config_source=str(merged))
+                   config_source=str(merged),
+                   mismatch_advice=f"the adapter merged into {base_model} ({merged}) is not the trained student: "
+                                   f"is {base_model} the base it trained on (--base_model)? Delete {merged} to "
+                                   f"rebuild the merge")
 
 
 def max_lora_rank(adapter_config: dict) -> int:

@@ -89,3 +89,71 @@ def test_fused_experts_refuse_dropout(tiny_moe, gold_teacher_file, tmp_path):
                       "--dataset_name", gold_teacher_file, "--max_steps", "1", "--report_to", "none",
                       "--output_dir", tmp_path / "run", "--lora_dropout", "0.05", check=False)
     assert result.returncode != 0 and "lora_dropout" in result.stderr
+
+
+# ---- serving an MoE student: the fingerprint check on each path (distill/fingerprint.py) -------------------------
+
+
+@pytest.fixture(scope="module")
+def moe_student(tiny_moe, example_rows, tmp_path_factory):
+    """2 steps of recipes/cpu.yaml on the tiny MoE: LoRA on attention and on the fused experts (target_parameters)."""
+    from tests.conftest import write_teacher_file
+
+    work = tmp_path_factory.mktemp("moe-student")
+    data = write_teacher_file(work / "teacher.jsonl", example_rows)
+    run_main("train_sft_trl.py", "--config", "recipes/cpu.yaml", "--model_name_or_path", tiny_moe,
+             "--dataset_name", data, "--max_steps", "2", "--report_to", "none", "--output_dir", work / "run")
+    return work / "run"
+
+
+def evaluate_moe(adapter, output, **serve_overrides):
+    """evaluate.py on 4 held-out rows; serve_overrides replace serving.serve's gpu / merge_lora decision."""
+    from unittest import mock
+
+    from distill import serving
+    from tests.conftest import EXAMPLE_DATA
+
+    real = serving.serve
+
+    def serve(path, base, merge, gpu):
+        return real(path, base, serve_overrides.get("merge", merge), serve_overrides.get("gpu", gpu))
+
+    with mock.patch.object(serving, "serve", serve):
+        return run_main("evaluate.py", "--model_path", adapter, "--test_file", EXAMPLE_DATA, "--max_samples", 4,
+                        "--latency_requests", 0, "--no-lingua", "--quiet", "--output_file", output, check=False)
+
+
+@pytest.mark.slow
+def test_the_merged_moe_student_passes_its_fingerprint(moe_student, tmp_path, shared_engines):
+    config = json.loads((moe_student / "adapter_config.json").read_text())
+    assert set(config["target_parameters"]) == {"gate_up_proj", "down_proj"}
+    result = evaluate_moe(moe_student, tmp_path / "merged.json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    check = json.loads((tmp_path / "merged.json").read_text())["fingerprint"]
+    assert check["status"] == "passed" and check["max_abs_diff"] < check["tolerance"] == 1e-3
+    print(f"MoE merged, fp32 on CPU: largest difference {check['max_abs_diff']:.3g}")
+
+
+@pytest.mark.slow
+def test_vllm_0_32_on_cpu_cannot_serve_lora_on_fused_experts(moe_student, tmp_path, shared_engines):
+    """What vLLM 0.32's CPU build does with PEFT's fused-expert LoRA (README, "The fingerprint"): it refuses the 3D
+    layout unless asked for it, and asked (as evaluate.py's GPU path asks) its MoE LoRA kernel needs Triton, which the
+    CPU build lacks. It never silently drops the experts' LoRA; this is why a CPU run merges. If a vLLM upgrade
+    changes either, this test says so."""
+    from distill import serving
+
+    asked = evaluate_moe(moe_student, tmp_path / "lora.json", gpu=True)
+    assert asked.returncode == 1 and not (tmp_path / "lora.json").exists()
+    assert "triton" in asked.stderr.lower()
+    served = serving.serve(moe_student, None, False, True)
+    assert served.engine_overrides["enable_mixed_moe_lora_format"] and served.lora_request().is_3d_lora_weight
+
+    from unittest import mock
+
+    unasked = serving.Serving("vLLM LoRA without the 3D layout", {**served.engine_overrides,
+                                                                  "enable_mixed_moe_lora_format": False},
+                              lora_path=served.lora_path, config_source=served.config_source)
+    with mock.patch.object(serving, "serve", lambda *args: unasked):
+        refused = evaluate_moe(moe_student, tmp_path / "lora.json")
+    assert refused.returncode == 1
+    assert "contains fused 3D MoE weights" in refused.stderr and "enable_mixed_moe_lora_format" in refused.stderr

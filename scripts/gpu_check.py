@@ -24,8 +24,14 @@ Steps, with an estimate of their seconds on one H100 (not measured yet) and thei
   build 30B-A3B (--moe_layers layers)          35    240  Qwen3-30B-A3B-Instruct-2507's config cut to 4 layers
   30B-A3B cut, FSDP on every GPU               75    360  tinker_30b_fsdp.yaml under accelerate + FSDP2
   merge 30B-A3B adapter                        30    180  attention and expert weights change, the router does not
-  vLLM serves the 4B adapter                   60    300  evaluate.py through vLLM's LoRA path (SKIP without vllm)
-                                              448 s (7.5 min) in all; --budget_s (540 s) caps a slow run
+  vLLM serves the 4B adapter with LoRA        60    300  evaluate.py through vLLM's LoRA path (SKIP without vllm);
+                                                          every serving step passes only if the served model
+                                                          reproduces the adapter's fingerprint.json
+  vLLM serves the 4B adapter merged           60    300  --merge_lora: merged on the GPU in bf16, then served
+  vLLM serves the 30B-A3B cut with LoRA       50    300  PEFT's fused-expert LoRA through vLLM 0.32 (3D layout):
+                                                          the fingerprint says whether vLLM applies it
+  vLLM serves the 30B-A3B cut merged          60    300  --merge_lora on the MoE
+                                              618 s (10.3 min) in all; --budget_s (720 s) caps a slow run
 How estimated: ~8 s of imports per process; 8 GB of 4B weights (6 GB for the cut MoE) written or read at ~1-2 GB/s;
 a step of 128 rows x ~88 tokens = 11k tokens at the H100's measured 6,888 tokens/s (tinker.yaml, 3 steps) and
 787 tokens/s (old recipe, 2 steps, ~15 s each); vLLM's engine start in eager mode ~30 s.
@@ -323,18 +329,6 @@ def build_steps(steps: int, old_steps: int, moe_layers: int, vllm_installed: boo
     moe = f"qwen3-30b-a3b-{moe_layers}layers-random"
     basics = ("environment", "rows")
 
-    def vllm_command(state: dict) -> list[str]:
-        return [sys.executable, "evaluate.py", "--model_path", str(state["work"] / "run-4b-tinker"), "--max_samples",
-                "32", "--output_file", str(state["work"] / "eval.json"), "--no_lingua", "--quiet",
-                "--latency_requests", "2", "--report_to", "none", "--gpu_memory_utilization", "0.5",
-                "--enforce-eager"]  # eager: torch.compile and graph capture would cost a minute here and prove no more
-
-    def vllm_check(finished: Finished, state: dict) -> str:
-        result = json.loads((state["work"] / "eval.json").read_text())
-        if result["n"] != 32 or "LoRA" not in result["serving"]:
-            raise StepFailed(f"{result['n']} rows served by {result['serving']}, expected 32 through vLLM's LoRA")
-        return f"{result['serving']}; {result['n']} rows, parse rate {result.get('parse_rate')}"
-
     return [
         helper_step("environment", ["environment"], (), 8, 90, one_gpu=False, remember="state"),
         helper_step("rows", ["rows"], (), 6, 120),
@@ -357,10 +351,45 @@ def build_steps(steps: int, old_steps: int, moe_layers: int, vllm_installed: boo
                    fsdp=True),
         helper_step("merge 30B-A3B adapter (bf16, GPU)", ["merge", moe, "run-30b-fsdp"],
                     ("30B-A3B cut, FSDP on every GPU: recipes/tinker_30b_fsdp.yaml",), 30, 180),
-        Step("vLLM serves the 4B adapter with LoRA (evaluate.py)", vllm_command, 60, 300, vllm_check,
-             ("4B, 1 GPU: recipes/tinker.yaml",),
-             skip=lambda: None if vllm_installed else "vllm is not installed: vLLM LoRA serving NOT PROVEN"),
+        serve_step("4B", "run-4b-tinker", merged=False, rows=32, estimate_s=60, vllm_installed=vllm_installed),
+        serve_step("4B", "run-4b-tinker", merged=True, rows=8, estimate_s=60, vllm_installed=vllm_installed),
+        serve_step("30B-A3B cut", "run-30b-fsdp", merged=False, rows=8, estimate_s=50, vllm_installed=vllm_installed),
+        serve_step("30B-A3B cut", "run-30b-fsdp", merged=True, rows=8, estimate_s=60, vllm_installed=vllm_installed),
     ]
+
+
+TRAINED_BY = {"run-4b-tinker": "4B, 1 GPU: recipes/tinker.yaml",
+              "run-30b-fsdp": "30B-A3B cut, FSDP on every GPU: recipes/tinker_30b_fsdp.yaml"}
+
+
+def serve_step(shape: str, run: str, merged: bool, rows: int, estimate_s: int, vllm_installed: bool) -> Step:
+    """evaluate.py serving a trained adapter through vLLM's LoRA path or merged (--merge_lora): it passes only when
+    the served model reproduces the adapter's fingerprint (distill/fingerprint.py), whose figures the detail gives.
+    For the MoE that is the open question: does vLLM 0.32 apply PEFT's fused-expert LoRA on a GPU?"""
+    path = "merged" if merged else "lora"
+    output = f"eval-{run}-{path}.json"
+
+    def command(state: dict) -> list[str]:
+        return [sys.executable, "evaluate.py", "--model_path", str(state["work"] / run), "--max_samples", str(rows),
+                "--output_file", str(state["work"] / output), "--no_lingua", "--quiet", "--latency_requests", "2",
+                "--report_to", "none", "--gpu_memory_utilization", "0.5", *(["--merge_lora"] if merged else []),
+                "--enforce-eager"]  # eager: torch.compile and graph capture would cost a minute here and prove no more
+
+    def check(finished: Finished, state: dict) -> str:
+        result = json.loads((state["work"] / output).read_text())
+        served_as = "merged" if merged else "LoRA"
+        if result["n"] != rows or served_as not in result["serving"]:
+            raise StepFailed(f"{result['n']} rows served by {result['serving']}, expected {rows} ({served_as})")
+        check = result["fingerprint"]
+        if check["status"] != "passed":
+            raise StepFailed(f"fingerprint {check['status']}: the run left no fingerprint.json")
+        return (f"{result['serving']}; fingerprint: largest log-probability difference {check['max_abs_diff']:.3g} "
+                f"(mean {check['mean_abs_diff']:.3g}, tolerance {check['tolerance']:g}) over {check['answer_tokens']} "
+                f"tokens; {result['n']} rows, parse rate {result.get('parse_rate')}")
+
+    how = "merged (evaluate.py --merge_lora)" if merged else "with LoRA (evaluate.py)"
+    return Step(f"vLLM serves the {shape} adapter {how}", command, estimate_s, 300, check, (TRAINED_BY[run],),
+                skip=lambda: None if vllm_installed else f"vllm is not installed: vLLM serving ({path}) NOT PROVEN")
 
 
 def device_runner(work: Path, first_gpu: str) -> Callable[[Step, float, dict], Finished]:
@@ -490,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--old_steps", type=int, default=2,
                         help="optimizer steps of the old recipe, whose steps take ~9x as long (~15 s on an H100)")
     parser.add_argument("--moe_layers", type=int, default=4, help="layers of the cut 30B-A3B student")
-    parser.add_argument("--budget_s", type=float, default=540,
+    parser.add_argument("--budget_s", type=float, default=720,
                         help="seconds for the whole check; steps that would start later are skipped")
     parser.add_argument("--helper", nargs="+", help=argparse.SUPPRESS)  # one step's own Python, in its own process
     return parser

@@ -64,9 +64,16 @@ def passing_answers():
             "teacher_spend": {"prompt_prefix_tokens": 2300, "query_and_answer_tokens": 1400}}))
         return Finished(0, "train: done", "", 40.0)
 
-    def served(work):
-        (work / "eval.json").write_text(json.dumps({"n": 32, "serving": "vLLM LoRA (max_lora_rank 32)",
-                                                    "parse_rate": 0.0}))
+    def served(work):  # every serving step's results JSON, its fingerprint check passed
+        fingerprint = {"status": "passed", "max_abs_diff": 0.06, "mean_abs_diff": 0.01, "tolerance": 0.5,
+                       "answer_tokens": 24}
+        for run, rows in (("run-4b-tinker", 32), ("run-30b-fsdp", 8)):
+            (work / f"eval-{run}-lora.json").write_text(json.dumps({
+                "n": rows, "serving": "vLLM LoRA adapter on the base model (max_lora_rank 32)", "parse_rate": 0.0,
+                "fingerprint": fingerprint}))
+            (work / f"eval-{run}-merged.json").write_text(json.dumps({
+                "n": 8, "serving": "adapter merged into the base, bfloat16 (--merge_lora)", "parse_rate": 0.0,
+                "fingerprint": fingerprint}))
         return Finished(0, "", "", 30.0)
 
     return {
@@ -94,7 +101,9 @@ def run(tmp_path, answers, vllm_installed=False, budget_s=600):
 def test_every_step_passing_exits_0(tmp_path):
     results, text, code, _, runner = run(tmp_path, passing_answers(), vllm_installed=True)
     assert code == 0 and all(result.status == "PASS" for result in results.values()), text
-    assert "14 passed, 0 failed, 0 skipped" in text and "NOT PROVEN" not in text
+    assert "17 passed, 0 failed, 0 skipped" in text and "NOT PROVEN" not in text
+    assert "largest log-probability difference 0.06 (mean 0.01, tolerance 0.5) over 24 tokens" in results[
+        "vLLM serves the 30B-A3B cut adapter with LoRA (evaluate.py)"].detail
     assert "2300 prompt tokens once" in results["4B on-policy, 1 GPU: self-teacher reading the prompt "
                                                  "(train_opd_trl.py)"].detail
     old = results["4B, 1 GPU: the old recipe (8 x 16, checkpointing, padded)"].detail
@@ -110,7 +119,7 @@ def test_vllm_absent_is_a_skip_that_the_exit_code_and_summary_report(tmp_path):
     vllm = results["vLLM serves the 4B adapter with LoRA (evaluate.py)"]
     assert vllm.status == "SKIP" and "NOT PROVEN" in vllm.detail
     assert code == gpu_check.SKIP_EXIT == 3
-    assert "13 passed, 0 failed, 1 skipped" in text and "NOT PROVEN (skipped): vLLM serves" in text
+    assert "13 passed, 0 failed, 4 skipped" in text and "NOT PROVEN (skipped): vLLM serves" in text
     assert "vLLM" not in " ".join(name for name, _, _ in runner.calls)  # a skipped step never runs
 
 
@@ -133,10 +142,23 @@ def test_a_failure_a_timeout_and_a_skip_each_reach_the_summary_and_exit_code(tmp
     assert "needs 'build 4B', which did not pass (FAIL)" in results["4B, 1 GPU: recipes/tinker.yaml"].detail
     # the MoE steps do not need the 4B ones: they still ran and passed
     assert results["merge 30B-A3B adapter (bf16, GPU)"].status == "PASS"
-    assert "7 passed, 2 failed, 5 skipped" in text and "gpu_check: exit 1 (failed)" in text
+    assert "7 passed, 2 failed, 8 skipped" in text and "gpu_check: exit 1 (failed)" in text
     for line in ("FAIL  plan: 30B-A3B on 1 x 80 GiB (must not fit)", "FAIL  build 4B: timed out",
                  "SKIP  vLLM serves the 4B adapter", "NOT PROVEN (skipped): 4B, 1 GPU: recipes/tinker.yaml"):
         assert line in text
+
+
+def test_a_served_model_without_a_passed_fingerprint_fails(tmp_path):
+    def unchecked(work):
+        answers_served = passing_answers()["vLLM"](work)
+        path = work / "eval-run-30b-fsdp-merged.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "fingerprint": {"status": "absent"}}))
+        return answers_served
+
+    answers = {"vLLM serves the 30B-A3B cut adapter merged": unchecked, **passing_answers()}  # the first match wins
+    results, _, code, _, _ = run(tmp_path, answers, vllm_installed=True)
+    failed = results["vLLM serves the 30B-A3B cut adapter merged (evaluate.py --merge_lora)"]
+    assert failed.status == "FAIL" and "fingerprint absent" in failed.detail and code == 1
 
 
 def test_a_plan_that_fits_where_it_must_not_fails(tmp_path):

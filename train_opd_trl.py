@@ -143,7 +143,7 @@ def main(argv=None):
         trainer.add_callback(WandbConfigCallback(config))
     result = trainer.train()
     saved_tensors = save_adapter(trainer, training_args.output_dir)
-    report["fingerprint"] = fingerprint.record(  # every rank
+    report["fingerprint"] = fingerprint.record_trained(  # every rank
         trainer, fingerprint.query_probes(tokenizers.student, queries.rows, script_args.fingerprint_probes),
         training_args.output_dir)
     report["teacher_spend"] = trainer.spend.to_dict()

@@ -270,7 +270,8 @@ def main(argv=None):
         trainer.add_callback(WandbConfigCallback(config))
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     saved_tensors = save_adapter(trainer, training_args.output_dir)
-    report["fingerprint"] = fingerprint.record(trainer, data.probes, training_args.output_dir)  # every rank
+    # Every rank: the trained model, still in memory, scores the probes (a collective under FSDP); rank 0 writes.
+    report["fingerprint"] = fingerprint.record_trained(trainer, data.probes, training_args.output_dir)
     if processes.is_main_process:
         trainer.processing_class.save_pretrained(training_args.output_dir)
         finish_record(record, record_path, report, result, trainer, model_args, saved_tensors)

@@ -64,26 +64,37 @@ def answer_logprobs(model, input_ids: list[int], answer_start: int, device) -> l
     return logits.log_softmax(-1).gather(-1, ids[0, answer_start:, None])[:, 0].tolist()
 
 
-def record(trainer, probe_rows: list[dict], output_dir: str) -> dict | None:
-    """Scores the probes with the trained model and writes FINGERPRINT into output_dir (main process); returns a
-    summary for the run record (None with no probes). Every process must call it: under FSDP each forward is a
-    collective."""
+def record(model, probe_rows: list[dict], output_dir: str, device, is_main_process: bool,
+           compute_dtype: str | None = None) -> dict | None:
+    """Scores the probes with `model` and writes FINGERPRINT into output_dir (main process only); returns a summary
+    for the run record (None with no probes). Every process must call it: under FSDP each forward is a collective,
+    which gathers the sharded parameters layer by layer. compute_dtype: what the forward computes in when that is
+    not the parameters' dtype (mixed precision); it sets the tolerance evaluation allows."""
     if not probe_rows:
         return None
-    model = trainer.model_wrapped  # under FSDP the sharded wrapper, whose forward gathers the parameters
     was_training = model.training
     model.eval()  # no dropout: the served model scores deterministically
     try:
-        scored = [{**p, "logprobs": answer_logprobs(model, p["input_ids"], p["answer_start"],
-                                                    trainer.accelerator.device)} for p in probe_rows]
+        scored = [{**p, "logprobs": answer_logprobs(model, p["input_ids"], p["answer_start"], device)}
+                  for p in probe_rows]
     finally:
         model.train(was_training)
-    dtype = str(next(trainer.model.parameters()).dtype).removeprefix("torch.")
-    fingerprint = {"dtype": dtype, "probes": scored}
-    if trainer.accelerator.is_main_process:
+    dtype = compute_dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
+    if is_main_process:
+        fingerprint = {"dtype": dtype, "probes": scored}
         (Path(output_dir) / FINGERPRINT).write_text(json.dumps(fingerprint, ensure_ascii=False, indent=1))
     return {"file": FINGERPRINT, "probes": len(scored), "dtype": dtype,
             "answer_tokens": sum(len(p["logprobs"]) for p in scored)}
+
+
+def record_trained(trainer, probe_rows: list[dict], output_dir: str) -> dict | None:
+    """`record` for a Trainer at the end of training; model_wrapped is the FSDP (or DDP) wrapper when there is one.
+    Under accelerate's mixed precision (recipes/accelerate_fsdp.yaml: bf16) the forward runs in autocast, which
+    accelerate wraps around the model's own forward: the fingerprint is scored, and labelled, in that precision."""
+    accelerator = trainer.accelerator
+    compute_dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(str(accelerator.mixed_precision))
+    return record(trainer.model_wrapped, probe_rows, output_dir, accelerator.device, accelerator.is_main_process,
+                  compute_dtype)
 
 
 # ---- evaluation: check -------------------------------------------------------------------------------------------

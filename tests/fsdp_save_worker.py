@@ -1,6 +1,7 @@
 """Run by tests/test_distributed.py under torchrun (2 CPU processes, gloo): shards a LoRA-wrapped tiny Qwen3 with
 FSDP2, gathers its adapter with distill.checkpoint.save_gathered and writes it from rank 0, next to the adapter
-tensors as they were before sharding (reference.safetensors), so the test can compare the two.
+tensors as they were before sharding (reference.safetensors), so the test can compare the two; then the sharded
+model scores two probes into fingerprint.json (distill.fingerprint.record: every rank forwards, rank 0 writes).
 
     torchrun --nproc_per_node 2 tests/fsdp_save_worker.py <tiny model dir> <output dir>
 """
@@ -12,8 +13,9 @@ import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from torch.distributed.fsdp import fully_shard
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from distill import fingerprint
 from distill.checkpoint import save_gathered
 
 
@@ -36,6 +38,9 @@ def main(model_dir: str, output_dir: str):
                if parameter.requires_grad and parameter.to_local().shape != reference[name].shape]
     assert sharded, "FSDP left every adapter tensor whole: the test would not exercise the gather"
     count = save_gathered(model, output_dir, is_main_process=rank == 0)
+    probes = fingerprint.probes(AutoTokenizer.from_pretrained(model_dir), [("a", "Bonjour tout le monde", "fr"),
+                                                                          ("b", "Hello there, how are you?", "en")])
+    fingerprint.record(model, probes, output_dir, "cpu", is_main_process=rank == 0)
     if rank == 0:
         save_file(reference, f"{output_dir}/reference.safetensors")
         print(f"saved {count} adapter tensors, {len(sharded)} of them sharded across {dist.get_world_size()} ranks")

@@ -38,6 +38,20 @@ def test_fsdp_gathered_adapter_equals_the_unsharded_one_and_loads(tiny_model, tm
     before = base.model.layers[0].self_attn.q_proj.weight.detach().clone()
     merged = PeftModel.from_pretrained(base, out).merge_and_unload()
     assert not torch.allclose(merged.model.layers[0].self_attn.q_proj.weight, before), "the adapter changed nothing"
+    assert_fingerprint_is_the_saved_adapters(out, merged, "float32", 1e-5)
+
+
+def assert_fingerprint_is_the_saved_adapters(out, model, dtype, abs_tolerance):
+    """fingerprint.json, scored by the (sharded) model on every rank and written by rank 0, holds the
+    log-probabilities the saved adapter gives when loaded in one process, within the precision it was scored in."""
+    from distill.fingerprint import answer_logprobs
+
+    fingerprint = json.loads((out / "fingerprint.json").read_text())
+    assert fingerprint["dtype"] == dtype and fingerprint["probes"]
+    model.eval()
+    for probe in fingerprint["probes"]:
+        expected = answer_logprobs(model, probe["input_ids"], probe["answer_start"], "cpu")
+        assert probe["logprobs"] == pytest.approx(expected, abs=abs_tolerance)
 
 
 @pytest.mark.slow
@@ -69,3 +83,6 @@ def test_two_process_launch_saves_one_adapter_with_the_recipe_batch(tiny_model, 
     before = base.model.layers[0].mlp.down_proj.weight.detach().clone()
     merged = PeftModel.from_pretrained(base, out).merge_and_unload()
     assert not torch.allclose(merged.model.layers[0].mlp.down_proj.weight, before), "training moved the adapter"
+    assert record["fingerprint"]["probes"] == 8
+    # accelerate's bf16 mixed precision (recipes/accelerate_fsdp.yaml) scored it: labelled bf16, a bf16 error apart
+    assert_fingerprint_is_the_saved_adapters(out, merged, "bfloat16", 5e-3)

@@ -12,6 +12,11 @@ prompt plus --max_tokens. Scores the held-out side of the group split train_sft_
 --split_seed other than the adapter's (from its distill_run.json) is refused; --split train|all is allowed and the
 report says those rows were trained on.
 
+Before anything is scored, the served model must reproduce the adapter's fingerprint.json (written by training,
+distill/fingerprint.py): the probes' prompts rendered here must be training's ids, and the engine's log-probabilities
+of their answer tokens training's within a dtype tolerance; else it stops naming the cause and the fix.
+--skip_fingerprint scores anyway (the results JSON records it); an adapter without a fingerprint gets a warning.
+
 --teacher_file takes stage 1's JSONL or a results JSON of a --with_prompt run (which also yields the cost ratio).
 Writes the results JSON (metrics, confusion matrix, per-example predictions with raw outputs) and a PNG heatmap
 beside it; logs the same to wandb when WANDB_API_KEY or WANDB_MODE is set.
@@ -123,17 +128,15 @@ def main(argv=None):
     args = parse_args(argv)
     record = RunRecord("evaluate", vars(args))
     prompt, rows, teacher_of, teacher_cost = read_inputs(args)
+    tokenizer, prompt_ids = render_prompts(args, prompt, rows)
+    trained = trained_fingerprint(args, tokenizer)  # a template skew stops here, before a merge or the engine
     served, split_check = check_model(args, rows, teacher_of)
     mode = "teacher/base model with the prompt" if args.with_prompt else "student without the prompt"
     print(f"evaluate: {mode}, {args.model_path} ({served.description}); {len(rows)} rows of {args.test_file} "
           f"({args.split} split)")
 
-    tokenizer, prompt_ids = render_prompts(args, prompt, rows)
-    trained = trained_fingerprint(args, tokenizer)  # a template skew stops here, before the engine starts
     if args.max_model_len is None:  # the prompts decide the context, so they are rendered before the engine starts
-        probe_ids = [p["input_ids"] for p in trained["probes"]] if trained else []
-        served.engine_overrides["max_model_len"] = serving.max_model_len(
-            prompt_ids + probe_ids, args.max_tokens, served.config_source, args.trust_remote_code)
+        served.engine_overrides["max_model_len"] = context_length(args, served, prompt_ids, trained)
     llm = engine.build_llm(args, **served.engine_overrides)
     fingerprint_check = check_served(args, llm, served, trained)
     generation = serving.generate(llm, tokenizer, rows, prompt_ids, prompt, args, served.lora_request())
@@ -198,6 +201,13 @@ def check_model(args, rows, teacher_of):
         print(f"evaluate: warning: {args.teacher_file} shares no id with the {len(rows)} rows of the {args.split} "
               f"split scored: no agreement with the teacher to report", file=sys.stderr)
     return served, split_check
+
+
+def context_length(args, served, prompt_ids, trained) -> int:
+    """What the data needs: the longest prompt plus --max_tokens, and each fingerprint probe scored whole (+1 token)."""
+    needs = [(prompt_ids, args.max_tokens)] + ([([p["input_ids"] for p in trained["probes"]], 1)] if trained else [])
+    return max(serving.max_model_len(ids, tokens, served.config_source, args.trust_remote_code)
+               for ids, tokens in needs)
 
 
 def trained_fingerprint(args, tokenizer) -> dict | None:

@@ -6,6 +6,10 @@ taken from every rank the adapter holds; on CPU (where vLLM's LoRA path is >10x 
 --merge_lora, it is merged once into <adapter>/merged and served as a plain model. max_model_len defaults to what
 the data needs, not the model's full context (262k for Qwen3-2507, whose KV cache would not fit beside a 30B
 model). An adapter's run record says which split it trained on; scoring on another split's rows is refused.
+An adapter with fused MoE expert LoRA (PEFT target_parameters) is served on GPU in vLLM's 3D MoE LoRA layout
+(enable_mixed_moe_lora_format, is_3d_lora_weight), which vLLM 0.32 asks for; whichever path serves, evaluate.py's
+fingerprint check (distill/fingerprint.py) proves it reproduces the trained student, and `mismatch_advice` says what
+to do when it does not.
 
 `generate` asks the served model for every row's answer, greedy: the student through plain vLLM generation, a
 teacher given the prompt (--with_prompt) through stage 1's teacher path, then a few rows one at a time for latency.

@@ -121,8 +121,12 @@ def test_end_to_end_results_json(student_eval, adapter, tiny_model, example_rows
         assert example["prediction"] == parse_student(example["raw"], labels)
         assert example["gold"] == gold_of[example["id"]]
         assert example["input_tokens"] > 0
-    # no --max-model-len given: the longest prompt plus --max_tokens (the student's default, 16)
-    assert results["max_model_len"] == max(e["input_tokens"] for e in results["examples"]) + 16
+    # no --max-model-len given: the longest prompt plus --max_tokens (the student's default, 16), or the longest
+    # fingerprint probe scored whole (its prompt and answer, plus the 1 token vLLM generates)
+    probes = json.loads((adapter / "fingerprint.json").read_text())["probes"]
+    assert results["max_model_len"] == max(max(e["input_tokens"] for e in results["examples"]) + 16,
+                                           max(len(p["input_ids"]) for p in probes) + 1)
+    assert results["fingerprint"]["status"] == "passed"
     # the adapter's run record says it trained with the split evaluate.py used: the score is held-out
     split_check = results["split_check"]
     assert split_check["record"] == str(adapter / "distill_run.json") and split_check["notes"] == []

@@ -64,7 +64,8 @@ def test_a_template_skew_names_the_first_token_that_differs(tokenizer):
     check_ids(fingerprint, prompts, tokenizer)  # the same ids: passes
     skewed = [list(ids) for ids in prompts]
     skewed[1][2] = tokenizer.convert_tokens_to_ids("<think>")
-    with pytest.raises(FingerprintMismatch, match=r"probe 'b'.*at token 2 of .*evaluation \d+ '<think>'.*chat template"):
+    with pytest.raises(FingerprintMismatch,
+                       match=r"probe 'b'.*at token 2 of .*evaluation \d+ '<think>'.*chat template"):
         check_ids(fingerprint, skewed, tokenizer)
     with pytest.raises(FingerprintMismatch, match=r"at token 3 .*evaluation \(end of prompt\)"):
         check_ids(fingerprint, [prompts[0][:3], prompts[1]], tokenizer)
@@ -171,16 +172,17 @@ def test_a_dropped_adapter_fails_and_skip_fingerprint_scores_it_anyway(trained_r
 
 
 @pytest.mark.slow
-def test_a_changed_chat_template_fails_before_the_engine_starts_naming_the_token(trained_run, tmp_path):
+def test_a_changed_chat_template_fails_before_a_merge_or_the_engine_naming_the_token(trained_run, tmp_path):
     adapter = tmp_path / "adapter"
     shutil.copytree(trained_run["dir"], adapter, ignore=shutil.ignore_patterns("merged*"))
     template = adapter / "chat_template.jinja"
     assert template.exists(), "transformers 5 saves the template beside the tokenizer"
     # a "fixed" template that drops the empty think block from the generation prompt
-    template.write_text(template.read_text().replace("'<think>\\n\\n</think>\\n\\n' }}{%- endif %}", "'' }}{%- endif %}"))
+    think = "'<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    template.write_text(template.read_text().replace(think, "'' }}{%- endif %}"))
     with mock.patch("distill.engine.build_llm", side_effect=AssertionError("the engine started")):
         result = run_main("evaluate.py", "--model_path", adapter, *QUICK, check=False)
-    assert result.returncode == 1
+    assert result.returncode == 1 and not (adapter / "merged").exists()
     assert "differs from the one training rendered at token" in result.stderr
     assert "training " in result.stderr and "'<think>'" in result.stderr and "chat template" in result.stderr
 

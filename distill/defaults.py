@@ -53,3 +53,7 @@ class StudentRunArguments:
     fingerprint_probes: int = field(default=8, metadata={
         "help": "training rows the trained model scores into <output_dir>/fingerprint.json, which evaluate.py checks "
                 "the served model against (0: none)"})
+
+    def __post_init__(self):
+        if self.fingerprint_probes < 0:
+            raise ValueError(f"--fingerprint_probes {self.fingerprint_probes}: give a number of training rows, 0 or more")

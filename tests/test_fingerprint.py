@@ -87,6 +87,11 @@ def test_logprobs_pass_within_the_dtypes_tolerance_and_fail_beyond_it_with_the_a
         compare(fingerprint, [[float("nan")] * len(p["logprobs"]) for p in fingerprint["probes"]], "float32", "")
 
 
+def test_a_negative_probe_count_is_refused_before_anything_loads():
+    result = run_main("train_sft_trl.py", "--fingerprint_probes", "-1", check=False)
+    assert result.returncode == 1 and "--fingerprint_probes -1: give a number of training rows" in result.stderr
+
+
 # ---- training writes it ------------------------------------------------------------------------------------------
 
 

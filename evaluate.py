@@ -128,9 +128,10 @@ def main(argv=None):
     args = parse_args(argv)
     record = RunRecord("evaluate", vars(args))
     prompt, rows, teacher_of, teacher_cost = read_inputs(args)
+    split_check = check_split(args, rows, teacher_of)
     tokenizer, prompt_ids = render_prompts(args, prompt, rows)
     trained = trained_fingerprint(args, tokenizer)  # a template skew stops here, before a merge or the engine
-    served, split_check = check_model(args, rows, teacher_of)
+    served = serve(args)
     mode = "teacher/base model with the prompt" if args.with_prompt else "student without the prompt"
     print(f"evaluate: {mode}, {args.model_path} ({served.description}); {len(rows)} rows of {args.test_file} "
           f"({args.split} split)")
@@ -186,13 +187,11 @@ def read_inputs(args):
     return prompt, rows, teacher_of, teacher_cost
 
 
-def check_model(args, rows, teacher_of):
-    """How the model is served (an adapter merged on CPU), after checking its split against the adapter's run record;
-    warns when the teacher file shares no id with the rows scored."""
-    model_path = Path(args.model_path)
+def check_split(args, rows, teacher_of) -> serving.SplitCheck:
+    """The rows' split against the adapter's run record (a mismatch stops the run); warns when the teacher file
+    shares no id with the rows scored."""
     try:
-        split_check = serving.check_split(model_path, args.split, args.heldout_fraction, args.split_seed)
-        served = serving.serve(model_path, args.base_model, args.merge_lora, engine.on_gpu())
+        split_check = serving.check_split(Path(args.model_path), args.split, args.heldout_fraction, args.split_seed)
     except ValueError as error:
         sys.exit(f"error: {error}")
     for note in split_check.notes:
@@ -200,7 +199,15 @@ def check_model(args, rows, teacher_of):
     if args.teacher_file and not serving.shares_ids(teacher_of, rows):
         print(f"evaluate: warning: {args.teacher_file} shares no id with the {len(rows)} rows of the {args.split} "
               f"split scored: no agreement with the teacher to report", file=sys.stderr)
-    return served, split_check
+    return split_check
+
+
+def serve(args) -> serving.Serving:
+    """How the model is served: an adapter through vLLM's LoRA support on GPU, else merged (once, cached)."""
+    try:
+        return serving.serve(Path(args.model_path), args.base_model, args.merge_lora, engine.on_gpu())
+    except ValueError as error:
+        sys.exit(f"error: {error}")
 
 
 def context_length(args, served, prompt_ids, trained) -> int:

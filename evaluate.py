@@ -240,6 +240,7 @@ def check_served(args, llm, served, trained) -> fingerprint.FingerprintCheck:
         return fingerprint.FingerprintCheck("skipped" if args.skip_fingerprint else "absent")
     served_dtype = str(llm.model_config.dtype).removeprefix("torch.")
     try:
+        fingerprint.check_stop(trained, fingerprint.served_stop_ids(llm), llm.get_tokenizer())
         check = fingerprint.compare(trained, fingerprint.served_logprobs(llm, trained, served.lora_request()),
                                     served_dtype, served.mismatch_advice)
     except fingerprint.FingerprintMismatch as error:

@@ -7,7 +7,8 @@ joins the forwards (the parameters are gathered layer by layer) and rank 0 write
 
 evaluate.py then (1) renders each probe's query through its own path, with the tokenizer it serves with: the ids
 must equal the recorded prompt, else the template or tokenizer changed since training (the first differing token
-is named); (2) asks the serving engine for the same answer tokens' log-probabilities (vLLM prompt_logprobs) through
+is named); (2) checks that the engine stops on the end-of-turn token training ended answers with; (3) asks the
+serving engine for the same answer tokens' log-probabilities (vLLM prompt_logprobs) through
 the same path it will score with (vLLM's LoRA support or a merged copy): the largest difference must stay within a
 tolerance set by the coarser of the two dtypes. A dropped or mis-loaded adapter (vLLM on fused MoE experts), a
 different base, a stale merge all show up here, before any row is scored.
@@ -137,6 +138,28 @@ def check_ids(fingerprint: dict, rendered_prompts: list[list[int]], tokenizer) -
             f"at token {at} of {len(trained)}: training {token(trained)}, evaluation {token(rendered)}, in "
             f"{tokenizer.decode(trained[max(0, at - 8): at + 4])!r}. The chat template or tokenizer changed since "
             f"training: evaluate with the adapter's own tokenizer (drop --tokenizer, or restore its chat template)")
+
+
+def served_stop_ids(llm) -> set[int]:
+    """The token ids the vLLM engine ends a generation on: its tokenizer's EOS and the model's generation_config
+    eos_token_id(s), as vLLM's SamplingParams.update_from_generation_config combines them."""
+    stop = {llm.get_tokenizer().eos_token_id}
+    configured = llm.model_config.try_get_generation_config().get("eos_token_id")
+    stop |= {configured} if isinstance(configured, int) else set(configured or [])
+    return stop - {None}
+
+
+def check_stop(fingerprint: dict, stop_ids: set[int], tokenizer) -> None:
+    """Raises FingerprintMismatch unless the engine stops on the end-of-turn token training ended every answer with
+    (else the student never stops: every answer runs into --max_tokens)."""
+    ends = {p["input_ids"][-1] for p in fingerprint["probes"]}
+    missing = sorted(ends - stop_ids)
+    if missing:
+        raise FingerprintMismatch(
+            f"fingerprint: training ended every answer with {missing[0]} {tokenizer.decode(missing[:1])!r}, but the "
+            f"served model stops only on {sorted(stop_ids)} {[tokenizer.decode([i]) for i in sorted(stop_ids)]}: its "
+            f"answers would run to --max_tokens. The served tokenizer or generation_config's eos_token_id differs "
+            f"from training's: serve with the adapter's tokenizer (--tokenizer <adapter>) or fix eos_token_id")
 
 
 def served_logprobs(llm, fingerprint: dict, lora_request) -> list[list[float]]:

@@ -71,6 +71,17 @@ def test_a_template_skew_names_the_first_token_that_differs(tokenizer):
         check_ids(fingerprint, [prompts[0][:3], prompts[1]], tokenizer)
 
 
+def test_an_engine_that_does_not_stop_on_trainings_end_of_turn_fails(tokenizer):
+    from distill.fingerprint import FingerprintMismatch, check_stop
+
+    fingerprint = made_up_fingerprint(tokenizer)
+    im_end, endoftext = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    check_stop(fingerprint, {im_end, endoftext}, tokenizer)
+    with pytest.raises(FingerprintMismatch, match=r"ended every answer with \d+ '<\|im_end\|>', but the served model "
+                                                  r"stops only on \[\d+\] \['<\|endoftext\|>'\]"):
+        check_stop(fingerprint, {endoftext}, tokenizer)
+
+
 def test_logprobs_pass_within_the_dtypes_tolerance_and_fail_beyond_it_with_the_advice(tokenizer):
     from distill.fingerprint import FingerprintMismatch, compare
 

@@ -247,7 +247,11 @@ def check_served(args, llm, served, trained) -> fingerprint.FingerprintCheck:
         sys.exit(f"error: {error}\n(--skip_fingerprint scores anyway)")
     print(f"evaluate: fingerprint passed: {check.probes} probes, {check.answer_tokens} answer tokens, largest "
           f"log-probability difference {check.max_abs_diff:.3g} (mean {check.mean_abs_diff:.3g}), tolerance "
-          f"{check.tolerance:g} ({check.trained_dtype} trained, {check.served_dtype} served)")
+          f"{check.tolerance:g} ({check.trained_dtype} trained, {check.served_dtype} served)"
+          + (f"; the adapter moves them by up to {check.adapter_effect:.3g}" if check.conclusive is not None else ""))
+    if check.conclusive is False:
+        print(f"evaluate: warning: the adapter moves its probes' answer tokens by at most {check.adapter_effect:.3g}, "
+              f"within the tolerance: the check cannot tell this adapter from its base model", file=sys.stderr)
     return check
 
 

@@ -383,9 +383,13 @@ def serve_step(shape: str, run: str, merged: bool, rows: int, estimate_s: int, v
         check = result["fingerprint"]
         if check["status"] != "passed":
             raise StepFailed(f"fingerprint {check['status']}: the run left no fingerprint.json")
+        # A few steps on random weights may move the probes less than the tolerance: then a dropped adapter would
+        # pass too, and the detail says the check proved nothing about this path.
+        effect = (f"the adapter moves them by up to {check['adapter_effect']:.3g}"
+                  + ("" if check["conclusive"] else " (INCONCLUSIVE: within the tolerance)"))
         return (f"{result['serving']}; fingerprint: largest log-probability difference {check['max_abs_diff']:.3g} "
                 f"(mean {check['mean_abs_diff']:.3g}, tolerance {check['tolerance']:g}) over {check['answer_tokens']} "
-                f"tokens; {result['n']} rows, parse rate {result.get('parse_rate')}")
+                f"tokens, {effect}; {result['n']} rows, parse rate {result.get('parse_rate')}")
 
     how = "merged (evaluate.py --merge_lora)" if merged else "with LoRA (evaluate.py)"
     return Step(f"vLLM serves the {shape} adapter {how}", command, estimate_s, 300, check, (TRAINED_BY[run],),

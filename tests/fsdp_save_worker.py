@@ -40,7 +40,7 @@ def main(model_dir: str, output_dir: str):
     count = save_gathered(model, output_dir, is_main_process=rank == 0)
     probes = fingerprint.probes(AutoTokenizer.from_pretrained(model_dir), [("a", "Bonjour tout le monde", "fr"),
                                                                           ("b", "Hello there, how are you?", "en")])
-    fingerprint.record(model, probes, output_dir, "cpu", is_main_process=rank == 0)
+    fingerprint.record(model, probes, output_dir, "cpu", is_main_process=rank == 0, peft_model=model)
     if rank == 0:
         save_file(reference, f"{output_dir}/reference.safetensors")
         print(f"saved {count} adapter tensors, {len(sharded)} of them sharded across {dist.get_world_size()} ranks")

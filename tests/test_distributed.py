@@ -46,12 +46,19 @@ def assert_fingerprint_is_the_saved_adapters(out, model, dtype, abs_tolerance):
     log-probabilities the saved adapter gives when loaded in one process, within the precision it was scored in."""
     from distill.fingerprint import answer_logprobs
 
+    from transformers import AutoModelForCausalLM
+
     fingerprint = json.loads((out / "fingerprint.json").read_text())
     assert fingerprint["dtype"] == dtype and fingerprint["probes"]
+    base = AutoModelForCausalLM.from_pretrained(json.loads((out / "adapter_config.json").read_text())[
+        "base_model_name_or_path"], dtype=torch.float32).eval()
     model.eval()
     for probe in fingerprint["probes"]:
         expected = answer_logprobs(model, probe["input_ids"], probe["answer_start"], "cpu")
         assert probe["logprobs"] == pytest.approx(expected, abs=abs_tolerance)
+        # scored again with the adapter off: the base's own log-probabilities
+        expected = answer_logprobs(base, probe["input_ids"], probe["answer_start"], "cpu")
+        assert probe["base_logprobs"] == pytest.approx(expected, abs=abs_tolerance)
 
 
 @pytest.mark.slow

@@ -93,9 +93,17 @@ def test_logprobs_pass_within_the_dtypes_tolerance_and_fail_beyond_it_with_the_a
     served[1][0] += 0.02  # 0.0204 off on one token of probe b
     with pytest.raises(FingerprintMismatch, match=r"up to 0.0204 .*worst probe 'b'; tolerance 0.001 .*pass --merge"):
         compare(fingerprint, served, "float32", "pass --merge_lora")
-    assert compare(fingerprint, served, "bfloat16", "").tolerance == 0.5  # bf16 on either side: the coarser one
+    assert compare(fingerprint, served, "bfloat16", "").tolerance == 1.0  # bf16 on either side: the coarser one
     with pytest.raises(FingerprintMismatch):
-        compare(fingerprint, [[float("nan")] * len(p["logprobs"]) for p in fingerprint["probes"]], "float32", "")
+        compare(fingerprint, [[*p["logprobs"][:-1], float("nan")] for p in fingerprint["probes"]], "float32", "")
+    within = [list(p["logprobs"]) for p in fingerprint["probes"]]
+    assert compare(fingerprint, within, "float32", "").conclusive is None  # no base log-probabilities recorded
+    for p, shift in zip(fingerprint["probes"], (0.0005, 0.0002)):
+        p["base_logprobs"] = [lp + shift for lp in p["logprobs"]]
+    check = compare(fingerprint, within, "float32", "")
+    assert check.adapter_effect == pytest.approx(0.0005) and check.conclusive is False  # a dropped adapter passes
+    fingerprint["probes"][1]["base_logprobs"][0] -= 1.0
+    assert compare(fingerprint, within, "float32", "").conclusive is True
 
 
 def test_a_negative_probe_count_is_refused_before_anything_loads():
@@ -128,6 +136,7 @@ def test_training_writes_the_saved_adapters_own_logprobs_which_the_adapter_moved
     for p, reloaded, before in zip(probes, hf_answer_logprobs(student, probes), base_logprobs):
         assert len(p["logprobs"]) == len(p["input_ids"]) - p["answer_start"] >= 2  # the label and the end of turn
         assert p["logprobs"] == pytest.approx(reloaded, abs=1e-5)  # the adapter on disk is the one scored
+        assert p["base_logprobs"] == pytest.approx(before, abs=1e-5)  # and with the adapter off, its base
     moved = max(abs(a - b) for p, before in zip(probes, base_logprobs) for a, b in zip(p["logprobs"], before))
     assert moved > 10 * TOLERANCE["float32"], "a dropped adapter must fall outside the tolerance"
     record = json.loads((trained_run["dir"] / "distill_run.json").read_text())
@@ -145,7 +154,8 @@ def test_the_merged_student_passes(trained_run, tmp_path, shared_engines):
     check = json.loads(output.read_text())["fingerprint"]
     assert check["status"] == "passed" and check["probes"] == 8 and check["served_dtype"] == "float32"
     assert check["max_abs_diff"] < check["tolerance"] == 1e-3
-    assert "fingerprint passed: 8 probes" in result.stdout
+    assert check["conclusive"] is True and check["adapter_effect"] > 10 * check["tolerance"]
+    assert "fingerprint passed: 8 probes" in result.stdout and "the adapter moves them by up to" in result.stdout
     print(f"merged, fp32 on CPU: largest difference {check['max_abs_diff']:.3g}")
 
 

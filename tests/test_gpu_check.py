@@ -65,8 +65,8 @@ def passing_answers():
         return Finished(0, "train: done", "", 40.0)
 
     def served(work):  # every serving step's results JSON, its fingerprint check passed
-        fingerprint = {"status": "passed", "max_abs_diff": 0.06, "mean_abs_diff": 0.01, "tolerance": 0.5,
-                       "answer_tokens": 24}
+        fingerprint = {"status": "passed", "max_abs_diff": 0.06, "mean_abs_diff": 0.01, "tolerance": 1.0,
+                       "answer_tokens": 24, "adapter_effect": 3.2, "conclusive": True}
         for run, rows in (("run-4b-tinker", 32), ("run-30b-fsdp", 8)):
             (work / f"eval-{run}-lora.json").write_text(json.dumps({
                 "n": rows, "serving": "vLLM LoRA adapter on the base model (max_lora_rank 32)", "parse_rate": 0.0,
@@ -102,8 +102,8 @@ def test_every_step_passing_exits_0(tmp_path):
     results, text, code, _, runner = run(tmp_path, passing_answers(), vllm_installed=True)
     assert code == 0 and all(result.status == "PASS" for result in results.values()), text
     assert "17 passed, 0 failed, 0 skipped" in text and "NOT PROVEN" not in text
-    assert "largest log-probability difference 0.06 (mean 0.01, tolerance 0.5) over 24 tokens" in results[
-        "vLLM serves the 30B-A3B cut adapter with LoRA (evaluate.py)"].detail
+    assert ("largest log-probability difference 0.06 (mean 0.01, tolerance 1) over 24 tokens, the adapter moves them "
+            "by up to 3.2;") in results["vLLM serves the 30B-A3B cut adapter with LoRA (evaluate.py)"].detail
     assert "2300 prompt tokens once" in results["4B on-policy, 1 GPU: self-teacher reading the prompt "
                                                  "(train_opd_trl.py)"].detail
     old = results["4B, 1 GPU: the old recipe (8 x 16, checkpointing, padded)"].detail

@@ -234,6 +234,7 @@ def test_the_cli_trains_a_student_against_an_in_process_teacher(tiny_model, tmp_
     fingerprint = json.loads((out / "fingerprint.json").read_text())
     assert record["fingerprint"]["probes"] == len(fingerprint["probes"]) == 8
     assert all(probe["answer"] == probe["query"] for probe in fingerprint["probes"])
+    assert all(probe["base_logprobs"] != probe["logprobs"] for probe in fingerprint["probes"])  # the adapter moved
     student = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), out)
     student.eval()
     for probe in fingerprint["probes"]:

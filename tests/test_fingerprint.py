@@ -213,11 +213,18 @@ def test_a_changed_chat_template_fails_before_a_merge_or_the_engine_naming_the_t
     assert "training " in result.stderr and "'<think>'" in result.stderr and "chat template" in result.stderr
 
 
-@pytest.mark.slow
-def test_an_adapter_without_fingerprint_is_a_warning(trained_run, tmp_path, shared_engines):
+def test_an_adapter_without_fingerprint_is_a_warning_and_recorded_as_absent(tiny_model, tmp_path, capsys):
+    import argparse
+
+    import evaluate
+    from transformers import AutoTokenizer
+
     adapter = tmp_path / "old-adapter"
-    shutil.copytree(trained_run["dir"], adapter, ignore=shutil.ignore_patterns("merged*", "fingerprint.json"))
-    output = tmp_path / "old.json"
-    result = run_main("evaluate.py", "--model_path", adapter, *QUICK, "--output_file", output)
-    assert "has no fingerprint.json" in result.stderr
-    assert json.loads(output.read_text())["fingerprint"]["status"] == "absent"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")  # an adapter dir, made before fingerprints
+    args = argparse.Namespace(model_path=str(adapter), skip_fingerprint=False)
+    assert evaluate.trained_fingerprint(args, AutoTokenizer.from_pretrained(tiny_model)) is None
+    assert "has no fingerprint.json (trained before fingerprints)" in capsys.readouterr().err
+    assert evaluate.check_served(args, None, None, None).status == "absent"
+    args.skip_fingerprint = True
+    assert evaluate.check_served(args, None, None, None).status == "skipped"

@@ -20,8 +20,9 @@ The queries: a stage-1 JSONL (its user turns; the teacher's answers there are ig
 query file create_data.py reads. Held-out groups never train. --init_adapter warm-starts from a stage-2 adapter.
 Every DistillationConfig flag of TRL (--beta, --max_completion_length, --temperature, --use_vllm, --vllm_mode, ...)
 and every ModelConfig flag is a flag here; --config X.yaml sets defaults that flags override. The output dir gets the
-adapter, tokenizer and distill_run.json (config, command line, git revision, teacher, losses, teacher tokens spent),
-and evaluate.py scores it unchanged.
+adapter, tokenizer, distill_run.json (config, command line, git revision, teacher, losses, teacher tokens spent) and
+fingerprint.json (--fingerprint_probes training queries, each its own stand-in answer, scored by the trained model:
+distill/fingerprint.py), and evaluate.py scores it unchanged.
 """
 
 import sys

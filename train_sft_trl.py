@@ -25,8 +25,10 @@ teacher's tokenizer (checked by hash, refused otherwise). A file without a sidec
     python train_sft_trl.py --config recipes/cpu.yaml --dataset_name data/teacher.jsonl --distill_loss kd
 
 Rows whose group (or id) falls on the held-out side of the split that evaluate.py uses never reach the trainer.
-The output dir (default models/<run name>) gets the adapter, the tokenizer and distill_run.json (resolved config,
-command line, git revision, rows used and dropped, train metrics).
+The output dir (default models/<run name>) gets the adapter, the tokenizer, distill_run.json (resolved config,
+command line, git revision, rows used and dropped, train metrics) and fingerprint.json: the trained model's
+log-probabilities of the first --fingerprint_probes training rows' answers, which evaluate.py checks the served model
+against (distill/fingerprint.py).
 """
 
 import os

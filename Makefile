@@ -26,12 +26,15 @@ $(STAMP): requirements.txt requirements-cpu.txt
 $(EMBEDDED): $(STAMP) distill/embedded_model.py
 	$(PY) -m distill.embedded_model --output_dir models/SmolLM2-135M-Instruct
 
-# Tests pin torch to one thread: with another process on a core, 2-thread torch slows 3-10x.
+# Tests pin torch to one thread: with another process on a core, 2-thread torch slows 3-10x. So the suite runs on
+# two pytest processes (pytest-xdist), a test file to each at a time (--dist loadfile: a file's module fixtures, such
+# as the Ray cluster, start once), and prints its slowest tests.
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 test-fast: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 demo: setup
 	bash scripts/demo.sh

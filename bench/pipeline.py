@@ -14,6 +14,9 @@ GENERAL_QUESTIONS = "example-data/general_questions.jsonl"
 # default would be temperature 1), no redraws (a greedy redraw repeats the answer), answers capped at 40 tokens.
 FRENCH_TEACHER = ["--temperature", "0", "--max_retries", "0", "--max_tokens", "40", "--max_in_flight", "16"]
 FRENCH_EPOCHS = 2
+# scripts/demo.sh's behaviour part (prompts/in_short.md): greedy, no redraws, 48 tokens, BEHAVIOUR_EPOCHS 2.
+IN_SHORT_PROMPT = "prompts/in_short.md"
+IN_SHORT_TEACHER = ["--temperature", "0", "--max_retries", "0", "--max_tokens", "48", "--max_in_flight", "16"]
 
 
 def run(work_dir: str | Path, name: str, *command) -> None:

@@ -3,8 +3,12 @@ distilled from our human-written train split, both scored on the human-written h
 
     .venv/bin/python bench/synthetic_queries.py                     # ~25 min on 2 cores
     .venv/bin/python bench/synthetic_queries.py --num_queries 200 --seed_examples 0
+    .venv/bin/python bench/synthetic_queries.py --task french       # the French prompt (its strict rate has no
+                                                                      # content check: answers and questions differ
+                                                                      # in language)
 
-The French task (prompts/answer_in_french.md) with the embedded SmolLM2-135M as query writer, teacher and student:
+The demo's behaviour task (--task in_short, prompts/in_short.md; or the French one, prompts/answer_in_french.md) with
+the embedded SmolLM2-135M as query writer, teacher and student, at the demo's settings:
   1. create_queries.py writes --num_queries queries spread over the topics (groups) of the train side of
      example-data/general_questions.jsonl, shown --seed_examples train-split questions as examples (0: none). Held-out
      topics are never named and no held-out question is shown, so nothing of the evaluation leaks into training.
@@ -12,8 +16,8 @@ The French task (prompts/answer_in_french.md) with the embedded SmolLM2-135M as 
      (create_data.py, the demo's settings).
   3. Two students learn those answers without the prompt: same recipe (recipes/cpu.yaml), seed and epochs.
   4. evaluate.py scores both (and the teacher with the prompt) on the human-written held-out questions: the strict
-     pass rate (in French and an answer: distill/checks.py), the share of answers in French alone, and chrF against
-     the teacher's answer to the same question.
+     pass rate (the prompt's check passes and the answer is an answer: distill/checks.py), the check's rate alone,
+     and chrF against the teacher's answer to the same question.
 
 Writes <work_dir>/synthetic_queries.json and every stage's output under <work_dir>/ (logs in <work_dir>/logs/).
 """
@@ -28,8 +32,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.pipeline import (FRENCH_EPOCHS, FRENCH_PROMPT, FRENCH_TEACHER, GENERAL_QUESTIONS, MODEL, REPO,  # noqa: E402
-                            run, train)
+from bench.pipeline import (FRENCH_EPOCHS, FRENCH_PROMPT, FRENCH_TEACHER, GENERAL_QUESTIONS, IN_SHORT_PROMPT,  # noqa: E402
+                            IN_SHORT_TEACHER, MODEL, REPO, run, train)
 from distill.records import read_jsonl, read_queries  # noqa: E402
 from distill.splits import select  # noqa: E402
 
@@ -37,15 +41,19 @@ from distill.splits import select  # noqa: E402
 # question, and some heat for variety.
 WRITER = ["--max_tokens", "48", "--constrain_one_line", "--max_chars", "200", "--temperature", "0.8",
           "--max-model-len", "4096"]
+# Each task as scripts/demo.sh runs it: prompt, teacher flags, student epochs, evaluation answer cap.
+TASKS = {"in_short": {"prompt": IN_SHORT_PROMPT, "teacher": IN_SHORT_TEACHER, "epochs": 2, "max_tokens": 48},
+         "french": {"prompt": FRENCH_PROMPT, "teacher": FRENCH_TEACHER, "epochs": FRENCH_EPOCHS, "max_tokens": 40}}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=list(TASKS), default="in_short")
     parser.add_argument("--num_queries", type=int, default=150)
     parser.add_argument("--seed_examples", type=int, default=24,
                         help="train-split questions shown to the writer as examples (0: none)")
     parser.add_argument("--human_rows", type=int, default=120, help="train-split questions the human student gets")
-    parser.add_argument("--work_dir", default="data/bench_synthetic")
+    parser.add_argument("--work_dir", default=None, help="default: data/bench_synthetic/<task>")
     parser.add_argument("--python", default=str(REPO / ".venv/bin/python"))
     return parser.parse_args(argv)
 
@@ -61,22 +69,26 @@ def write_queries(args, work: Path) -> Path:
         seeds.write_text("".join(json.dumps({"text": row["text"]}) + "\n" for row in chosen), encoding="utf-8")
         flags += ["--seed_examples", seeds]
     output = work / "queries.jsonl"
-    run(work, "write-queries", args.python, "create_queries.py", "--prompt_file", FRENCH_PROMPT, "--model_name", MODEL,
+    run(work, "write-queries", args.python, "create_queries.py", "--prompt_file", TASKS[args.task]["prompt"],
+        "--model_name", MODEL,
         "--num_queries", args.num_queries, "--output_file", output, "--overwrite", *WRITER, *flags)
     return output
 
 
 def answer(args, work: Path, name: str, queries: str | Path, *flags) -> Path:
     output = work / f"teacher_{name}.jsonl"
-    run(work, f"teacher-{name}", args.python, "create_data.py", "--model_name", MODEL, "--prompt_file", FRENCH_PROMPT,
-        "--input_file", queries, "--output_file", output, "--overwrite", *FRENCH_TEACHER, *flags)
+    task = TASKS[args.task]
+    run(work, f"teacher-{name}", args.python, "create_data.py", "--model_name", MODEL, "--prompt_file", task["prompt"],
+        "--input_file", queries, "--output_file", output, "--overwrite", *task["teacher"], *flags)
     return output
 
 
 def evaluate(args, work: Path, name: str, model_path, *flags) -> dict:
     output = work / f"eval_{name}.json"
-    run(work, f"eval-{name}", args.python, "evaluate.py", "--model_path", model_path, "--prompt_file", FRENCH_PROMPT,
-        "--test_file", GENERAL_QUESTIONS, "--max_tokens", "40", "--latency_requests", 0, "--output_file", output, *flags)
+    task = TASKS[args.task]
+    run(work, f"eval-{name}", args.python, "evaluate.py", "--model_path", model_path, "--prompt_file", task["prompt"],
+        "--test_file", GENERAL_QUESTIONS, "--max_tokens", task["max_tokens"], "--latency_requests", 0,
+        "--output_file", output, *flags)
     return json.loads(output.read_text(encoding="utf-8"))
 
 
@@ -89,6 +101,7 @@ def student_row(results: dict, record: dict, written: int, answered: int) -> dic
 
 def main(argv=None):
     args = parse_args(argv)
+    args.work_dir = args.work_dir or f"data/bench_synthetic/{args.task}"
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     os.environ.update(HF_HUB_OFFLINE="1", PYTHON=args.python)
@@ -102,8 +115,8 @@ def main(argv=None):
     rows = {}
     for name, answers, written in (("synthetic", synthetic_answers, len(read_jsonl(queries))),
                                    ("human", human_answers, args.human_rows)):
-        model_dir = REPO / "models" / f"bench-synthetic-{name}"
-        record = train(work, f"train-{name}", answers, model_dir, FRENCH_EPOCHS)
+        model_dir = REPO / "models" / f"bench-synthetic-{args.task}-{name}"
+        record = train(work, f"train-{name}", answers, model_dir, TASKS[args.task]["epochs"])
         rows[name] = student_row(evaluate(args, work, name, model_dir, *reference), record, written,
                                  len(read_jsonl(answers)))
     writer_record = json.loads(queries.with_suffix(".run.json").read_text(encoding="utf-8"))
@@ -117,9 +130,9 @@ def main(argv=None):
 
 
 def report(summary: dict, teacher: dict) -> str:
-    lines = [f"bench: synthetic vs human-written training queries, {summary['date']}, French task, {MODEL} as writer, "
-             f"teacher and student; scored on {teacher['n']} human-written held-out questions",
-             f"{'training queries':<34} {'written':>8} {'kept':>6} {'trained':>8} {'strict':>8} {'in French':>10} "
+    lines = [f"bench: synthetic vs human-written training queries, {summary['date']}, task {summary['args']['task']}, "
+             f"{MODEL} as writer, teacher and student; scored on {teacher['n']} human-written held-out questions",
+             f"{'training queries':<34} {'written':>8} {'kept':>6} {'trained':>8} {'strict':>8} {'check':>10} "
              f"{'chrF':>6}",
              f"{'(teacher + prompt)':<34} {'':>8} {'':>6} {'':>8} {100 * teacher['strict_pass_rate']:>7.1f}% "
              f"{100 * teacher['check_pass_rate']:>9.1f}% {'':>6}"]

@@ -250,7 +250,13 @@ def server_trainer_class():
             }
             self.spend.forwarded += int(teacher_mask.sum()) + int(completion_mask.sum())
             self.spend.steps += 1
-            return super()._get_teacher_token_logprobs_from_server(teacher_inputs, width)
+            # TRL's loss reads the student's positions from `aligned_prompt_length` (the batch's shortest unpadded
+            # prompt), while its completions start at the padded prompt width: TRL places each teacher completion at
+            # (its start - aligned_prompt_length), so the start we pass must leave the same gap. Passing the
+            # teacher's own width put the teacher's log-probs over the student's prompt whenever the batch's queries
+            # differed in length (no gradient at all, or the wrong tokens paired).
+            gap = inputs["prompt_ids"].size(1) - aligned_prompt_length
+            return super()._get_teacher_token_logprobs_from_server(teacher_inputs, width - gap)
 
     return PromptedServerDistillationTrainer
 

@@ -639,12 +639,13 @@ def test_embedded_model_answers_a_chat(shared_engines):
 
 
 @pytest.mark.slow
-def test_embedded_model_free_form_50_queries_all_accounted_for(tmp_path, shared_engines):
+def test_embedded_model_free_form_queries_all_accounted_for(tmp_path, shared_engines):
     """The issue's check on the real embedded model, free-form (no label constraint), where rejects really happen:
-    every query ends in the output or the rejects file, and the run record's counts agree with both."""
+    every query ends in the output or the rejects file, and the run record's counts agree with both. (20 queries:
+    the issue's 50 took 4 minutes of a 15-minute suite and assert nothing more.)"""
     if not (SMOLLM2 / "config.json").is_file():
         pytest.skip(f"{SMOLLM2} is absent (make setup builds it)")
-    source = example_subset(tmp_path / "in50.jsonl", 50)
+    source = example_subset(tmp_path / "in20.jsonl", 20)
     output = tmp_path / "teacher.jsonl"
     run_main("create_data.py", "--input_file", source, "--output_file", output, "--model_name", SMOLLM2,
              "--max_tokens", 24, "--max_retries", 1, "--save_raw", "--max-model-len", 4096)
@@ -652,6 +653,7 @@ def test_embedded_model_free_form_50_queries_all_accounted_for(tmp_path, shared_
     written, rejected = complete_rows(out), complete_rows(rejects)
     assert sorted(row["id"] for row in written + rejected) == sorted(input_ids(source))
     assert all(row["teacher"]["label"] in LABELS for row in written)
+    assert rejected, "free-form answers to the language-ID prompt: some must fail its label check"
     assert all(len(row["failures"]) == 2 and row["reason"] for row in rejected)  # 1 try + 1 retry, raw kept
     counts = run_record(output)["counts"]
     assert (counts["written_total"], counts["rejected_total"]) == (len(written), len(rejected))

@@ -9,6 +9,7 @@ Two launches prove the two halves:
 """
 
 import json
+import socket
 import sys
 
 import pytest
@@ -20,6 +21,13 @@ from tests.conftest import REPO, run_cli
 ACCELERATE_CPU = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 
 
+def free_port() -> int:
+    """A port for the launch's rendezvous: the default 29500 may be taken by a test in the other pytest worker."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_fsdp_gathered_adapter_equals_the_unsharded_one_and_loads(tiny_model, tmp_path):
     from peft import PeftModel
@@ -27,7 +35,7 @@ def test_fsdp_gathered_adapter_equals_the_unsharded_one_and_loads(tiny_model, tm
 
     out = tmp_path / "adapter"
     result = run_cli(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", 2,
-                     REPO / "tests" / "fsdp_save_worker.py", tiny_model, out, timeout=300)
+                     "--master_port", free_port(), REPO / "tests" / "fsdp_save_worker.py", tiny_model, out, timeout=300)
     assert "sharded across 2 ranks" in result.stdout
     saved, reference = load_file(out / "adapter_model.safetensors"), load_file(out / "reference.safetensors")
     assert len(saved) == len(reference) > 0
@@ -70,7 +78,7 @@ def test_two_process_launch_saves_one_adapter_with_the_recipe_batch(tiny_model, 
     result = run_cli("bash", "train_trl.sh", "--model_name_or_path", tiny_model, "--max_steps", 2,
                      "--report_to", "none", "--output_dir", out, "--global_batch_size", 16,
                      "--per_device_train_batch_size", 4, "--save_strategy", "no",
-                     env={**ACCELERATE_CPU, "NUM_GPUS": "2", "RECIPE": "recipes/cpu.yaml",
+                     env={**ACCELERATE_CPU, "NUM_GPUS": "2", "MASTER_PORT": str(free_port()), "RECIPE": "recipes/cpu.yaml",
                           "DATA": str(gold_teacher_file), "PYTHON": sys.executable}, timeout=600)
     record = json.loads((out / "distill_run.json").read_text())
     assert record["status"] == "finished"

@@ -258,10 +258,71 @@ def test_the_cli_warm_starts_from_a_stage2_adapter(tiny_model, tmp_path, trained
     assert json.loads((out / "distill_run.json").read_text())["init_adapter"] == str(sft)
 
 
+def token_code(token_id: int) -> float:
+    """A stand-in log-probability that names its token: where it lands in the loss shows which token it scored."""
+    return -1.0 - token_id / 10_000
+
+
+class TokenCodingTeacherClient:
+    """TRL's VLLMClient as the trainer uses it (get_sequence_logprobs): per sequence, one entry per token from its
+    prompt length on, as vLLM's prompt_logprobs gives them; each value is token_code of the token it scores."""
+
+    sequences: list = []
+
+    def __init__(self, base_url, connection_timeout=0.0):
+        self.base_url = base_url
+
+    def get_sequence_logprobs(self, sequences, prompt_lengths, top_logprobs=1, temperature=1.0, **_):
+        type(self).sequences.extend(sequences)
+        scored = [[[token_code(token)] for token in sequence[start:]] for sequence, start in zip(sequences,
+                                                                                                 prompt_lengths)]
+        return {"logprobs": scored, "logprob_token_ids": [[[t] for t in s[p:]] for s, p in zip(sequences, prompt_lengths)],
+                "actual_logprobs": scored, "actual_token_ids": [[[t] for t in s[p:]] for s, p in zip(sequences,
+                                                                                                     prompt_lengths)]}
+
+
 @pytest.mark.slow
-@pytest.mark.skip(reason="known bug (2026-11-30): the run finishes against a real server (16,175 teacher tokens "
-                         "scored, adapter saved) but its step leaves every LoRA B at exactly 0, so the server loss "
-                         "gives no gradient; cause not found yet. The server teacher path is not usable until fixed")
+def test_server_teacher_scores_land_on_the_student_tokens_they_score(tiny_model, tmp_path, monkeypatch):
+    """Queries of different lengths (so the student's prompts are padded to different widths): every completion token
+    the loss trains on gets the teacher's score of that very token, and the teacher's sequences carry the prompt.
+    (Before the fix, the teacher's scores sat over the student's prompt and the loss trained on nothing.)"""
+    import trl.generation.vllm_client
+    from trl.experimental.server_distillation import server_distillation_trainer as server
+
+    monkeypatch.setattr(trl.generation.vllm_client, "VLLMClient", TokenCodingTeacherClient)
+    monkeypatch.setattr(TokenCodingTeacherClient, "sequences", [])
+    seen = []
+    original = server.ServerDistillationTrainer._compute_server_sparse_top_1_divergence_loss
+
+    def spy(self, teacher_result, student_log_probs, completion_tokens, labels):
+        seen.append((teacher_result["actual_logprobs"].clone(), labels.clone()))
+        return original(self, teacher_result=teacher_result, student_log_probs=student_log_probs,
+                        completion_tokens=completion_tokens, labels=labels)
+
+    monkeypatch.setattr(server.ServerDistillationTrainer, "_compute_server_sparse_top_1_divergence_loss", spy)
+    with socket.socket() as listener:  # something answers the start-up probe; the client itself is the stand-in
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        out = tmp_path / "opd"
+        run_main("train_opd_trl.py", "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", tiny_model,
+                 "--teacher_server_url", f"http://127.0.0.1:{listener.getsockname()[1]}", "--prompt_file", IN_SHORT,
+                 "--dataset_name", queries_file(tmp_path), "--max_steps", 2, "--per_device_train_batch_size", 4,
+                 "--max_completion_length", 8, "--learning_rate", 1e-2, "--output_dir", out, "--report_to", "none")
+    assert len(seen) == 2
+    for teacher_scores, labels in seen:
+        trained = labels != -100
+        assert trained.sum() > 0
+        expected = torch.tensor([[token_code(int(t)) if keep else 0.0 for t, keep in zip(row, mask)]
+                                 for row, mask in zip(labels.tolist(), trained.tolist())])
+        assert torch.equal(teacher_scores[trained], expected[trained].to(teacher_scores.dtype))
+    from transformers import AutoTokenizer
+
+    prefix = shared_prefix(AutoTokenizer.from_pretrained(tiny_model), load_prompt(IN_SHORT))
+    assert all(sequence[:len(prefix)] == prefix for sequence in TokenCodingTeacherClient.sequences)
+    assert lora_b_norm(out) > 0
+
+
+@pytest.mark.slow
 def test_the_cli_trains_against_a_vllm_server_teacher(tiny_model, tmp_path):
     """The 8xH100 layout on CPU: `vllm serve` of a model on 127.0.0.1 scores the student's tokens."""
     import subprocess

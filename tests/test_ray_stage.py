@@ -143,6 +143,20 @@ def _sid(process: psutil.Process) -> int | None:
         return None
 
 
+def started_node(args: list, log: Path, attempts: int = 3) -> RayNode:
+    """A Ray node, started again if it gave up: on 2 busy cores (the other pytest worker runs beside this one) a
+    `ray start` can exit on a deadline before the head answers it ("Failed to get node info ... Deadline Exceeded")."""
+    for attempt in range(1, attempts + 1):
+        node = RayNode(args, log.with_name(f"{log.stem}-{attempt}.log"))
+        try:
+            node.wait_started()
+            return node
+        except AssertionError:
+            node.stop()
+            if attempt == attempts:
+                raise
+
+
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     """The address of a Ray cluster on this machine: a head with no CPU (so no replica runs there) and two worker
@@ -151,14 +165,13 @@ def ray_cluster(tmp_path_factory):
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     port = free_port()
     common = ["--node-ip-address", "127.0.0.1", "--object-store-memory", 200_000_000, "--disable-usage-stats"]
-    nodes = [RayNode(["--head", "--port", port, "--num-cpus", 0, "--include-dashboard", "false", "--temp-dir",
-                      temp_dir, *common], logs / "head.log")]
+    nodes = []
     try:
-        nodes[0].wait_started()
+        nodes.append(started_node(["--head", "--port", port, "--num-cpus", 0, "--include-dashboard", "false",
+                                   "--temp-dir", temp_dir, *common], logs / "head.log"))
         for index in (1, 2):
-            nodes.append(RayNode(["--address", f"127.0.0.1:{port}", "--num-cpus", 1, *common],
-                                 logs / f"worker{index}.log"))
-            nodes[-1].wait_started()
+            nodes.append(started_node(["--address", f"127.0.0.1:{port}", "--num-cpus", 1, *common],
+                                      logs / f"worker{index}.log"))
         yield {"address": f"127.0.0.1:{port}", "nodes": nodes}
     finally:
         for node in reversed(nodes):

@@ -42,7 +42,7 @@ from distill import defaults, engine, fingerprint, report, serving
 from distill.defaults import STUDENT_MAX_TOKENS, TEACHER_MAX_TOKENS, wandb_enabled
 from distill.judge import judge_examples
 from distill.metrics import cost, cost_ratio
-from distill.prompts import DEFAULT_PROMPT, load_prompt, render, render_teacher, student_messages
+from distill.prompts import DEFAULT_PROMPT, load_prompt, render_teacher, student_prompt_ids
 from distill.records import InputError, RunRecord, read_jsonl, read_queries
 from distill.splits import HELDOUT_FRACTION, SPLIT_SEED, select
 
@@ -245,20 +245,8 @@ def check_served(args, llm, served, trained) -> fingerprint.FingerprintCheck:
                                     served_dtype, served.mismatch_advice)
     except fingerprint.FingerprintMismatch as error:
         sys.exit(f"error: {error}\n(--skip_fingerprint scores anyway)")
-    print(f"evaluate: fingerprint passed: {check.probes} probes, {check.answer_tokens} answer tokens, largest "
-          f"log-probability difference {check.max_abs_diff:.3g} (mean {check.mean_abs_diff:.3g}), tolerance "
-          f"{check.tolerance:g} ({check.trained_dtype} trained, {check.served_dtype} served)"
-          + (f"; the adapter moves them by up to {check.adapter_effect:.3g}" if check.conclusive is not None else ""))
-    if check.conclusive is False:
-        print(f"evaluate: warning: the adapter moves its probes' answer tokens by at most {check.adapter_effect:.3g}, "
-              f"within the tolerance: the check cannot tell this adapter from its base model", file=sys.stderr)
+    fingerprint.show(check)
     return check
-
-
-def student_prompt_ids(tokenizer, queries: list[str]) -> list[list[int]]:
-    """The student's input ids: its bare query in the chat template, as training rendered it (distill.prompts)."""
-    return [tokenizer(render(tokenizer, student_messages(query)), add_special_tokens=False).input_ids
-            for query in queries]
 
 
 def render_prompts(args, prompt, rows):

@@ -16,6 +16,7 @@ show up here, before any row is scored.
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -219,3 +220,14 @@ def compare(fingerprint: dict, served: list[list[float]], served_dtype: str, mis
             f"of {len(diffs)} probes, worst probe {fingerprint['probes'][worst]['id']!r}; tolerance {limit:g} "
             f"({fingerprint['dtype']} trained, {served_dtype} served). {mismatch_advice}")
     return check
+
+
+def show(check: FingerprintCheck) -> None:
+    """The passed check's figures on stdout; a warning on stderr when they cannot tell the adapter from its base."""
+    print(f"evaluate: fingerprint passed: {check.probes} probes, {check.answer_tokens} answer tokens, largest "
+          f"log-probability difference {check.max_abs_diff:.3g} (mean {check.mean_abs_diff:.3g}), tolerance "
+          f"{check.tolerance:g} ({check.trained_dtype} trained, {check.served_dtype} served)"
+          + (f"; the adapter moves them by up to {check.adapter_effect:.3g}" if check.conclusive is not None else ""))
+    if check.conclusive is False:
+        print(f"evaluate: warning: the adapter moves its probes' answer tokens by at most {check.adapter_effect:.3g}, "
+              f"within the tolerance: the check cannot tell this adapter from its base model", file=sys.stderr)

@@ -102,6 +102,12 @@ def render(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
 
 
+def student_prompt_ids(tokenizer, queries: list[str]) -> list[list[int]]:
+    """The student's input ids: its bare query in the chat template, as training renders it."""
+    return [tokenizer(render(tokenizer, student_messages(query)), add_special_tokens=False).input_ids
+            for query in queries]
+
+
 def render_teacher(tokenizer, messages: list[dict]) -> str:
     # The teacher thinks if its template lets it: no enable_thinking switch here.
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

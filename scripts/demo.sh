@@ -24,7 +24,7 @@
 #
 # Env (all optional): PARTS ("in_short language_id"), BEHAVIOUR_TRAIN_ROWS (120 of the 330 train-split questions,
 # in_short and french), BEHAVIOUR_EPOCHS (2), BEHAVIOUR_MAX_TOKENS (48: answer length cap, teacher and evaluations;
-# the french part caps at 40, as measured), ON_POLICY (0; 1: the SFT student goes on with stage 2b, on-policy, on
+# the french part caps at 40, as measured), ON_POLICY (1: the SFT student goes on with stage 2b, on-policy, on
 # ON_POLICY_ROWS training questions, 32; 0 skips it), TRAIN_ROWS (120, language
 # ID), EPOCHS (1, language ID), GOLD_STUDENT (0; 1 adds the gold-label student, ~3 min), TEACHER_EVAL_ROWS (120 of
 # the 233 held-out rows; the language-ID teacher's evaluation is the slowest one), LATENCY_REQUESTS (4: requests
@@ -37,7 +37,7 @@ PARTS=${PARTS:-in_short language_id}
 BEHAVIOUR_TRAIN_ROWS=${BEHAVIOUR_TRAIN_ROWS:-120}
 BEHAVIOUR_EPOCHS=${BEHAVIOUR_EPOCHS:-2}
 BEHAVIOUR_MAX_TOKENS=${BEHAVIOUR_MAX_TOKENS:-}
-ON_POLICY=${ON_POLICY:-0}
+ON_POLICY=${ON_POLICY:-1}
 ON_POLICY_ROWS=${ON_POLICY_ROWS:-32}
 TRAIN_ROWS=${TRAIN_ROWS:-120}
 EPOCHS=${EPOCHS:-1}
@@ -130,6 +130,7 @@ train() {  # train DATA OUTPUT_DIR EPOCHS [train_sft_trl.py flags...]
 behaviour_part() {
   local name=$1 prompt=(--prompt_file "$2") max_tokens=${BEHAVIOUR_MAX_TOKENS:-$3} description=$4
   local dir=$DEMO_DIR/$name questions=(--input_file example-data/general_questions.jsonl)
+  local opd_questions=(--dataset_name example-data/general_questions.jsonl)
   local test=(--test_file example-data/general_questions.jsonl "${prompt[@]}" --max_tokens "$max_tokens"
               --latency_requests "$LATENCY_REQUESTS")
   mkdir -p "$dir"
@@ -148,7 +149,7 @@ behaviour_part() {
     # Stage 2b from the SFT adapter: the student samples its own answers to the same training questions, and its
     # base model reading the prompt (adapter off) grades every token; reverse KL (distill/onpolicy.py).
     run_step "$name-on-policy" "the SFT student goes on on-policy: it answers, the prompted teacher grades each token" \
-      "$PYTHON" train_opd_trl.py --config recipes/opd_cpu.yaml "${prompt[@]}" "${questions[@]}" \
+      "$PYTHON" train_opd_trl.py --config recipes/opd_cpu.yaml "${prompt[@]}" "${opd_questions[@]}" \
         --max_train_rows "$ON_POLICY_ROWS" --max_completion_length "$max_tokens" --init_adapter "models/demo-$name" \
         --output_dir "models/demo-$name-opd" --overwrite
   fi

@@ -28,8 +28,9 @@ $(EMBEDDED): $(STAMP) distill/embedded_model.py
 
 # Tests pin torch to one thread: with another process on a core, 2-thread torch slows 3-10x. So the suite runs on
 # two pytest processes (pytest-xdist), a test file to each at a time (--dist loadfile: a file's module fixtures, such
-# as the Ray cluster, start once), and prints its slowest tests.
-PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
+# as the Ray cluster, start once) in the order tests/conftest.py gives (longest files first), and prints its slowest
+# tests.
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 test: setup
 	$(PYTEST) tests
 

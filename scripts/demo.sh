@@ -2,8 +2,9 @@
 # `make demo`: the whole recipe on a laptop CPU, with the embedded SmolLM2-135M-Instruct as teacher and student.
 #
 # Usage:
-#   bash scripts/demo.sh                      # both parts (what `make demo` runs)
-#   PARTS=in_short bash scripts/demo.sh       # one part: in_short or language_id (or french, not run by default)
+#   bash scripts/demo.sh                      # part 1, in_short (what `make demo` runs: ~10 min on 2 cores)
+#   PARTS="in_short language_id" bash scripts/demo.sh   # both parts (~23 min with the larger sizes of 2026-11-30)
+#   PARTS=language_id bash scripts/demo.sh    # one part: in_short or language_id (or french, not run by default)
 #   TRAIN_ROWS=320 EPOCHS=2 bash scripts/demo.sh
 #
 # Part 1, a behaviour (prompts/in_short.md, a generative task): under a 2,000-token prompt (rules, then 38 example
@@ -22,10 +23,11 @@
 # warnings, vLLM and wandb notices included) goes to its log under $DEMO_DIR/logs/, named in the banner. A failing
 # step prints its log's last 30 lines and stops the demo with its exit code.
 #
-# Env (all optional): PARTS ("in_short language_id"), BEHAVIOUR_TRAIN_ROWS (120 of the 330 train-split questions,
+# Env (all optional): PARTS ("in_short"; part 2 is opt-in to keep `make demo` within 15 minutes with setup),
+# BEHAVIOUR_TRAIN_ROWS (64 of the 330 train-split questions,
 # in_short and french), BEHAVIOUR_EPOCHS (2), BEHAVIOUR_MAX_TOKENS (48: answer length cap, teacher and evaluations;
 # the french part caps at 40, as measured), ON_POLICY (1: the SFT student goes on with stage 2b, on-policy, on
-# ON_POLICY_ROWS training questions, 32; 0 skips it), TRAIN_ROWS (120, language
+# ON_POLICY_ROWS training questions, 16; 0 skips it), TRAIN_ROWS (120, language
 # ID), EPOCHS (1, language ID), GOLD_STUDENT (0; 1 adds the gold-label student, ~3 min), TEACHER_EVAL_ROWS (120 of
 # the 233 held-out rows; the language-ID teacher's evaluation is the slowest one), LATENCY_REQUESTS (4: requests
 # timed one at a time per evaluation),
@@ -33,12 +35,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PARTS=${PARTS:-in_short language_id}
-BEHAVIOUR_TRAIN_ROWS=${BEHAVIOUR_TRAIN_ROWS:-120}
+PARTS=${PARTS:-in_short}
+BEHAVIOUR_TRAIN_ROWS=${BEHAVIOUR_TRAIN_ROWS:-64}
 BEHAVIOUR_EPOCHS=${BEHAVIOUR_EPOCHS:-2}
 BEHAVIOUR_MAX_TOKENS=${BEHAVIOUR_MAX_TOKENS:-}
 ON_POLICY=${ON_POLICY:-1}
-ON_POLICY_ROWS=${ON_POLICY_ROWS:-32}
+ON_POLICY_ROWS=${ON_POLICY_ROWS:-16}
 TRAIN_ROWS=${TRAIN_ROWS:-120}
 EPOCHS=${EPOCHS:-1}
 TEACHER_EVAL_ROWS=${TEACHER_EVAL_ROWS:-120}

@@ -9,3 +9,4 @@ export HF_HUB_OFFLINE=1
 "$PYTHON" bench/train_padding.py 2>&1 | grep -A4 "^bench"
 "$PYTHON" bench/stream_vs_batch.py 2>&1 | grep -A5 "^bench"
 "$PYTHON" bench/ray_replicas.py 2>&1 | grep -A3 "^bench"
+"$PYTHON" bench/prompt_cache.py 2>&1 | grep -A3 "^bench"

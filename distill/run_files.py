@@ -21,7 +21,7 @@ from glob import glob
 from pathlib import Path
 
 from distill.records import InputError, RunRecord, append_jsonl, output_paths, read_jsonl, repair_torn_tail
-from distill.shards import coverage_errors
+from distill.shards import coverage_errors, rows_per_query
 from distill.soft_targets import SIDECAR_SUFFIX, read_sidecar, sidecar_path, sync_sidecar
 
 
@@ -126,11 +126,14 @@ class RunFiles:
             tmp.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
             tmp.replace(path)
         shard_records = list(records.values())
-        return self.finish(status="finished", settings=settings, merged_from=[str(path) for path in records],
-                           teacher_tokenizer_sha256=shard_records[0].get("teacher_tokenizer_sha256"),
+        # What every shard's record says alike (same settings, so the same prompt file and teacher): stage 2 reads
+        # the student side from here.
+        alike = {key: shard_records[0].get(key) for key in ("teacher_tokenizer_sha256", "input_kind", "student",
+                                                              "system_merged_into_user")}
+        return self.finish(status="finished", settings=settings, merged_from=[str(path) for path in records], **alike,
                            logprobs_top_k=settings["save_logprobs"],
                            counts={"selected": len(rows), "written_total": len(written),
-                                   "rejected_total": len(rejected)},
+                                   "rejected_total": len(rejected), "rows_per_query": rows_per_query(written)},
                            shards=[record.get("counts") for record in shard_records],
                            generation_seconds=max(record.get("generation_seconds") or 0 for record in shard_records))
 

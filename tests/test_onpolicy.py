@@ -164,7 +164,7 @@ def test_a_stage1_file_gives_its_user_turns_and_held_out_groups_never_train(tmp_
                 {"role": "user", "content": row["text"]}, {"role": "assistant", "content": "ignored"}],
                 "teacher": {"answer_chars": 7}}) + "\n")
     args = SimpleNamespace(dataset_name=str(stage1), text_field="text", heldout_fraction=0.2, split_seed=0,
-                           max_train_rows=None)
+                           max_train_rows=None, messages_field="messages", dataset_split="train")
     queries, note = training_queries(args)
     assert "teacher answers are ignored" in note
     assert [q["text"] for q in queries.rows] == [r["text"] for r in rows if split_of(r) == "train"]
@@ -183,7 +183,7 @@ def test_a_missing_prompt_file_or_no_training_rows_fail_with_the_file_named(tmp_
     only_heldout = tmp_path / "q.jsonl"
     only_heldout.write_text(json.dumps({"id": "a", "text": "x", "group": "g"}) + "\n")
     args = SimpleNamespace(dataset_name=str(only_heldout), text_field="text", heldout_fraction=1.0, split_seed=0,
-                           max_train_rows=None)
+                           max_train_rows=None, messages_field="messages", dataset_split="train")
     with pytest.raises(InputError, match="no training queries left"):
         training_queries(args)
 

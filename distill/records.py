@@ -227,6 +227,21 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
+def teacher_answers(path: str) -> tuple[dict, dict | None]:
+    """Query id -> the teacher's label (or generative answer), from a stage-1 JSONL (with --keep all, a query's first
+    row) or a results JSON of an `evaluate.py --with_prompt` run, and the latter's cost block. A generative teacher's
+    empty answer (its output broke the contract) is no reference and is left out."""
+    if path.endswith(".jsonl"):
+        answers = {}
+        for row in read_jsonl(path):
+            answers.setdefault(query_id(row), row["messages"][-1]["content"])
+        return answers, None
+    results = json.loads(Path(path).read_text())
+    if results.get("task") == "generative":
+        return {e["id"]: e["answer"] for e in results["examples"] if e["answer"]}, results.get("cost")
+    return {e["id"]: e["prediction"] for e in results["examples"]}, results.get("cost")
+
+
 def repair_torn_tail(path: Path) -> int:
     """Cut a last line that a crash left half-written (every complete row ends in a newline). Returns bytes cut."""
     if not path.exists():

@@ -173,8 +173,9 @@ def read_queries(source: str, text_field: str = "text", split: str = "train",
             row, key = _conversation_row(row, messages_field, text_field, where)
         else:
             if text_field not in row:
-                raise InputError(f"{where}: a '{messages_field}' conversation in an input of text rows (its first row "
-                                 f"is a text): a file holds one kind" if row.get(messages_field) is not None else
+                raise InputError(f"{where}: a '{messages_field}' conversation, but the input mixes text rows and "
+                                 f"conversations (its first row is a text); give each kind an input of its own"
+                                 if row.get(messages_field) is not None else
                                  f"{where}: no '{text_field}' field (columns: {', '.join(row)})")
             text = key = row[text_field]
             if not isinstance(text, str):
@@ -200,8 +201,9 @@ def _conversation_row(row: dict, messages_field: str, text_field: str, where: st
     """A conversation row as a query row (its turns under "messages", its last user turn as "text") and the key
     deduplication compares."""
     if row.get(messages_field) is None:
-        raise InputError(f"{where}: a '{text_field}' row in an input of conversations (its first row is a "
-                         f"conversation): a file holds one kind" if row.get(text_field) is not None else
+        raise InputError(f"{where}: a '{text_field}' text, but the input mixes text rows and conversations (its "
+                         f"first row is a conversation); give each kind an input of its own"
+                         if row.get(text_field) is not None else
                          f"{where}: no '{messages_field}' field (columns: {', '.join(row)})")
     turns = read_conversation(row[messages_field], where)
     rest = {k: v for k, v in row.items() if k not in (messages_field, text_field)}

@@ -122,6 +122,43 @@ def test_a_generative_row_carries_the_whole_answer(generative_prompt):
     assert len(row["teacher"]["raw"]) == 3
 
 
+def test_keep_all_writes_every_valid_answer_as_a_row_in_its_querys_group(generative_prompt):
+    from distill.records import query_id
+    from distill.shards import coverage_errors, rows_per_query
+    from distill.splits import split_of
+
+    conversation = [{"role": "user", "content": "text 9"}, {"role": "assistant", "content": "Earlier."},
+                    {"role": "user", "content": "text 2"}]
+    rows = [{"id": "r1", "text": "text 1"},  # no group: its rows take its id as theirs, so they split as it does
+            {"id": "c2", "text": "text 2", "messages": conversation, "group": "chat"},
+            {"id": "r3", "text": "text 3", "group": "g"}]
+    # r1: 3 valid samples; c2: its first cut (no redraws), 2 valid; r3: every one cut, rejected. A query's samples
+    # finish in the order they were drawn.
+    engine = CuttingEngine(lambda query, attempt: f"answer {query}.{attempt}",
+                           cut=lambda query, attempt: query == 3 or (query == 2 and attempt == 0),
+                           duration=lambda query, attempt: attempt + 1)
+    teacher = generative_teacher(generative_prompt)
+    outcomes = list(stream(engine, teacher, rows, SamplingParams(max_tokens=8), num_samples=3, max_in_flight=9))
+    args = SimpleNamespace(keep="all", save_raw=True, save_logprobs=None)
+    records = [record for outcome in outcomes for record in stage1.answer_records(outcome, args, teacher)]
+    written = [record["row"] for record in records if "row" in record]
+    by_id = {row["id"]: row for row in written}
+    assert sorted(by_id) == ["c2#0", "c2#1", "r1#0", "r1#1", "r1#2"]
+    assert [by_id[f"r1#{k}"]["messages"][-1]["content"] for k in range(3)] == ["answer 1.0", "answer 1.1", "answer 1.2"]
+    assert {row["group"] for row in written if query_id(row) == "r1"} == {"r1"}
+    assert {split_of(row) for row in written if query_id(row) == "r1"} == {split_of(rows[0])}
+    # a conversation's row is its turns, then the answer; the query's group and columns carried
+    assert by_id["c2#1"]["messages"] == conversation + [{"role": "assistant", "content": "answer 2.2"}]
+    assert by_id["c2#1"]["group"] == "chat" and by_id["c2#1"]["teacher"]["samples_kept"] == 2
+    assert by_id["c2#0"]["teacher"]["raw"] == ["answer 2.1", "answer 2.0"]  # the failed sample goes with row #0
+    rejected = [record["reject"] for record in records if "reject" in record]
+    assert [(row["id"], row["reason"]) for row in rejected] == [("r3", "cut_at_max_tokens")]
+    assert coverage_errors(rows, written + rejected) == []
+    assert rows_per_query(written) == {2: 1, 3: 1}
+    assert coverage_errors(rows, written + rejected + [{"id": "r1", "reason": "x"}]) == [
+        "1 ids appear more than once (e.g. r1)"]
+
+
 # ---- scoring ----------------------------------------------------------------------------------------------------
 
 

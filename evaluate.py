@@ -44,9 +44,9 @@ from distill import defaults, engine, fingerprint, report, serving
 from distill.defaults import STUDENT_MAX_TOKENS, TEACHER_MAX_TOKENS, wandb_enabled
 from distill.judge import judge_examples
 from distill.metrics import cost, cost_ratio
-from distill.prompts import (BARE_STUDENT, DEFAULT_PROMPT, load_prompt, query_of, render_teacher,
-                            student_prompt_ids, takes_system_role)
-from distill.records import InputError, RunRecord, read_queries, teacher_answers
+from distill.prompts import (BARE_STUDENT, DEFAULT_PROMPT, load_prompt, merges_system, query_of,
+                            render_teacher, student_messages, student_prompt_ids)
+from distill.records import InputError, RunRecord, load_teacher_answers, read_queries
 from distill.splits import HELDOUT_FRACTION, SPLIT_SEED, select
 
 
@@ -124,7 +124,7 @@ def main(argv=None):
     record = RunRecord("evaluate", vars(args))
     prompt, rows, teacher_of, teacher_cost = read_inputs(args)
     split_check = check_split(args, prompt, rows, teacher_of)
-    tokenizer, prompt_ids = render_prompts(args, prompt, rows)
+    tokenizer, prompt_ids, system_merged = render_prompts(args, prompt, rows)
     trained = trained_fingerprint(args, tokenizer, prompt.student)  # a template skew stops here, before the engine
     served = serve(args)
     mode = "teacher/base model with the prompt" if args.with_prompt else "student without the prompt"
@@ -155,8 +155,8 @@ def main(argv=None):
     full = {"mode": mode, "model_path": str(Path(args.model_path)), "serving": served.description,
             "max_model_len": served_max_model_len, "sampling": generation.sampling,
             "split_check": dataclasses.asdict(split_check), "fingerprint": dataclasses.asdict(fingerprint_check),
-            "test_file": args.test_file, "split": args.split, "student": None if args.with_prompt else
-            prompt.student.to_dict(), "system_merged_into_user": not takes_system_role(tokenizer),
+            "test_file": args.test_file, "split": args.split, "system_merged_into_user": system_merged,
+            "student": None if args.with_prompt else prompt.student.to_dict(),
             "gold_field": args.label_field, "teacher_file": args.teacher_file, **results, "examples": examples}
     record.finish(output_file, **full)
     report.show(full, output_file, wandb=args.report_to == "wandb")
@@ -168,7 +168,7 @@ def read_inputs(args):
     try:
         prompt = load_prompt(args.prompt_file)
         queries = read_queries(args.test_file, args.text_field, args.dataset_split, args.messages_field)
-        teacher_of, teacher_cost = teacher_answers(args.teacher_file) if args.teacher_file else ({}, None)
+        teacher_of, teacher_cost = load_teacher_answers(args.teacher_file) if args.teacher_file else ({}, None)
     except (InputError, ValueError, OSError, KeyError) as error:
         sys.exit(f"error: {error}")
     if args.constrain_labels and prompt.is_generative:
@@ -248,17 +248,20 @@ def check_served(args, llm, served, trained) -> fingerprint.FingerprintCheck:
 
 
 def render_prompts(args, prompt, rows):
-    """The tokenizer and every row's prompt ids: the teacher's with the long prompt, or the student's query (a text or
-    a conversation) with its own side of the prompt file. An adapter's own tokenizer is the one it trained with (and
-    the one its merged copy carries)."""
+    """The tokenizer, every row's prompt ids (the teacher's with the long prompt, or the student's query, a text or a
+    conversation, with its own side of the prompt file) and whether a system turn went into the first user turn. An
+    adapter's own tokenizer is the one it trained with (and the one its merged copy carries)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model_path,
                                               trust_remote_code=args.trust_remote_code)
+    queries = [query_of(row) for row in rows]
     if not args.with_prompt:
-        return tokenizer, student_prompt_ids(tokenizer, [query_of(row) for row in rows], prompt.student)
-    texts = [render_teacher(tokenizer, prompt.teacher_messages(query_of(row))) for row in rows]
-    return tokenizer, [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+        return (tokenizer, student_prompt_ids(tokenizer, queries, prompt.student),
+                merges_system(tokenizer, [student_messages(query, prompt.student) for query in queries]))
+    chats = [prompt.teacher_messages(query) for query in queries]
+    ids = [tokenizer(render_teacher(tokenizer, chat), add_special_tokens=False).input_ids for chat in chats]
+    return tokenizer, ids, merges_system(tokenizer, chats)
 
 
 def label_results(prompt, rows, prompt_ids, generation, teacher, args) -> dict:

@@ -55,7 +55,8 @@ DEFAULT_STUDENT = "Qwen/Qwen3-4B-Instruct-2507"
 @dataclass
 class DistillArguments(StudentRunArguments):
     dataset_name: str = field(default="data/teacher.jsonl", metadata={
-        "help": "stage-1 chat JSONL (local path), or a .parquet/.arrow file, dataset dir or hub dataset of that schema"})
+        "help": "stage-1 chat JSONL (local path), or a .parquet/.arrow file, a dataset dir or a hub dataset of that "
+                "schema"})
     dataset_split: str = field(default="train", metadata={"help": "split to load from a dataset dir or hub dataset"})
     answer_field: str | None = field(default=None, metadata={
         "help": "train on this column instead of the assistant turn, e.g. `label` for the gold labels"})
@@ -153,7 +154,7 @@ def prepare(script_args, training_args, model_args) -> TrainingData:
     from transformers import AutoTokenizer
 
     from distill.fingerprint import probes
-    from distill.prompts import student_messages, takes_system_role
+    from distill.prompts import merges_system, student_messages
     from distill.soft_targets import check_tokenizer, find_targets, row_targets
     from distill.training import query_and_answer, stage1_student_side, tokenize, training_rows
 
@@ -174,10 +175,9 @@ def prepare(script_args, training_args, model_args) -> TrainingData:
         try:
             queries.append(query_and_answer(row, script_args.answer_field))
             examples.append(tokenize(tokenizer, *queries[-1], student))
-        except (KeyError, StopIteration, TypeError, ValueError) as error:
+        except (KeyError, IndexError, StopIteration, TypeError, ValueError) as error:
             raise InputError(f"{script_args.dataset_name}: row {row.get('id', number)} lacks a user turn or "
                              f"its answer ({error!r})") from None
-    system_turns = any(student_messages(query, student)[0]["role"] == "system" for query, _ in queries)
     counts = {"rows_in_file": len(rows), "heldout_rows_dropped": dropped, "rows_used": len(train),
               "answer_source": script_args.answer_field or "assistant turn (teacher)",
               "batch": size_micro_batches(script_args, training_args, examples)}
@@ -191,8 +191,9 @@ def prepare(script_args, training_args, model_args) -> TrainingData:
                                   "temperature": script_args.kd_temperature, "alpha": kd_weight(script_args)}
     probe_rows = probes(tokenizer, [(row.get("id"), *query) for row, query in
                                     zip(train[: script_args.fingerprint_probes], queries)], student)
-    return TrainingData(examples, tokenizer, counts, probe_rows, {
-        "student": student.to_dict(), "system_merged_into_user": system_turns and not takes_system_role(tokenizer)})
+    merged = merges_system(tokenizer, (student_messages(query, student) for query, _ in queries))
+    return TrainingData(examples, tokenizer, counts, probe_rows,
+                        {"student": student.to_dict(), "system_merged_into_user": merged})
 
 
 def build_trainer(script_args, training_args, model_args, data: TrainingData, peft_config=None):

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from distill.prompts import conversation, fit_system, load_prompt, query_of, student_messages, takes_system_role
+from distill.prompts import (conversation, fit_system, load_prompt, merges_system, query_of, student_messages,
+                             takes_system_role)
 from distill.records import InputError, read_jsonl, read_queries
 from distill.splits import select
 from distill.training import query_and_answer
@@ -217,6 +218,6 @@ def student_record(prompt, rows: list[dict], tokenizers: Tokenizers) -> dict:
     """For the run record: the student's own side of the prompt file (evaluate.py checks its prompt file against
     it), and whether a chat template without a system role had a system turn merged into the first user turn (the
     teacher's always has one)."""
-    student_system = any(student_messages(query_of(row), prompt.student)[0]["role"] == "system" for row in rows)
-    merged = not takes_system_role(tokenizers.teacher) or (student_system and not takes_system_role(tokenizers.student))
+    merged = not takes_system_role(tokenizers.teacher) or merges_system(
+        tokenizers.student, (student_messages(query_of(row), prompt.student) for row in rows))
     return {"student": prompt.student.to_dict(), "system_merged_into_user": merged}

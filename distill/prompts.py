@@ -171,6 +171,11 @@ def takes_system_role(tokenizer) -> bool:
     return SYSTEM_PROBE in text
 
 
+def merges_system(tokenizer, chats) -> bool:
+    """Whether `fit_system` moves a system turn into a user turn for any of `chats`: what run records report."""
+    return any(chat[0]["role"] == "system" for chat in chats) and not takes_system_role(tokenizer)
+
+
 def fit_system(tokenizer, messages: list[dict]) -> list[dict]:
     """`messages` as the chat template takes them: without a system role, the system turn's text goes at the head of
     the first user turn, a blank line after it."""

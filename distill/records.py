@@ -229,7 +229,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
-def teacher_answers(path: str) -> tuple[dict, dict | None]:
+def load_teacher_answers(path: str) -> tuple[dict, dict | None]:
     """Query id -> the teacher's label (or generative answer), from a stage-1 JSONL (with --keep all, a query's first
     row) or a results JSON of an `evaluate.py --with_prompt` run, and the latter's cost block. A generative teacher's
     empty answer (its output broke the contract) is no reference and is left out."""

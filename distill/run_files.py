@@ -21,7 +21,7 @@ from glob import glob
 from pathlib import Path
 
 from distill.records import InputError, RunRecord, append_jsonl, output_paths, read_jsonl, repair_torn_tail
-from distill.shards import coverage_errors, rows_per_query
+from distill.shards import coverage_errors
 from distill.soft_targets import SIDECAR_SUFFIX, read_sidecar, sidecar_path, sync_sidecar
 
 
@@ -133,7 +133,7 @@ class RunFiles:
         return self.finish(status="finished", settings=settings, merged_from=[str(path) for path in records], **alike,
                            logprobs_top_k=settings["save_logprobs"],
                            counts={"selected": len(rows), "written_total": len(written),
-                                   "rejected_total": len(rejected), "rows_per_query": rows_per_query(written)},
+                                   "rejected_total": len(rejected)},
                            shards=[record.get("counts") for record in shard_records],
                            generation_seconds=max(record.get("generation_seconds") or 0 for record in shard_records))
 

@@ -201,7 +201,8 @@ def test_conversations_reach_the_teacher_behind_the_prompt_and_share_its_cached_
     args = SimpleNamespace(dataset_name=str(chats), text_field="text", messages_field="messages",
                            dataset_split="train", heldout_fraction=0.2, split_seed=0, max_train_rows=None)
     queries, _ = training_queries(args)
-    assert queries.counts["rows_used"] == 60 and all(row["messages"][-1]["role"] == "user" for row in queries.rows)
+    # held-out groups never train: 48 of the 60 conversations (2 of 10 groups held out)
+    assert queries.counts["rows_used"] == 48 and all(row["messages"][-1]["role"] == "user" for row in queries.rows)
     own_system = next(row for row in queries.rows if row["messages"][0]["role"] == "system")
     stage1 = tmp_path / "teacher.jsonl"
     stage1.write_text(json.dumps({**own_system, "messages": own_system["messages"] + [

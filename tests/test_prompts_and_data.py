@@ -292,3 +292,5 @@ def test_example_conversations_for_the_behaviour_task():
     assert all(2 <= len(row["messages"]) <= 4 for row in rows)
     assert any(row["messages"][0]["role"] == "system" for row in rows)
     assert any(turn["role"] == "assistant" for row in rows for turn in row["messages"])  # earlier answers as context
+    # the default split holds out whole groups: 2 of the 10 (12 conversations), the rest train
+    assert Counter(split_of(row) for row in rows) == {"train": 48, "heldout": 12}

@@ -298,3 +298,23 @@ def test_parquet_file_and_saved_dataset_splits_are_read_and_name_their_rows(tmp_
     datasets.Dataset.from_list(rows + [ends_in_an_answer]).to_parquet(str(tmp_path / "bad.parquet"))
     with pytest.raises(InputError, match=rf"^{re.escape(str(tmp_path / 'bad.parquet'))}: row 3: .*assistant turn"):
         read_queries(str(tmp_path / "bad.parquet"))
+
+
+def test_resume_cuts_a_query_that_a_crash_left_short(tmp_path):
+    """--keep all writes a query's rows in one write; a crash that tears it leaves some whole lines of that query,
+    which resume must drop (else the query counts as done with fewer rows)."""
+    from distill.run_files import cut_partial_query
+
+    def row(query, k, kept):
+        return json.dumps({"id": f"{query}#{k}", "query_id": query, "teacher": {"samples_kept": kept}}) + "\n"
+
+    path = tmp_path / "teacher.jsonl"
+    whole = row("a", 0, 2) + row("a", 1, 2)
+    path.write_text(whole + row("b", 0, 3) + row("b", 1, 3) + '{"id": "b#2", "que')
+    assert repair_torn_tail(path) > 0
+    assert cut_partial_query(path) == ("b", 2, 3)
+    assert path.read_text() == whole  # query a kept whole, every line of b gone
+    assert cut_partial_query(path) is None and path.read_text() == whole
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"id": "x", "teacher": {}}) + "\n")
+    assert cut_partial_query(plain) is None

@@ -8,6 +8,9 @@
 
     # a generative task (the prompt file declares a `check`, no labels): the target is the whole final answer
     python create_data.py --prompt_file prompts/answer_in_french.md --input_file example-data/general_questions.jsonl
+    # conversations (a `messages` column), two answers each kept as two training rows
+    python create_data.py --prompt_file prompts/in_short.md --input_file example-data/in_short_conversations.jsonl \
+        --num_samples 2 --keep all
 
     # vLLM replicas as a Ray Data pipeline, on this node or the Ray cluster at RAY_ADDRESS (distill/ray_stage.py)
     python create_data.py --engine ray --num_replicas 4 --tensor_parallel_size 2 --model_name ...
@@ -16,12 +19,15 @@ Writes, beside --output_file:
   <output>.jsonl          one row per answered query: {"id", "messages": [user query, assistant label],
                           the input's other columns, "teacher": {label, votes, finish reasons, ...}}; for a
                           generative task the assistant turn is the teacher's whole final answer (after any
-                          reasoning) and "teacher" holds answer_chars instead of label and votes
+                          reasoning) and "teacher" holds answer_chars instead of label and votes. A conversation
+                          input's row holds its turns, then the answer; with --keep all a generative query
+                          gives one row per valid sample, ids <id>#<k> with "query_id" and the query's group
   <output>.rejects.jsonl  queries without a valid answer after --max_retries: id, text, reason, raw outputs.
                           A generative answer is rejected when cut at --max_tokens (cut_at_max_tokens), empty
                           (empty_answer) or still inside the reasoning (unclosed_reasoning)
-  <output>.run.json       resolved args, command line, git revision, effective sampling, counts, throughput,
-                          the teacher tokenizer's hash (what stage 2 checks before KD)
+  <output>.run.json       resolved args, command line, git revision, effective sampling, counts (rows per query
+                          too), throughput, the teacher tokenizer's hash (what stage 2 checks before KD), the
+                          prompt file's student side (what stage 2 trains with) and system_merged_into_user
   <output>.logprobs.jsonl with --save_logprobs K: per written row, the teacher's top-K log-probabilities of each
                           answer token (token ids + values), for a label task its distribution over the labels, with
                           --num_samples > 1 the vote shares (format: distill/soft_targets.py)
@@ -43,11 +49,10 @@ import sys
 from distill import engine, ray_stage, shards, stage1
 from distill.defaults import TEACHER_MAX_TOKENS, TEACHER_MODEL
 from distill.prompts import DEFAULT_PROMPT, load_prompt
-from distill.records import InputError, RunRecord, read_queries
+from distill.records import InputError, RunRecord, query_id, read_queries
 from distill.run_files import RunFiles
 from distill.soft_targets import tokenizer_hash
 from distill.splits import select, split_of
-from distill.synthesis import label_target_agreement
 from distill.teacher import StreamStats, add_sampling_args, model_sampling_defaults
 
 
@@ -56,8 +61,13 @@ def build_parser():
     engine.configure_env()
     parser = engine.stage_parser(__doc__)
     parser.add_argument("--input-file", default="example-data/language_id.jsonl",
-                        help=".txt (one query per line), .jsonl/.csv with a text column, or a datasets name")
+                        help=".txt (one query per line), .jsonl/.csv, a .parquet/.arrow file, a dataset dir "
+                             "(save_to_disk) or a datasets name, with a text or a messages (conversation) column")
     parser.add_argument("--text-field", default="text", help="the query column of a .jsonl/.csv/datasets input")
+    parser.add_argument("--messages-field", default="messages",
+                        help="the conversation column (role/content turns ending in a user turn), read when a row "
+                             "has no text column")
+    parser.add_argument("--dataset-split", default="train", help="the split of a dataset dir or datasets name")
     parser.add_argument("--output-file", default="data/teacher.jsonl",
                         help="chat JSONL; the rejects file, run record and sidecar go beside it")
     parser.add_argument("--prompt-file", default=str(DEFAULT_PROMPT),
@@ -68,7 +78,10 @@ def build_parser():
     parser.add_argument("--max-retries", type=int, default=3, help="fresh samples for an answer that breaks the contract")
     parser.add_argument("--num-samples", type=int, default=1,
                         help="answers per query; the label is their majority (a generative task keeps the first "
-                             "valid answer: free texts are not voted on)")
+                             "valid answer: free texts are not voted on; --keep all keeps each)")
+    parser.add_argument("--keep", choices=["vote", "all"], default="vote",
+                        help="vote: one row per query; all: a generative task writes every valid answer as a row "
+                             "<id>#<k> in the query's group (a label task keeps its majority vote)")
     parser.add_argument("--max-samples", type=int,
                         help="use only the first N selected queries (before sharding); without --split they come from "
                              "the train side, so that training can use every one")
@@ -129,7 +142,7 @@ def main(argv=None):
         return merge(args, files, rows, settings)
     rows = shards.select_shard(rows, args.shard_index, args.num_shards)
     try:
-        done = {row["id"] for part in files.resume(settings, args.overwrite) for row in part}
+        done = {query_id(row) for part in files.resume(settings, args.overwrite) for row in part}
     except InputError as error:
         sys.exit(f"error: {error}")
     todo = [row for row in rows if row["id"] not in done]
@@ -152,8 +165,8 @@ def main(argv=None):
                           else (StreamStats().summary(), None))
     except stage1.EngineDefaultsError as error:
         sys.exit(f"error: {error}")
-    record = finish(args, files, rows, len(rows) - len(todo), stats, stopped, prompt=prompt, queries=queries,
-                    settings=settings, model_sampling_defaults=model_defaults, teacher=teacher, **tokenizer)
+    record = stage1.finish(args, files, rows, len(rows) - len(todo), stats, stopped, prompt=prompt, queries=queries,
+                           settings=settings, model_sampling_defaults=model_defaults, teacher=teacher, **tokenizer)
     stage1.report(args, files, record, stats, stopped)
 
 
@@ -162,9 +175,12 @@ def read_inputs(args):
     on bad input or flags fails here, before any model loads."""
     try:
         prompt = load_prompt(args.prompt_file)
-        queries = read_queries(args.input_file, args.text_field)
+        queries = read_queries(args.input_file, args.text_field, args.dataset_split, args.messages_field)
     except (InputError, ValueError, OSError) as error:
         sys.exit(f"error: {error}")
+    if args.keep == "all" and not prompt.is_generative:
+        print(f"create_data: --keep all: {args.prompt_file} is a label task, which keeps the majority vote")
+        args.keep = "vote"
     if args.constrain_labels and prompt.is_generative:
         sys.exit(f"error: --constrain_labels needs a label set, and {args.prompt_file} declares a generative task "
                  f"(check: {prompt.check}); drop the flag")
@@ -177,30 +193,6 @@ def read_inputs(args):
     except (ValueError, OSError) as error:
         sys.exit(f"error: --model_name {args.model}: cannot read its config ({error})")
     return prompt, queries, rows, model_defaults
-
-
-def finish(args, files, rows, resumed, stats, stopped, *, prompt, queries, teacher, **record) -> dict:
-    """The run record of a run that ended: finished only when the output and the rejects hold every selected id
-    exactly once (the merge's check; rows of ids an earlier run with a wider selection finished do not count)."""
-    written, rejected = files.written(), files.rejected()
-    selected = {row["id"] for row in rows}
-    coverage = [] if stopped else shards.coverage_errors(
-        rows, [row for row in written + rejected if row["id"] in selected])
-    return files.finish(
-        status="interrupted" if stopped else ("finished" if not coverage else "failed"),
-        coverage_errors=coverage, **record, model=args.model, prompt_file=args.prompt_file,
-        task="generative" if prompt.is_generative else "label", expects_reasoning=teacher.expects_reasoning,
-        counts={"input_lines": queries.lines, "skipped_empty": queries.empty, "duplicates": queries.duplicates,
-                "selected": len(rows), "resumed": resumed, "written_this_run": stats["labelled"],
-                # what stage 2 can learn from: it drops the held-out side of the same split
-                "selected_train_side": sum(split_of(row) == "train" for row in rows),
-                "written_train_side": sum(split_of(row) == "train" for row in written),
-                "rejected_this_run": stats["rejected"], "reject_reasons_this_run": stats["reject_reasons"],
-                "written_total": len(written), "rejected_total": len(rejected),
-                # queries create_queries.py wrote for a label: how many the teacher gave that label
-                "label_targets": label_target_agreement(written)},
-        stream=stats, generation_seconds=stats["seconds"],
-        queries_per_second=stats["queries_per_second"] if len(rows) > resumed else None)
 
 
 def merge(args, files, rows, settings):

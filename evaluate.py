@@ -18,6 +18,9 @@ of their answer tokens training's within a dtype tolerance; else it stops naming
 --skip_fingerprint scores anyway (the results JSON records it); an adapter without a fingerprint gets a warning.
 
 --teacher_file takes stage 1's JSONL or a results JSON of a --with_prompt run (which also yields the cost ratio).
+A --test_file of conversations (a messages column) is answered at its last user turn; the student reads the turns
+before with the prompt file's student side (student_system_prompt, student_template), refused unless it is the one
+the adapter's distill_run.json stores.
 Writes the results JSON (metrics, confusion matrix, per-example predictions with raw outputs) and a PNG heatmap
 beside it; logs the same to wandb when WANDB_API_KEY or WANDB_MODE is set.
 
@@ -34,7 +37,6 @@ with the strict pass.
 """
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -42,8 +44,9 @@ from distill import defaults, engine, fingerprint, report, serving
 from distill.defaults import STUDENT_MAX_TOKENS, TEACHER_MAX_TOKENS, wandb_enabled
 from distill.judge import judge_examples
 from distill.metrics import cost, cost_ratio
-from distill.prompts import DEFAULT_PROMPT, load_prompt, render_teacher, student_prompt_ids
-from distill.records import InputError, RunRecord, read_jsonl, read_queries
+from distill.prompts import (BARE_STUDENT, DEFAULT_PROMPT, load_prompt, merges_system, query_of,
+                            render_teacher, student_messages, student_prompt_ids)
+from distill.records import InputError, RunRecord, load_teacher_answers, read_queries
 from distill.splits import HELDOUT_FRACTION, SPLIT_SEED, select
 
 
@@ -54,8 +57,11 @@ def build_parser():
     parser.add_argument("--model-path", help="LoRA adapter dir or full model (unset: the newest adapter in models/)")
     parser.add_argument("--base-model", help="base of the adapter (unset: from adapter_config.json)")
     parser.add_argument("--test-file", default="example-data/language_id.jsonl",
-                        help=".txt, .jsonl/.csv with a text column, or a datasets name")
+                        help="queries as create_data.py reads them: .txt, .jsonl/.csv, .parquet/.arrow, a dataset "
+                             "dir or a datasets name, with a text or a messages (conversation) column")
     parser.add_argument("--text-field", default="text", help="the query column of a .jsonl/.csv/datasets input")
+    parser.add_argument("--messages-field", default="messages", help="the conversation column, as create_data.py's")
+    parser.add_argument("--dataset-split", default="train", help="the split of a dataset dir or datasets name")
     parser.add_argument("--label-field", default="label", help="gold label column (rows without one: no accuracy)")
     parser.add_argument("--split", choices=["heldout", "train", "all"], default="heldout",
                         help="which side of the group split to score (train/all: rows the adapter trained on)")
@@ -113,24 +119,13 @@ def newest_adapter(root: Path = Path("models")) -> str:
     return str(adapters[-1].parent)
 
 
-def load_teacher_answers(path: str) -> tuple[dict, dict | None]:
-    """id -> the teacher's label (or generative answer), and the cost block when the file is a --with_prompt results
-    JSON. A generative teacher's empty answer (its output broke the contract) is no reference and is left out."""
-    if path.endswith(".jsonl"):
-        return {row["id"]: row["messages"][-1]["content"] for row in read_jsonl(path)}, None
-    results = json.loads(Path(path).read_text())
-    if results.get("task") == "generative":
-        return {e["id"]: e["answer"] for e in results["examples"] if e["answer"]}, results.get("cost")
-    return {e["id"]: e["prediction"] for e in results["examples"]}, results.get("cost")
-
-
 def main(argv=None):
     args = parse_args(argv)
     record = RunRecord("evaluate", vars(args))
     prompt, rows, teacher_of, teacher_cost = read_inputs(args)
-    split_check = check_split(args, rows, teacher_of)
-    tokenizer, prompt_ids = render_prompts(args, prompt, rows)
-    trained = trained_fingerprint(args, tokenizer)  # a template skew stops here, before a merge or the engine
+    split_check = check_split(args, prompt, rows, teacher_of)
+    tokenizer, prompt_ids, system_merged = render_prompts(args, prompt, rows)
+    trained = trained_fingerprint(args, tokenizer, prompt.student)  # a template skew stops here, before the engine
     served = serve(args)
     mode = "teacher/base model with the prompt" if args.with_prompt else "student without the prompt"
     print(f"evaluate: {mode}, {args.model_path} ({served.description}); {len(rows)} rows of {args.test_file} "
@@ -160,7 +155,8 @@ def main(argv=None):
     full = {"mode": mode, "model_path": str(Path(args.model_path)), "serving": served.description,
             "max_model_len": served_max_model_len, "sampling": generation.sampling,
             "split_check": dataclasses.asdict(split_check), "fingerprint": dataclasses.asdict(fingerprint_check),
-            "test_file": args.test_file, "split": args.split,
+            "test_file": args.test_file, "split": args.split, "system_merged_into_user": system_merged,
+            "student": None if args.with_prompt else prompt.student.to_dict(),
             "gold_field": args.label_field, "teacher_file": args.teacher_file, **results, "examples": examples}
     record.finish(output_file, **full)
     report.show(full, output_file, wandb=args.report_to == "wandb")
@@ -171,7 +167,7 @@ def read_inputs(args):
     fail here, before any model loads."""
     try:
         prompt = load_prompt(args.prompt_file)
-        queries = read_queries(args.test_file, args.text_field)
+        queries = read_queries(args.test_file, args.text_field, args.dataset_split, args.messages_field)
         teacher_of, teacher_cost = load_teacher_answers(args.teacher_file) if args.teacher_file else ({}, None)
     except (InputError, ValueError, OSError, KeyError) as error:
         sys.exit(f"error: {error}")
@@ -187,11 +183,13 @@ def read_inputs(args):
     return prompt, rows, teacher_of, teacher_cost
 
 
-def check_split(args, rows, teacher_of) -> serving.SplitCheck:
-    """The rows' split against the adapter's run record (a mismatch stops the run); warns when the teacher file
-    shares no id with the rows scored."""
+def check_split(args, prompt, rows, teacher_of) -> serving.SplitCheck:
+    """The rows' split and the prompt file's student side against the adapter's run record (a mismatch stops the
+    run); warns when the teacher file shares no id with the rows scored."""
     try:
         split_check = serving.check_split(Path(args.model_path), args.split, args.heldout_fraction, args.split_seed)
+        if not args.with_prompt:
+            serving.check_student(Path(args.model_path), prompt.student)
     except ValueError as error:
         sys.exit(f"error: {error}")
     for note in split_check.notes:
@@ -217,7 +215,7 @@ def context_length(args, served, prompt_ids, trained) -> int:
                for ids, tokens in needs)
 
 
-def trained_fingerprint(args, tokenizer) -> dict | None:
+def trained_fingerprint(args, tokenizer, student=BARE_STUDENT) -> dict | None:
     """The model's fingerprint.json, after checking that this evaluation renders its probes' prompts to the ids
     training did; None when skipped or absent (an adapter trained before fingerprints: a warning)."""
     trained = None if args.skip_fingerprint else fingerprint.load(args.model_path)
@@ -226,8 +224,8 @@ def trained_fingerprint(args, tokenizer) -> dict | None:
               f"cannot check that the served model is the trained student", file=sys.stderr)
     if trained:
         try:
-            fingerprint.check_ids(trained, student_prompt_ids(tokenizer, [p["query"] for p in trained["probes"]]),
-                                  tokenizer)
+            fingerprint.check_ids(trained, student_prompt_ids(tokenizer, [p["query"] for p in trained["probes"]],
+                                                              student), tokenizer)
         except fingerprint.FingerprintMismatch as error:
             sys.exit(f"error: {error}")
     return trained
@@ -250,16 +248,20 @@ def check_served(args, llm, served, trained) -> fingerprint.FingerprintCheck:
 
 
 def render_prompts(args, prompt, rows):
-    """The tokenizer and every row's prompt ids: the teacher's with the long prompt, or the student's bare query.
-    An adapter's own tokenizer is the one it trained with (and the one its merged copy carries)."""
+    """The tokenizer, every row's prompt ids (the teacher's with the long prompt, or the student's query, a text or a
+    conversation, with its own side of the prompt file) and whether a system turn went into the first user turn. An
+    adapter's own tokenizer is the one it trained with (and the one its merged copy carries)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model_path,
                                               trust_remote_code=args.trust_remote_code)
+    queries = [query_of(row) for row in rows]
     if not args.with_prompt:
-        return tokenizer, student_prompt_ids(tokenizer, [row["text"] for row in rows])
-    texts = [render_teacher(tokenizer, prompt.teacher_messages(row["text"])) for row in rows]
-    return tokenizer, [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+        return (tokenizer, student_prompt_ids(tokenizer, queries, prompt.student),
+                merges_system(tokenizer, [student_messages(query, prompt.student) for query in queries]))
+    chats = [prompt.teacher_messages(query) for query in queries]
+    ids = [tokenizer(render_teacher(tokenizer, chat), add_special_tokens=False).input_ids for chat in chats]
+    return tokenizer, ids, merges_system(tokenizer, chats)
 
 
 def label_results(prompt, rows, prompt_ids, generation, teacher, args) -> dict:

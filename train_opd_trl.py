@@ -17,7 +17,9 @@ checked first). The teacher sees the prompt file's system prompt, example turns 
 computes the prompt's KV cache once per run (--prompt_cache, distill/onpolicy.py).
 
 The queries: a stage-1 JSONL (its user turns; the teacher's answers there are ignored, and the run says so) or any
-query file create_data.py reads. Held-out groups never train. --init_adapter warm-starts from a stage-2 adapter.
+query input create_data.py reads, conversations included (the student sees a conversation's turns, with the prompt
+file's student side: `student_system_prompt`, `student_template`; the teacher, the prompt file's system prompt and
+example turns before them). Held-out groups never train. --init_adapter warm-starts from a stage-2 adapter.
 Every DistillationConfig flag of TRL (--beta, --max_completion_length, --temperature, --use_vllm, --vllm_mode, ...)
 and every ModelConfig flag is a flag here; --config X.yaml sets defaults that flags override. The output dir gets the
 adapter, tokenizer, distill_run.json (config, command line, git revision, teacher, losses, teacher tokens spent) and
@@ -42,9 +44,13 @@ DEFAULT_STUDENT = "Qwen/Qwen3-4B-Instruct-2507"
 @dataclass
 class OnPolicyArguments(StudentRunArguments):
     dataset_name: str = field(default="data/teacher.jsonl", metadata={
-        "help": "queries: a stage-1 JSONL (its user turns; the teacher's answers are ignored), or a .txt/.jsonl/.csv "
-                "query file as create_data.py reads it"})
+        "help": "queries: a stage-1 JSONL (its user turns; the teacher's answers are ignored), or queries as "
+                "create_data.py reads them (.txt/.jsonl/.csv/.parquet/.arrow, a dataset dir or name; texts or "
+                "conversations)"})
     text_field: str = field(default="text", metadata={"help": "query column of a query file"})
+    messages_field: str = field(default="messages", metadata={
+        "help": "conversation column of a query file (role/content turns ending in a user turn)"})
+    dataset_split: str = field(default="train", metadata={"help": "split of a dataset dir or hub dataset"})
     prompt_file: str = field(default=str(DEFAULT_PROMPT), metadata={"help": "the prompt the teacher reads"})
     teacher_server_url: str | None = field(default=None, metadata={
         "help": "a vLLM server of the teacher (vllm serve MODEL --max-logprobs K), e.g. http://127.0.0.1:8000"})
@@ -132,6 +138,7 @@ def main(argv=None):
     report = {"counts": {**queries.counts, "query_source": source_note}, "memory_plan": plan.to_dict(),
               "teacher": teacher_name(script_args, training_args), "prompt_file": script_args.prompt_file,
               "prompt_sha256": prompt.sha256, "init_adapter": script_args.init_adapter,
+              **opd_setup.student_record(prompt, queries.rows, tokenizers),
               "split": {"heldout_fraction": script_args.heldout_fraction, "split_seed": script_args.split_seed}}
     if processes.is_main_process:
         print(f"train_opd: {len(queries.rows)} training queries ({queries.counts['heldout_rows_dropped']} held-out "
@@ -145,8 +152,8 @@ def main(argv=None):
     result = trainer.train()
     saved_tensors = save_adapter(trainer, training_args.output_dir)
     report["fingerprint"] = fingerprint.record_trained(  # every rank
-        trainer, fingerprint.query_probes(tokenizers.student, queries.rows, script_args.fingerprint_probes),
-        training_args.output_dir)
+        trainer, fingerprint.query_probes(tokenizers.student, queries.rows, script_args.fingerprint_probes,
+                                          prompt.student), training_args.output_dir)
     report["teacher_spend"] = trainer.spend.to_dict()
     if processes.is_main_process:
         trainer.processing_class.save_pretrained(training_args.output_dir)

@@ -24,6 +24,11 @@ teacher's tokenizer (checked by hash, refused otherwise). A file without a sidec
 
     python train_sft_trl.py --config recipes/cpu.yaml --dataset_name data/teacher.jsonl --distill_loss kd
 
+A conversation's row (stage 1 on a `messages` input) trains on its last assistant turn, the teacher's answer; the
+turns before it are the student's prompt. The student's prompt carries the prompt file's student side
+(`student_system_prompt`, `student_template`), read from the stage-1 run record beside --dataset_name and stored in
+distill_run.json, where evaluate.py checks its prompt file against it.
+
 Rows whose group (or id) falls on the held-out side of the split that evaluate.py uses never reach the trainer.
 The output dir (default models/<run name>) gets the adapter, the tokenizer, distill_run.json (resolved config,
 command line, git revision, rows used and dropped, train metrics) and fingerprint.json: the trained model's
@@ -41,7 +46,7 @@ from distill.checkpoint import save_adapter
 from distill.defaults import StudentRunArguments, wandb_enabled
 from distill.engine import on_gpu
 from distill.records import TRAIN_RUN_RECORD as RUN_RECORD
-from distill.records import InputError, RunRecord, read_jsonl
+from distill.records import InputError, RunRecord, load_dataset_rows, read_jsonl
 from distill.student import WandbConfigCallback, finish_record, lora_config, plan_memory, stop_or_clear
 
 DEFAULT_STUDENT = "Qwen/Qwen3-4B-Instruct-2507"
@@ -49,9 +54,10 @@ DEFAULT_STUDENT = "Qwen/Qwen3-4B-Instruct-2507"
 
 @dataclass
 class DistillArguments(StudentRunArguments):
-    dataset_name: str = field(default="data/teacher.jsonl",
-                              metadata={"help": "stage-1 chat JSONL (local path) or a hub dataset of that schema"})
-    dataset_split: str = field(default="train", metadata={"help": "split to load from a hub dataset"})
+    dataset_name: str = field(default="data/teacher.jsonl", metadata={
+        "help": "stage-1 chat JSONL (local path), or a .parquet/.arrow file, a dataset dir or a hub dataset of that "
+                "schema"})
+    dataset_split: str = field(default="train", metadata={"help": "split to load from a dataset dir or hub dataset"})
     answer_field: str | None = field(default=None, metadata={
         "help": "train on this column instead of the assistant turn, e.g. `label` for the gold labels"})
     global_batch_size: int | None = field(default=None, metadata={
@@ -125,11 +131,10 @@ def parse_args(argv=None):
 
 
 def load_rows(script_args) -> list[dict]:
-    if Path(script_args.dataset_name).exists():
-        return read_jsonl(script_args.dataset_name)
-    import datasets
-
-    return list(datasets.load_dataset(script_args.dataset_name, split=script_args.dataset_split))
+    path = Path(script_args.dataset_name)
+    if path.is_file() and path.suffix.lower() not in (".parquet", ".arrow"):
+        return read_jsonl(path)
+    return list(load_dataset_rows(script_args.dataset_name, script_args.dataset_split))
 
 
 @dataclass
@@ -138,6 +143,8 @@ class TrainingData:
     tokenizer: object
     counts: dict  # rows in the file, dropped, used, the answer source, the batch, KD coverage: for the run record
     probes: list[dict]  # the first --fingerprint_probes training rows, tokenized, for the fingerprint
+    student: dict  # the student's own side of the prompt file (stage 1's run record) and whether a system turn
+    # had to be merged into the first user turn: for the run record, which evaluate.py checks the prompt file against
 
 
 def prepare(script_args, training_args, model_args) -> TrainingData:
@@ -147,8 +154,9 @@ def prepare(script_args, training_args, model_args) -> TrainingData:
     from transformers import AutoTokenizer
 
     from distill.fingerprint import probes
+    from distill.prompts import merges_system, student_messages
     from distill.soft_targets import check_tokenizer, find_targets, row_targets
-    from distill.training import query_and_answer, tokenize, training_rows
+    from distill.training import query_and_answer, stage1_student_side, tokenize, training_rows
 
     rows = load_rows(script_args)
     train, dropped = training_rows(rows, script_args.heldout_fraction, script_args.split_seed)
@@ -161,11 +169,13 @@ def prepare(script_args, training_args, model_args) -> TrainingData:
                                               trust_remote_code=training_args.trust_remote_code)
     if targets:
         check_tokenizer(targets, tokenizer, model_args.model_name_or_path)
-    examples = []
+    student = stage1_student_side(script_args.dataset_name)
+    examples, queries = [], []
     for number, row in enumerate(train, start=1):
         try:
-            examples.append(tokenize(tokenizer, *query_and_answer(row, script_args.answer_field)))
-        except (KeyError, StopIteration, TypeError) as error:
+            queries.append(query_and_answer(row, script_args.answer_field))
+            examples.append(tokenize(tokenizer, *queries[-1], student))
+        except (KeyError, IndexError, StopIteration, TypeError, ValueError) as error:
             raise InputError(f"{script_args.dataset_name}: row {row.get('id', number)} lacks a user turn or "
                              f"its answer ({error!r})") from None
     counts = {"rows_in_file": len(rows), "heldout_rows_dropped": dropped, "rows_used": len(train),
@@ -179,9 +189,11 @@ def prepare(script_args, training_args, model_args) -> TrainingData:
         counts["distillation"] = {"loss": script_args.distill_loss, "source": targets.source,
                                   "rows_distilled": distilled, "rows_ce_fallback": len(examples) - distilled,
                                   "temperature": script_args.kd_temperature, "alpha": kd_weight(script_args)}
-    probe_rows = probes(tokenizer, [(row.get("id"), *query_and_answer(row, script_args.answer_field))
-                                    for row in train[: script_args.fingerprint_probes]])
-    return TrainingData(examples, tokenizer, counts, probe_rows)
+    probe_rows = probes(tokenizer, [(row.get("id"), *query) for row, query in
+                                    zip(train[: script_args.fingerprint_probes], queries)], student)
+    merged = merges_system(tokenizer, (student_messages(query, student) for query, _ in queries))
+    return TrainingData(examples, tokenizer, counts, probe_rows,
+                        {"student": student.to_dict(), "system_merged_into_user": merged})
 
 
 def build_trainer(script_args, training_args, model_args, data: TrainingData, peft_config=None):
@@ -254,7 +266,7 @@ def main(argv=None):
     trainer = build_trainer(script_args, training_args, model_args, data, peft_config)
     counts = data.counts
     report = {"counts": counts, "memory_plan": plan.to_dict(), "split": {
-        "heldout_fraction": script_args.heldout_fraction, "split_seed": script_args.split_seed}}
+        "heldout_fraction": script_args.heldout_fraction, "split_seed": script_args.split_seed}, **data.student}
     batch = counts["batch"]
     if processes.is_main_process:
         print(f"train: {counts['rows_used']} rows ({counts['heldout_rows_dropped']} held-out rows dropped) of "

@@ -2,8 +2,8 @@
 reads the prompt scores every sampled token; the loss is TRL's generalized JSD on those tokens (beta 1: reverse KL).
 
 TRL's DistillationTrainer gives the teacher the student's own input. Here the teacher's input is the prompt file's
-system prompt, example turns and query template around the same query, rendered as stage 1 renders it, followed by
-the student's sampled answer. Three teachers:
+system prompt, example turns and query template around the same query (a text or a conversation), rendered as stage
+1 renders it, followed by the student's sampled answer. Three teachers:
   - self (default): the student's base with its adapter disabled, given the prompt: classic context distillation,
     one model in memory;
   - another model in this process (--teacher_model_name_or_path), whose tokenizer must match the student's;
@@ -23,7 +23,7 @@ from distill.prompts import TaskPrompt, render_teacher
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
-def teacher_text(tokenizer, prompt: TaskPrompt, query: str) -> str:
+def teacher_text(tokenizer, prompt: TaskPrompt, query: str | list[dict]) -> str:
     """The teacher's input for a query, up to the assistant header. A thinking template that opens <think> in the
     generation prompt (Qwen3 Thinking-2507) gets an empty think block: the teacher scores a final answer, which is
     what the student writes."""
@@ -33,18 +33,22 @@ def teacher_text(tokenizer, prompt: TaskPrompt, query: str) -> str:
     return text
 
 
-def teacher_ids(tokenizer, prompt: TaskPrompt, query: str) -> list[int]:
+def teacher_ids(tokenizer, prompt: TaskPrompt, query: str | list[dict]) -> list[int]:
     return tokenizer(teacher_text(tokenizer, prompt, query), add_special_tokens=False).input_ids
 
 
-def shared_prefix(tokenizer, prompt: TaskPrompt) -> list[int]:
-    """The token ids every teacher input starts with (system prompt and example turns): the common prefix of two
-    renders whose queries share nothing, less its last token (a merge across the boundary could change it)."""
-    first, second = (teacher_ids(tokenizer, prompt, query) for query in ("Alpha?", "7 + 5"))
+def shared_prefix(tokenizer, prompt: TaskPrompt, row_system: bool = False) -> list[int]:
+    """The token ids every teacher input starts with (system prompt and example turns): the common prefix of renders
+    whose queries share nothing, less its last token (a merge across the boundary could change it). With
+    `row_system` (some rows are conversations with a system turn of their own, which joins the prompt's) one of the
+    renders has one, so the prefix ends inside the system turn, before the example turns."""
+    queries = ["Alpha?", "7 + 5"] + [[{"role": "system", "content": "Zeta."}, {"role": "user", "content": "Alpha?"}]
+                                     ] * row_system
+    renders = [teacher_ids(tokenizer, prompt, query) for query in queries]
     length = 0
-    while length < min(len(first), len(second)) and first[length] == second[length]:
+    while length < min(map(len, renders)) and len({ids[length] for ids in renders}) == 1:
         length += 1
-    return first[: max(length - 1, 0)]
+    return renders[0][: max(length - 1, 0)]
 
 
 @dataclass
@@ -142,11 +146,12 @@ class PromptedTeacherMixin:
     teacher_prefix: list[int]
     spend: TeacherSpend
 
-    def setup_teacher(self, task_prompt: TaskPrompt, teacher_tokenizer, split_prefix: bool, cache: bool):
+    def setup_teacher(self, task_prompt: TaskPrompt, teacher_tokenizer, split_prefix: bool, cache: bool,
+                      row_system: bool = False):
         """split_prefix: keep the prompt's shared tokens apart from each row's own; cache: compute their KV cache
-        once (an in-process teacher)."""
+        once (an in-process teacher); row_system: some rows bring a system turn of their own (shared_prefix)."""
         self.task_prompt, self.teacher_tokenizer = task_prompt, teacher_tokenizer
-        self.teacher_prefix = shared_prefix(teacher_tokenizer, task_prompt) if split_prefix else []
+        self.teacher_prefix = shared_prefix(teacher_tokenizer, task_prompt, row_system) if split_prefix else []
         self.prefix_cache = PrefixCache(self.teacher_prefix) if cache else None
         self.spend = TeacherSpend()
 

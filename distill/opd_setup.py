@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from distill.prompts import load_prompt, student_messages
+from distill.prompts import (conversation, fit_system, load_prompt, merges_system, query_of, student_messages,
+                             takes_system_role)
 from distill.records import InputError, read_jsonl, read_queries
 from distill.splits import select
+from distill.training import query_and_answer
 
 SERVER_PROBE_SECONDS = 3.0
 
@@ -32,23 +34,17 @@ class TrainingQueries:
 
 
 def training_queries(script_args) -> tuple[TrainingQueries, str]:
-    """The train side of the split, as rows with id, text (the query) and group. A stage-1 JSONL gives its user
-    turns: on-policy training learns from the teacher's grades of the student's own answers, not from the answers
-    stage 1 wrote, and the note returned says so."""
+    """The train side of the split, as rows with id, text (the query), group, and a conversation's turns. A stage-1
+    JSONL gives its queries, the turns before each answer: on-policy training learns from the teacher's grades of the
+    student's own answers, not from the answers stage 1 wrote, and the note returned says so."""
     path = Path(script_args.dataset_name)
-    if not path.exists():
-        raise InputError(f"--dataset_name {path}: no such file")
     note = f"queries of {path}"
-    if path.suffix == ".jsonl" and first_row_has_messages(path):
-        rows = []
-        for number, row in enumerate(read_jsonl(path), start=1):
-            user = next((m["content"] for m in row.get("messages", []) if m.get("role") == "user"), None)
-            if not isinstance(user, str) or not user.strip():
-                raise InputError(f"{path}:{number}: a stage-1 row without a user turn")
-            rows.append({**{k: v for k, v in row.items() if k not in ("messages", "teacher")}, "text": user})
+    if path.suffix == ".jsonl" and path.is_file() and is_stage1_file(path):
+        rows = [stage1_query(row, f"{path}:{number}") for number, row in enumerate(read_jsonl(path), start=1)]
         note = f"the user turns of the stage-1 file {path}; its teacher answers are ignored"
     else:
-        rows = read_queries(str(path), script_args.text_field).rows
+        rows = read_queries(str(path), script_args.text_field, script_args.dataset_split,
+                            script_args.messages_field).rows
     train = select(rows, "train", script_args.heldout_fraction, script_args.split_seed)
     dropped = len(rows) - len(train)
     if script_args.max_train_rows:
@@ -59,14 +55,29 @@ def training_queries(script_args) -> tuple[TrainingQueries, str]:
                                    "rows_used": len(train)}), note
 
 
-def first_row_has_messages(path: Path) -> bool:
+def stage1_query(row: dict, where: str) -> dict:
+    """A stage-1 row as a query row: its turns before the answer (a lone user turn as "text"), its other columns."""
+    try:
+        query = query_and_answer(row, None)[0]
+    except (KeyError, TypeError, ValueError, IndexError):
+        query = None
+    text = query and conversation(query)[-1]["content"]
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"{where}: a stage-1 row without a user turn")
+    rest = {k: v for k, v in row.items() if k not in ("messages", "teacher")}
+    return {**rest, "text": text, **({"messages": query} if isinstance(query, list) else {})}
+
+
+def is_stage1_file(path: Path) -> bool:
+    """A stage-1 file's rows end in the teacher's answer; a file of conversations to answer ends in a user turn."""
     with open(path, encoding="utf-8-sig") as handle:
         for line in handle:
             if line.strip():
                 try:
-                    return "messages" in json.loads(line)
-                except json.JSONDecodeError:
-                    raise InputError(f"{path}:1: malformed JSON") from None
+                    messages = json.loads(line).get("messages")
+                except (json.JSONDecodeError, AttributeError):
+                    raise InputError(f"{path}:1: malformed JSON, or not a JSON object") from None
+                return isinstance(messages, list) and bool(messages) and messages[-1].get("role") == "assistant"
     return False
 
 
@@ -157,14 +168,19 @@ def build_trainer(script_args, training_args, model_args, peft_config, prompt, r
                   tokenizers: Tokenizers):
     """TRL's DistillationTrainer (in-process teacher) or ServerDistillationTrainer (vLLM server), each with the
     teacher reading the prompt (distill/onpolicy.py). The dataset is TRL's conversational "prompt" (the student's
-    [user: query], no prompt) and our "query", which the teacher's input is built from."""
+    query with its own side of the prompt file, no prompt) and our "query" (its turns), which the teacher's input is
+    built from."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
     from distill.onpolicy import in_process_trainer_class, server_trainer_class
 
-    dataset = Dataset.from_list([{"prompt": student_messages(row["text"]), "query": row["text"]} for row in rows])
+    dataset = Dataset.from_list([
+        {"prompt": fit_system(tokenizers.student, student_messages(query_of(row), prompt.student)),
+         "query": conversation(query_of(row))} for row in rows])
+    # The prompt's shared prefix (its KV cache) stops before the system turn's end when a row brings its own.
+    row_system = any(conversation(query_of(row))[0]["role"] == "system" for row in rows)
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype,
                                                  trust_remote_code=training_args.trust_remote_code)
@@ -185,7 +201,7 @@ def build_trainer(script_args, training_args, model_args, peft_config, prompt, r
         server_args = ServerDistillationConfig(**settings, teacher_model_server_url=script_args.teacher_server_url,
                                                loss_top_k=1)
         trainer = server_trainer_class()(**{**kwargs, "args": server_args})
-        trainer.setup_teacher(prompt, tokenizers.teacher, split_prefix=True, cache=False)
+        trainer.setup_teacher(prompt, tokenizers.teacher, split_prefix=True, cache=False, row_system=row_system)
         return trainer
     teacher = None
     if training_args.teacher_model_name_or_path:
@@ -194,5 +210,14 @@ def build_trainer(script_args, training_args, model_args, peft_config, prompt, r
         teacher.requires_grad_(False)
     trainer = in_process_trainer_class()(teacher_model=teacher, **kwargs)
     trainer.setup_teacher(prompt, tokenizers.teacher, split_prefix=script_args.prompt_cache,
-                          cache=script_args.prompt_cache)
+                          cache=script_args.prompt_cache, row_system=row_system)
     return trainer
+
+
+def student_record(prompt, rows: list[dict], tokenizers: Tokenizers) -> dict:
+    """For the run record: the student's own side of the prompt file (evaluate.py checks its prompt file against
+    it), and whether a chat template without a system role had a system turn merged into the first user turn (the
+    teacher's always has one)."""
+    merged = not takes_system_role(tokenizers.teacher) or merges_system(
+        tokenizers.student, (student_messages(query_of(row), prompt.student) for row in rows))
+    return {"student": prompt.student.to_dict(), "system_merged_into_user": merged}

@@ -27,6 +27,22 @@ The teacher sees [system: prompt, (user: query_template(example), assistant: ans
 query_template(query)]: the prompt and the examples come first so they are a prefix that vLLM's prefix cache computes
 once. The student sees [user: query] only. Both are rendered to text by one
 function, `render`, which training and evaluation share so the student's input is identical in both.
+
+A query is a text or a conversation (records.read_queries: role/content turns, an optional system turn first, ending
+in the user turn to answer; earlier assistant turns are context). How the two sides combine with a conversation:
+  - teacher: one system turn, the prompt file's system prompt, a blank line, then the conversation's own system turn;
+    then the example turns; then the conversation's turns, its last user turn through query_template;
+  - student: the prompt file's student side (below), never its system prompt or example turns: one system turn,
+    `student_system_prompt`, a blank line, then the conversation's own system turn (none if both are absent); then
+    the conversation's turns, its last user turn through `student_template`.
+A text query is the conversation [user: text]. The front matter may declare the student's own side, which stages 2,
+2b and 3 use and the run records store (evaluation refuses a prompt file whose student side is not the adapter's):
+
+    student_system_prompt: "Answer in one short sentence."   # a short system prompt the student keeps
+    student_template: "Q: {query}\\nA:"                          # the student's last user turn ("{query}" if unset)
+
+A chat template without a system role (it raises on one, or drops it) gets the system text merged into the first
+user turn, a blank line after it (`fit_system`); the run records say so (`system_merged_into_user`).
 """
 
 import hashlib
@@ -44,6 +60,26 @@ GENERATIVE_EXAMPLE = "check: {answer_language: fr}"
 
 
 @dataclass(frozen=True)
+class StudentSide:
+    """What the student keeps of a prompt file (front matter `student_system_prompt`, `student_template`); by
+    default nothing: the bare query."""
+
+    system_prompt: str | None = None
+    template: str = "{query}"
+
+    def to_dict(self) -> dict:
+        return {"system_prompt": self.system_prompt, "template": self.template}
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "StudentSide":
+        """The side a run record stored; a record from before student sides existed (None) stored the bare one."""
+        return cls(**data) if data else cls()
+
+
+BARE_STUDENT = StudentSide()
+
+
+@dataclass(frozen=True)
 class TaskPrompt:
     path: str
     text: str
@@ -55,6 +91,7 @@ class TaskPrompt:
     example_turns: tuple[tuple[str, str], ...] = ()  # (user, assistant) turns the teacher sees before the query
     judge_rubric: str | None = None  # a generative task's rules, as a judge model is asked to apply them
     on_topic: str = "question_words"  # how strict scoring checks an answer is about its question (distill/checks.py)
+    student: StudentSide = BARE_STUDENT  # the student's own system prompt and template
 
     @property
     def is_generative(self) -> bool:
@@ -75,12 +112,14 @@ class TaskPrompt:
     def sha256(self) -> str:
         return hashlib.sha256(Path(self.path).read_bytes()).hexdigest()
 
-    def teacher_messages(self, query: str) -> list[dict]:
-        messages = [{"role": "system", "content": self.text}]
+    def teacher_messages(self, query: str | list[dict]) -> list[dict]:
+        own_system, turns = split_system(conversation(query))
+        messages = [{"role": "system", "content": joined(self.text, own_system)}]
         for user, assistant in self.example_turns:
             messages += [{"role": "user", "content": self.query_template.format(query=user)},
                          {"role": "assistant", "content": assistant}]
-        return messages + [{"role": "user", "content": self.query_template.format(query=query)}]
+        last = {"role": "user", "content": self.query_template.format(query=turns[-1]["content"])}
+        return messages + turns[:-1] + [last]
 
     def echo_sources(self) -> list[str]:
         """The prompt's own words, which an answer restates instead of answering (distill/checks.py's echo): the
@@ -89,8 +128,63 @@ class TaskPrompt:
                 *(text for turn in self.example_turns for text in turn)]
 
 
-def student_messages(query: str) -> list[dict]:
-    return [{"role": "user", "content": query}]
+def conversation(query: str | list[dict]) -> list[dict]:
+    """A query's turns: a text is the conversation [user: text]."""
+    return [{"role": "user", "content": query}] if isinstance(query, str) else list(query)
+
+
+def query_of(row: dict) -> str | list[dict]:
+    """An input row's query (records.read_queries): its conversation, or its text."""
+    return row["messages"] if "messages" in row else row["text"]
+
+
+def split_system(turns: list[dict]) -> tuple[str | None, list[dict]]:
+    """(the conversation's own system text or None, its other turns)."""
+    if turns and turns[0]["role"] == "system":
+        return turns[0]["content"], turns[1:]
+    return None, turns
+
+
+def joined(*systems: str | None) -> str:
+    return "\n\n".join(system for system in systems if system)
+
+
+def student_messages(query: str | list[dict], student: StudentSide = BARE_STUDENT) -> list[dict]:
+    own_system, turns = split_system(conversation(query))
+    system = joined(student.system_prompt, own_system)
+    last = {"role": "user", "content": student.template.format(query=turns[-1]["content"])}
+    return [{"role": "system", "content": system}] * bool(system) + turns[:-1] + [last]
+
+
+SYSTEM_PROBE = "<system-role-probe>"
+
+
+def takes_system_role(tokenizer) -> bool:
+    """Whether the chat template renders a system turn; some (Gemma's, older Mistral's) raise on one or drop it."""
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROBE},
+                                              {"role": "user", "content": "?"}], tokenize=False)
+    except TemplateError:
+        return False
+    return SYSTEM_PROBE in text
+
+
+def merges_system(tokenizer, chats) -> bool:
+    """Whether `fit_system` moves a system turn into a user turn for any of `chats`: what run records report."""
+    return any(chat[0]["role"] == "system" for chat in chats) and not takes_system_role(tokenizer)
+
+
+def fit_system(tokenizer, messages: list[dict]) -> list[dict]:
+    """`messages` as the chat template takes them: without a system role, the system turn's text goes at the head of
+    the first user turn, a blank line after it."""
+    if not messages or messages[0]["role"] != "system" or takes_system_role(tokenizer):
+        return messages
+    system, turns = messages[0]["content"], [dict(turn) for turn in messages[1:]]
+    first_user = next(turn for turn in turns if turn["role"] == "user")
+    first_user["content"] = joined(system, first_user["content"])
+    return turns
 
 
 def render(tokenizer, messages: list[dict]) -> str:
@@ -99,18 +193,20 @@ def render(tokenizer, messages: list[dict]) -> str:
     enable_thinking=False makes hybrid Qwen3 templates close an empty think block in the prompt, so it is never
     part of a completion (and never carries loss); templates without the switch ignore it.
     """
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    return tokenizer.apply_chat_template(fit_system(tokenizer, messages), tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=False)
 
 
-def student_prompt_ids(tokenizer, queries: list[str]) -> list[list[int]]:
-    """The student's input ids: its bare query in the chat template, as training renders it."""
-    return [tokenizer(render(tokenizer, student_messages(query)), add_special_tokens=False).input_ids
+def student_prompt_ids(tokenizer, queries: list, student: StudentSide = BARE_STUDENT) -> list[list[int]]:
+    """The student's input ids: each query (a text or a conversation) with the student's own side, in the chat
+    template, as training renders it."""
+    return [tokenizer(render(tokenizer, student_messages(query, student)), add_special_tokens=False).input_ids
             for query in queries]
 
 
 def render_teacher(tokenizer, messages: list[dict]) -> str:
     # The teacher thinks if its template lets it: no enable_thinking switch here.
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(fit_system(tokenizer, messages), tokenize=False, add_generation_prompt=True)
 
 
 def load_prompt(path: str | Path = DEFAULT_PROMPT) -> TaskPrompt:
@@ -143,6 +239,21 @@ def _example_turns(path: Path, meta: dict) -> tuple[tuple[str, str], ...]:
     return tuple((turn["user"], turn["assistant"]) for turn in turns)
 
 
+def _student_side(path: Path, meta: dict) -> StudentSide:
+    system_prompt = meta.get("student_system_prompt")
+    template = meta.get("student_template", "{query}")
+    if system_prompt is not None and not (isinstance(system_prompt, str) and system_prompt.strip()):
+        raise ValueError(f"{path}: student_system_prompt must be a non-empty string (or leave it out)")
+    try:
+        template_ok = isinstance(template, str) and template.format(query="") != template
+    except (KeyError, IndexError, ValueError):
+        template_ok = False
+    if not template_ok:
+        raise ValueError(f"{path}: student_template must be a string with '{{query}}' and no other braces, e.g. "
+                         f"student_template: \"Q: {{query}}\\nA:\"")
+    return StudentSide(system_prompt, template)
+
+
 def _label_task(path: Path, meta: dict, text: str) -> TaskPrompt:
     missing = [key for key in REQUIRED_KEYS if key not in meta]
     if missing:
@@ -153,7 +264,7 @@ def _label_task(path: Path, meta: dict, text: str) -> TaskPrompt:
     if len(set(labels)) != len(labels) or not labels:
         raise ValueError(f"{path}: labels must be a non-empty list without duplicates")
     return TaskPrompt(str(path), text, labels, meta["answer_format"], meta["query_template"],
-                      example_turns=_example_turns(path, meta))
+                      example_turns=_example_turns(path, meta), student=_student_side(path, meta))
 
 
 def _generative_task(path: Path, meta: dict, text: str) -> TaskPrompt:
@@ -177,4 +288,4 @@ def _generative_task(path: Path, meta: dict, text: str) -> TaskPrompt:
     if rubric is not None and not (isinstance(rubric, str) and rubric.strip()):
         raise ValueError(f"{path}: judge_rubric must be a non-empty string")
     return TaskPrompt(str(path), text, (), None, query_template, check, tuple(stop), _example_turns(path, meta),
-                      rubric, on_topic)
+                      rubric, on_topic, _student_side(path, meta))

@@ -15,7 +15,7 @@ as a single-process run does) and hands the rest to Ray Data: `from_items` -> `m
 TeacherReplica actors. A replica builds its vLLM engine and the teacher once (distill/stage1.py, as create_data's
 own engine does), then runs `distill.teacher.stream` -- the one rendering, sampling, parsing, redraw and vote path
 of stage 1 -- over each batch of --rows_per_task queries, and hands back each finished answer's records (stage1's
-answer_records: the row or the reject, and the sidecar line) in a packet at least every FLUSH_SECONDS. The driver
+answer_records: the row(s) or the reject, and the sidecar lines) in a packet at least every FLUSH_SECONDS. The driver
 is the only writer of the output, rejects and sidecar files: it appends each packet as it arrives through
 stage1.answer_writer (one fsync per file, sidecar lines first) and skips an id it has already written, which is what
 a batch retried by Ray hands back a second time.
@@ -274,7 +274,7 @@ class DriverTally:
         if packet["cached_tokens_known"]:
             stats.cached_tokens = (stats.cached_tokens or 0) + packet["work"]["cached_tokens"]
         for answer in answers:
-            stats.count(answer["records"].get("reject", {}).get("reason"))
+            stats.count(answer["records"][0].get("reject", {}).get("reason"))  # a reject is its query's one record
         self.by_replica[packet["replica"]] += len(answers)
         span = self.spans.setdefault(packet["replica"], [packet["started"], 0.0])
         span[0], span[1] = min(span[0], packet["started"]), time.time()
@@ -318,7 +318,7 @@ def answer_queries(args, teacher, todo, selected, settings, files) -> tuple[dict
                     answers = tally.fresh(packet)
                     tally.add(packet, answers)
                     writing = True
-                    write([answer["records"] for answer in answers])
+                    write([record for answer in answers for record in answer["records"]])
                     writing = False
                 if stop.requested():
                     break

@@ -9,7 +9,7 @@ resume, append and merge them only through this class, so they do it the same wa
         append([{"row": ..., "sidecar": ...}, {"reject": ...}])  # one write and fsync per file, sidecar lines first
 
 Resuming refuses a run record made with other settings (the keys a stage names: what its answers mean), cuts a
-last line torn by a crash, and keeps rows and sidecar lines only in pairs: a row whose sidecar line is missing, or a
+last line torn by a crash (and, under --keep all, the rest of that query's rows), and keeps rows and sidecar lines only in pairs: a row whose sidecar line is missing, or a
 sidecar line without its row, is dropped and its query asked again. --overwrite deletes all four files instead.
 `merge` builds one output from a multi-instance run's shards when together they hold every selected id exactly
 once and were all made, to the end, with the same settings.
@@ -23,6 +23,28 @@ from pathlib import Path
 from distill.records import InputError, RunRecord, append_jsonl, output_paths, read_jsonl, repair_torn_tail
 from distill.shards import coverage_errors
 from distill.soft_targets import SIDECAR_SUFFIX, read_sidecar, sidecar_path, sync_sidecar
+
+
+def cut_partial_query(path: Path) -> tuple[str, int, int] | None:
+    """Cut the rows of a last query that a crash left with fewer rows than it gave (--keep all writes a query's rows
+    in one write, so only the last query can be short, and `repair_torn_tail` kept its whole lines). Returns
+    (query id, rows found, rows it gave), or None when the last query is whole."""
+    if not path.exists():
+        return None
+    lines = path.read_bytes().splitlines(keepends=True)
+    last = json.loads(lines[-1]) if lines else {}
+    query = last.get("query_id")
+    if query is None:  # one row per query: whole or absent
+        return None
+    tail = 0
+    while tail < len(lines) and json.loads(lines[-1 - tail]).get("query_id") == query:
+        tail += 1
+    expected = last["teacher"]["samples_kept"]
+    if tail >= expected:
+        return None
+    with open(path, "r+b") as handle:
+        handle.truncate(sum(len(line) for line in lines[:-tail]))
+    return query, tail, expected
 
 
 def changed_settings(record: dict, settings: dict, keys: tuple[str, ...]) -> list[str]:
@@ -67,6 +89,10 @@ class RunFiles:
             cut = repair_torn_tail(path)
             if cut:
                 print(f"resume: cut a torn last line ({cut} bytes) from {path}")
+        partial = cut_partial_query(self.out)
+        if partial:
+            print(f"resume: query {partial[0]} has {partial[1]} of its {partial[2]} rows (--keep all; a crash cut its "
+                  f"write): dropped, to be asked again")
         if self.sidecar:
             for what, ids in sync_sidecar(self.out, self.sidecar).items():
                 if ids:
@@ -126,8 +152,11 @@ class RunFiles:
             tmp.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
             tmp.replace(path)
         shard_records = list(records.values())
-        return self.finish(status="finished", settings=settings, merged_from=[str(path) for path in records],
-                           teacher_tokenizer_sha256=shard_records[0].get("teacher_tokenizer_sha256"),
+        # What every shard's record says alike (same settings, so the same prompt file and teacher): stage 2 reads
+        # the student side from here.
+        alike = {key: shard_records[0].get(key) for key in ("teacher_tokenizer_sha256", "input_kind", "student",
+                                                              "system_merged_into_user")}
+        return self.finish(status="finished", settings=settings, merged_from=[str(path) for path in records], **alike,
                            logprobs_top_k=settings["save_logprobs"],
                            counts={"selected": len(rows), "written_total": len(written),
                                    "rejected_total": len(rejected)},

@@ -5,7 +5,8 @@ A full model is served as is. A LoRA adapter is served through vLLM's LoRA suppo
 taken from every rank the adapter holds; on CPU (where vLLM's LoRA path is >10x slower), or on GPU with
 --merge_lora, it is merged once into <adapter>/merged and served as a plain model. max_model_len defaults to what
 the data needs, not the model's full context (262k for Qwen3-2507, whose KV cache would not fit beside a 30B
-model). An adapter's run record says which split it trained on; scoring on another split's rows is refused.
+model). An adapter's run record says which split it trained on; scoring on another split's rows is refused, and so
+is a prompt file whose student side (student_system_prompt, student_template) is not the one the record stores.
 An adapter with fused MoE expert LoRA (PEFT target_parameters) is served on GPU in vLLM's 3D MoE LoRA layout
 (enable_mixed_moe_lora_format, is_3d_lora_weight), which vLLM 0.32 asks for; whichever path serves, evaluate.py's
 fingerprint check (distill/fingerprint.py) proves it reproduces the trained student, and `mismatch_advice` says what
@@ -24,6 +25,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distill.prompts import StudentSide
 from distill.records import TRAIN_RUN_RECORD
 
 MERGE_KEY = "merge_key.json"
@@ -195,6 +197,19 @@ def check_split(model_path: Path, split: str, heldout_fraction: float, split_see
         check.notes.append(f"note: the {split} split includes rows this model trained on "
                            f"(the train side of its split): the score is not a held-out score")
     return check
+
+
+def check_student(model_path: Path, student: StudentSide) -> None:
+    """Refuses (ValueError) a prompt file whose student side (student_system_prompt, student_template) is not the one
+    the model trained with: its run record stores it (a record from before student sides: the bare query)."""
+    record_path = model_path / TRAIN_RUN_RECORD
+    if not record_path.exists():
+        return
+    trained = StudentSide.from_dict(json.loads(record_path.read_text()).get("student"))
+    if trained != student:
+        raise ValueError(f"{record_path}: the model trained with the student side {trained.to_dict()}, but the prompt "
+                         f"file gives the student {student.to_dict()}: its student_system_prompt / student_template "
+                         f"must be the ones the model trained with")
 
 
 def shares_ids(teacher_labels: dict, rows: list[dict]) -> bool:

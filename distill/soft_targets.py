@@ -101,12 +101,13 @@ def label_distribution(tokenizer, labels, top_ids: list[int], top_logprobs: list
     return {label: round(p / total, 4) for label, p in probabilities.items()} if total else None
 
 
-def sidecar_line(outcome, tokenizer, k: int, labels=None) -> dict:
+def sidecar_line(outcome, tokenizer, k: int, labels=None, sample=None, row_id: str | None = None) -> dict:
     """The sidecar line of an answered query (a distill.teacher.Outcome; see the module docstring); `labels` for a
-    label task."""
-    sample = next(s for s in outcome.samples if s.parsed.answer == outcome.answer)
-    span = answer_span(tokenizer, sample.token_ids, outcome.answer)
-    line = {"id": outcome.row["id"], "answer_token_ids": None, "top_ids": [], "top_logprobs": []}
+    label task. With --keep all each written row has its own `sample` and `row_id`."""
+    sample = sample or next(s for s in outcome.samples if s.parsed.answer == outcome.answer)
+    answer = sample.parsed.answer
+    span = answer_span(tokenizer, sample.token_ids, answer)
+    line = {"id": row_id or outcome.row["id"], "answer_token_ids": None, "top_ids": [], "top_logprobs": []}
     if span:
         positions = [top_k(position, k) for position in sample.logprobs[span[0]:span[1]]]
         line.update(answer_token_ids=sample.token_ids[span[0]:span[1]], top_ids=[ids for ids, _ in positions],

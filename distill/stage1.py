@@ -7,27 +7,32 @@ shares the sampling and tokenizer steps.
     llm = engine.build_llm(args)
     params = teacher_sampling(llm, args, teacher, settings)                        # checked against settings
     for outcome in stream(VllmEngine(llm), teacher, rows, params, ...):
-        append([answer_records(outcome, args, teacher)])   # {"row"} or {"reject"}, and the sidecar line
+        append(answer_records(outcome, args, teacher))   # [{"row"}, ...] or [{"reject"}], with sidecar lines
 
 A written row is {"id", "messages": [user query, assistant answer], the input's other columns, "teacher": {...}}:
 for a label task the answer is the label the samples voted for ("teacher" holds label and votes), for a generative
-task the whole final answer ("teacher" holds answer_chars). A rejected query keeps its text, the reason and every
-raw output (create_data.py's docstring has the file formats).
+task the whole final answer ("teacher" holds answer_chars). A conversation's row holds its turns, then the answer.
+With --keep all a generative query gives one row per valid sample: id `<id>#<k>`, "query_id" <id>, and its group
+(the id when it has none), so the split keeps them together. A rejected query keeps its text (and conversation), the
+reason and every raw output (create_data.py's docstring has the file formats).
 """
 
 import signal
 import sys
 from contextlib import contextmanager
 
-from distill import defaults, engine
-from distill.records import InputError
+from distill import defaults, engine, shards
+from distill.prompts import conversation, query_of, takes_system_role
+from distill.records import InputError, query_id
 from distill.soft_targets import sidecar_line
+from distill.splits import split_of
+from distill.synthesis import label_target_agreement
 from distill.teacher import (SAMPLING_FLAGS, StopRequest, StreamStats, Teacher, VllmEngine, effective_sampling,
                              sampling_params, stream)
 
 # Settings that change what the teacher's answers mean: a resumed run, or a shard merged with others, must share them.
 RESUME_KEYS = ("model", "prompt_sha256", "num_samples", "constrain_labels", *SAMPLING_FLAGS, "max_tokens",
-               "save_logprobs")
+               "save_logprobs", "keep")
 
 
 # ---- sampling: the model's defaults, then the user's flags ------------------------------------------------------
@@ -69,7 +74,9 @@ def run_settings(args, prompt_sha256: str, model_defaults: dict) -> dict:
     max_tokens = defaults.max_tokens(args.max_tokens, model_defaults, defaults.TEACHER_MAX_TOKENS)
     sampling = expected_sampling(args, model_defaults, max_tokens)
     return {"model": args.model, "prompt_sha256": prompt_sha256, "num_samples": args.num_samples,
-            "constrain_labels": args.constrain_labels, **sampling, "save_logprobs": args.save_logprobs}
+            "constrain_labels": args.constrain_labels, **sampling, "save_logprobs": args.save_logprobs,
+            # None for --keep vote: a run record from before the flag (no "keep") resumes as one
+            "keep": "all" if args.keep == "all" else None}
 
 
 def teacher_sampling(llm, args, teacher: Teacher, settings: dict):
@@ -109,44 +116,55 @@ def check_reasoning_parser(flag: str, constrained: bool, expects_reasoning: bool
 # ---- a final answer -> the records it adds to the files ---------------------------------------------------------
 
 
-def answer_records(outcome, args, teacher: Teacher) -> dict:
-    """What one query's outcome adds to the files: {"row": ...} or {"reject": ...}, and with --save_logprobs the
-    row's {"sidecar": ...} line."""
+def answer_records(outcome, args, teacher: Teacher) -> list[dict]:
+    """What one query's outcome adds to the files: [{"reject": ...}], or [{"row": ...}] with, under --save_logprobs,
+    the row's {"sidecar": ...} line; with --keep all (a generative task) one such record per valid sample."""
     if outcome.answer is None:
-        return {"reject": rejected_row(outcome)}
-    records = {"row": answer_row(outcome, args.save_raw)}
+        return [{"reject": rejected_row(outcome)}]
+    labels = None if teacher.prompt.is_generative else teacher.prompt.labels
+    kept = range(len(outcome.samples)) if args.keep == "all" else [None]
+    records = [{"row": answer_row(outcome, args.save_raw, k)} for k in kept]
     if args.save_logprobs:
-        labels = None if teacher.prompt.is_generative else teacher.prompt.labels
-        records["sidecar"] = sidecar_line(outcome, teacher.tokenizer, args.save_logprobs, labels)
+        for k, record in zip(kept, records):
+            record["sidecar"] = sidecar_line(outcome, teacher.tokenizer, args.save_logprobs, labels,
+                                             None if k is None else outcome.samples[k], record["row"]["id"])
     return records
 
 
 def carried(row: dict) -> dict:
-    return {key: value for key, value in row.items() if key not in ("id", "text")}
+    return {key: value for key, value in row.items() if key not in ("id", "text", "messages")}
 
 
-def answer_row(outcome, save_raw: bool) -> dict:
+def answer_row(outcome, save_raw: bool, k: int | None = None) -> dict:
+    """The row of an answered query; with `k`, the row of its k-th valid sample (--keep all)."""
     row = outcome.row
+    samples = outcome.samples if k is None else [outcome.samples[k]]
+    answer = outcome.answer if k is None else samples[0].parsed.answer
     # A generative answer is free text: its length says more than a vote count over distinct texts.
-    result = ({"answer_chars": len(outcome.answer)} if outcome.generative
-              else {"label": outcome.answer, "votes": dict(outcome.votes)})
+    result = ({"answer_chars": len(answer)} if outcome.generative
+              else {"label": answer, "votes": dict(outcome.votes)})
+    if k is not None:
+        result.update(sample=k, samples_kept=len(outcome.samples))
     teacher = {
         **result,
         "invalid_samples": len(outcome.failures),
-        "finish_reasons": [sample.finish_reason for sample in outcome.samples],
-        "reasoning_chars": [sample.parsed.reasoning_chars for sample in outcome.samples],
+        "finish_reasons": [sample.finish_reason for sample in samples],
+        "reasoning_chars": [sample.parsed.reasoning_chars for sample in samples],
     }
-    if save_raw:
-        teacher["raw"] = [sample.text for sample in outcome.samples + outcome.failures]
-    return {"id": row["id"], "messages": [{"role": "user", "content": row["text"]},
-                                          {"role": "assistant", "content": outcome.answer}],
+    if save_raw:  # with --keep all, the failed samples' raw outputs go with the first row only
+        teacher["raw"] = [sample.text for sample in samples + (outcome.failures if not k else [])]
+    ids = {"id": row["id"]} if k is None else {"id": f"{row['id']}#{k}", "query_id": row["id"],
+                                                 "group": row.get("group") or row["id"]}
+    return {**ids, "messages": conversation(query_of(row)) + [{"role": "assistant", "content": answer}],
             **carried(row), "teacher": teacher}
 
 
 def rejected_row(outcome) -> dict:
     row = outcome.row
     failures = [{"reason": s.parsed.reason, "finish_reason": s.finish_reason, "raw": s.text} for s in outcome.failures]
-    return {"id": row["id"], "text": row["text"], **carried(row), "reason": outcome.reason, "failures": failures}
+    conversation_turns = {"messages": row["messages"]} if "messages" in row else {}
+    return {"id": row["id"], "text": row["text"], **conversation_turns, **carried(row), "reason": outcome.reason,
+            "failures": failures}
 
 
 # ---- writing them as they come ----------------------------------------------------------------------------------
@@ -185,11 +203,38 @@ def answer_queries(args, teacher: Teacher, todo: list[dict], selected: int, sett
                               max_retries=args.max_retries,
                               max_in_flight=args.max_in_flight or vllm_engine.max_num_seqs, stop=stop.requested,
                               stats=stats):
-            write([answer_records(outcome, args, teacher)])
+            write(answer_records(outcome, args, teacher))
     return stats.summary(), stop.signal
 
 
 # ---- the end of a run ---------------------------------------------------------------------------------------
+
+
+def finish(args, files, rows, resumed, stats, stopped, *, prompt, queries, teacher, **record) -> dict:
+    """The run record of a run that ended: finished only when the output and the rejects hold every selected id
+    exactly once (the merge's check; rows of ids an earlier run with a wider selection finished do not count)."""
+    written, rejected = files.written(), files.rejected()
+    selected = {row["id"] for row in rows}
+    coverage = [] if stopped else shards.coverage_errors(
+        rows, [row for row in written + rejected if query_id(row) in selected])
+    return files.finish(
+        status="interrupted" if stopped else ("finished" if not coverage else "failed"),
+        coverage_errors=coverage, **record, model=args.model, prompt_file=args.prompt_file,
+        task="generative" if prompt.is_generative else "label", expects_reasoning=teacher.expects_reasoning,
+        input_kind=queries.kind, student=prompt.student.to_dict(),  # the student side stage 2 trains with
+        system_merged_into_user=not takes_system_role(teacher.tokenizer),
+        counts={"input_lines": queries.lines, "skipped_empty": queries.empty, "duplicates": queries.duplicates,
+                "selected": len(rows), "resumed": resumed, "written_this_run": stats["labelled"],
+                # what stage 2 can learn from: it drops the held-out side of the same split
+                "selected_train_side": sum(split_of(row) == "train" for row in rows),
+                "written_train_side": sum(split_of(row) == "train" for row in written),
+                "rejected_this_run": stats["rejected"], "reject_reasons_this_run": stats["reject_reasons"],
+                "written_total": len(written), "rejected_total": len(rejected),
+                "rows_per_query": shards.rows_per_query(written),
+                # queries create_queries.py wrote for a label: how many the teacher gave that label
+                "label_targets": label_target_agreement(written)},
+        stream=stats, generation_seconds=stats["seconds"],
+        queries_per_second=stats["queries_per_second"] if len(rows) > resumed else None)
 
 
 def report(args, files, record: dict, stats: dict, stopped: int | None) -> None:
@@ -203,6 +248,9 @@ def report(args, files, record: dict, stats: dict, stopped: int | None) -> None:
           f"{stats['seconds']:.1f} s, {record['queries_per_second']} queries/s, {stats['generated_tokens_per_second']} "
           f"generated tokens/s, prefix-cache hit rate {stats['prefix_cache_hit_rate']} -> {files.out}, "
           f"{files.rejects.name}, {files.record_path.name}")
+    if args.keep == "all":
+        print("create_data: rows per query (--keep all): " + ", ".join(
+            f"{rows}: {queries}" for rows, queries in counts["rows_per_query"].items()))
     print(f"create_data: training can use {counts['written_train_side']} of the {counts['written_total']} written rows "
           f"(the train side of the split: {counts['selected_train_side']} of the {counts['selected']} selected, "
           f"--split {args.split}{', first ' + str(args.max_samples) if args.max_samples else ''}); the other "

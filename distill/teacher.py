@@ -14,7 +14,9 @@ The stream keeps at most `max_in_flight` requests in the engine, pairs every out
 
 A query's answer is a label for a label task (the majority of its valid samples' labels), and for a generative
 prompt (a `check` instead of labels) the teacher's whole final answer: with num_samples > 1 the first valid
-sample's, since votes between free texts mean nothing.
+sample's, since votes between free texts mean nothing (stage 1's --keep all writes every valid sample instead).
+A query is a row's text or its conversation (distill.prompts.query_of); its text (a conversation's last user turn)
+is what an answer must be on topic to.
 """
 
 import time
@@ -25,7 +27,7 @@ from typing import Callable, Iterable, Iterator
 
 from distill.answers import Parsed, parse_generative, parse_teacher
 from distill.checks import non_answer_reason
-from distill.prompts import TaskPrompt, render_teacher
+from distill.prompts import TaskPrompt, query_of, render_teacher
 
 # Sampling fields a user may set; each defaults to the model's generation_config (as vLLM reads it), then vLLM's.
 SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
@@ -93,10 +95,10 @@ class Teacher:
     def __post_init__(self):
         self.expects_reasoning = self.render("x").rstrip().endswith("<think>")
 
-    def render(self, query: str) -> str:
+    def render(self, query: str | list[dict]) -> str:
         return render_teacher(self.tokenizer, self.prompt.teacher_messages(query))
 
-    def token_ids(self, query: str) -> list[int]:
+    def token_ids(self, query: str | list[dict]) -> list[int]:
         return self.tokenizer(self.render(query), add_special_tokens=False).input_ids
 
     def constraint(self):
@@ -302,7 +304,7 @@ def stream(engine, teacher: Teacher, rows: Iterable[dict], params, *, num_sample
             if row is None:
                 exhausted = True
                 break
-            token_ids = teacher.token_ids(row["text"])
+            token_ids = teacher.token_ids(query_of(row))
             generative = teacher.prompt.is_generative
             if len(token_ids) >= teacher.max_model_len:
                 outcome = Outcome(row, too_long=True, generative=generative)

@@ -1,29 +1,47 @@
 """Stage-1 chat JSONL -> token ids with a completion mask: the loss covers the answer and the end-of-turn token,
-nothing of the user's text or the template around it.
+nothing of the user's text or the template around it. A conversation's row trains on its last assistant turn (the
+teacher's new answer); the turns before it, earlier assistant turns included, are the student's prompt, rendered
+with the student's own side of the prompt file (stored in the stage-1 run record beside the file).
 
 We tokenize here rather than let TRL apply the chat template, for two reasons measured on our models: SmolLM2's
 template has no generation markers (TRL's assistant_only_loss raises), and the student's prompt must be rendered
 by the very function evaluation uses (`prompts.render`), default system prompt and empty think block included.
 """
 
-from distill.prompts import render, student_messages
+import json
+
+from distill.prompts import BARE_STUDENT, StudentSide, fit_system, render, student_messages
+from distill.records import output_paths
 from distill.splits import select
 
 
-def query_and_answer(row: dict, answer_field: str | None) -> tuple[str, str]:
-    """The user turn and the target: the assistant turn, or another column (e.g. the gold `label`)."""
+def query_and_answer(row: dict, answer_field: str | None) -> tuple[str | list[dict], str]:
+    """The student's query and the target. The query is the turns before the last assistant turn (all of them
+    when there is none), a lone user turn as its text (a text query's row); the target is that assistant turn, or
+    another column (e.g. the gold `label`)."""
     messages = row["messages"]
-    query = next(m["content"] for m in messages if m["role"] == "user")
-    answer = row[answer_field] if answer_field else next(m["content"] for m in messages if m["role"] == "assistant")
-    return query, str(answer)
+    last = next((i for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] == "assistant"), len(messages))
+    turns = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
+    if not turns or turns[-1]["role"] != "user":
+        raise ValueError("the turns before the answer must end in a user turn")
+    answer = row[answer_field] if answer_field else messages[last]["content"]
+    return (turns[0]["content"] if len(turns) == 1 else turns), str(answer)
 
 
-def completion_text(tokenizer, query: str, answer: str) -> tuple[str, str]:
+def stage1_student_side(dataset: str) -> StudentSide:
+    """The student side of the prompt file stage 1 ran with, from its run record beside `dataset`; the bare query
+    for rows without one (a hub dataset, a file written by hand, a run from before student sides)."""
+    record = output_paths(dataset)[2]
+    return StudentSide.from_dict(json.loads(record.read_text()).get("student")) if record.exists() else BARE_STUDENT
+
+
+def completion_text(tokenizer, query, answer: str, student: StudentSide = BARE_STUDENT) -> tuple[str, str]:
     """(prompt, completion) as the chat template renders them; the completion ends at the end-of-turn token."""
-    prompt = render(tokenizer, student_messages(query))
+    messages = student_messages(query, student)
+    prompt = render(tokenizer, messages)
     full = tokenizer.apply_chat_template(
-        student_messages(query) + [{"role": "assistant", "content": answer}], tokenize=False, enable_thinking=False
-    )
+        fit_system(tokenizer, messages + [{"role": "assistant", "content": answer}]), tokenize=False,
+        enable_thinking=False)
     if not full.startswith(prompt):
         raise ValueError("the chat template renders the prompt differently with and without the answer; "
                          f"cannot mask it reliably:\n{prompt!r}\nvs\n{full!r}")
@@ -34,8 +52,8 @@ def completion_text(tokenizer, query: str, answer: str) -> tuple[str, str]:
     return prompt, completion
 
 
-def tokenize(tokenizer, query: str, answer: str) -> dict:
-    prompt, completion = completion_text(tokenizer, query, answer)
+def tokenize(tokenizer, query, answer: str, student: StudentSide = BARE_STUDENT) -> dict:
+    prompt, completion = completion_text(tokenizer, query, answer, student)
     prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
     completion_ids = tokenizer(completion, add_special_tokens=False).input_ids
     return {

@@ -211,6 +211,24 @@ def test_bad_input_fails_before_model_load(tmp_path, make_bad):
     assert time.monotonic() - started < 90
 
 
+@pytest.mark.parametrize("bad_row, reason", [
+    ({"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]},
+     "ends in an assistant turn"),
+    ({"messages": [{"role": "customer", "content": "Hi?"}]}, "unknown role 'customer'"),
+    ({"messages": []}, "an empty conversation"),
+    ({"text": "a text among conversations"}, "mixes text rows and conversations"),
+])
+def test_a_bad_conversation_fails_before_model_load(tmp_path, bad_row, reason):
+    path = tmp_path / "chats.jsonl"
+    good = {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Why?"}]}
+    path.write_text("".join(json.dumps(row) + "\n" for row in (good, good | {"id": "b"}, bad_row)), encoding="utf-8")
+    output = tmp_path / "never" / "teacher.jsonl"
+    result = run_main("create_data.py", "--input_file", path, "--output_file", output, "--prompt_file",
+                      REPO / "prompts" / "in_short.md", "--model_name", tmp_path / "no-such-model", check=False)
+    assert result.returncode == 1 and f"{path}:3: " in result.stderr and reason in result.stderr, result.stderr[-2000:]
+    assert "no-such-model" not in result.stderr and not output.parent.exists()
+
+
 # ---- --max_samples: a sample that training can use (no engine: the teacher is a stand-in) ----------------------
 
 
@@ -658,3 +676,4 @@ def test_embedded_model_free_form_queries_all_accounted_for(tmp_path, shared_eng
     counts = run_record(output)["counts"]
     assert (counts["written_total"], counts["rejected_total"]) == (len(written), len(rejected))
     assert sum(counts["reject_reasons_this_run"].values()) == len(rejected)
+

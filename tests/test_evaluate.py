@@ -242,3 +242,28 @@ def test_student_vs_teacher_cost_ratio(student_vs_teacher, teacher_eval):
 def test_constrain_labels_needs_with_prompt(tmp_path):
     result = run_main("evaluate.py", "--model_path", tmp_path, "--constrain_labels", check=False)
     assert result.returncode != 0 and "--constrain_labels applies to --with_prompt" in result.stderr
+
+
+def test_a_prompt_file_whose_student_side_is_not_the_adapters_is_refused_before_loading(tmp_path):
+    from distill.prompts import StudentSide
+    from distill.serving import check_student
+    from tests.conftest import REPO
+
+    adapter = tmp_path / "adapter"  # a run record and an adapter config: nothing that loads
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    record = {"args": {"script": {"heldout_fraction": 0.2, "split_seed": 0}},
+              "student": {"system_prompt": "Be brief.", "template": "Q: {query}\nA:"}}
+    (adapter / "distill_run.json").write_text(json.dumps(record))
+    check_student(adapter, StudentSide("Be brief.", "Q: {query}\nA:"))  # the adapter's own side passes
+    result = run_main("evaluate.py", "--model_path", adapter, "--prompt_file", REPO / "prompts" / "in_short.md",
+                      "--test_file", REPO / "example-data" / "in_short_conversations.jsonl", "--split", "all",
+                      check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "the model trained with the student side {'system_prompt': 'Be brief.'" in result.stderr
+    # a record from before student sides stored none: the bare query, which a prompt file with a side differs from
+    del record["student"]
+    (adapter / "distill_run.json").write_text(json.dumps(record))
+    check_student(adapter, StudentSide())
+    with pytest.raises(ValueError, match="student_system_prompt / student_template"):
+        check_student(adapter, StudentSide("Be brief."))

@@ -71,6 +71,21 @@ def test_a_template_skew_names_the_first_token_that_differs(tokenizer):
         check_ids(fingerprint, [prompts[0][:3], prompts[1]], tokenizer)
 
 
+def test_a_conversation_probe_renders_with_the_student_side_it_trained_with(tokenizer):
+    from distill.fingerprint import FingerprintMismatch, check_ids, probes
+    from distill.prompts import StudentSide, student_prompt_ids
+
+    chat = [{"role": "system", "content": "A cooking app."}, {"role": "user", "content": "Can I freeze rice?"},
+            {"role": "assistant", "content": "In short: yes."}, {"role": "user", "content": "How long?"}]
+    student = StudentSide("Be brief.", "Q: {query}\nA:")
+    fingerprint = {"probes": probes(tokenizer, [("c", chat, "A month."), ("t", "Why?", "Because.")], student)}
+    queries = [p["query"] for p in fingerprint["probes"]]
+    assert queries == [chat, "Why?"]
+    check_ids(fingerprint, student_prompt_ids(tokenizer, queries, student), tokenizer)
+    with pytest.raises(FingerprintMismatch, match="probe 'c'"):  # the bare student: another prompt
+        check_ids(fingerprint, student_prompt_ids(tokenizer, queries), tokenizer)
+
+
 def test_an_engine_that_does_not_stop_on_trainings_end_of_turn_fails(tokenizer):
     from distill.fingerprint import FingerprintMismatch, check_stop
 

@@ -122,6 +122,43 @@ def test_a_generative_row_carries_the_whole_answer(generative_prompt):
     assert len(row["teacher"]["raw"]) == 3
 
 
+def test_keep_all_writes_every_valid_answer_as_a_row_in_its_querys_group(generative_prompt):
+    from distill.records import query_id
+    from distill.shards import coverage_errors, rows_per_query
+    from distill.splits import split_of
+
+    conversation = [{"role": "user", "content": "text 9"}, {"role": "assistant", "content": "Earlier."},
+                    {"role": "user", "content": "text 2"}]
+    rows = [{"id": "r1", "text": "text 1"},  # no group: its rows take its id as theirs, so they split as it does
+            {"id": "c2", "text": "text 2", "messages": conversation, "group": "chat"},
+            {"id": "r3", "text": "text 3", "group": "g"}]
+    # r1: 3 valid samples; c2: its first cut (no redraws), 2 valid; r3: every one cut, rejected. A query's samples
+    # finish in the order they were drawn.
+    engine = CuttingEngine(lambda query, attempt: f"answer {query}.{attempt}",
+                           cut=lambda query, attempt: query == 3 or (query == 2 and attempt == 0),
+                           duration=lambda query, attempt: attempt + 1)
+    teacher = generative_teacher(generative_prompt)
+    outcomes = list(stream(engine, teacher, rows, SamplingParams(max_tokens=8), num_samples=3, max_in_flight=9))
+    args = SimpleNamespace(keep="all", save_raw=True, save_logprobs=None)
+    records = [record for outcome in outcomes for record in stage1.answer_records(outcome, args, teacher)]
+    written = [record["row"] for record in records if "row" in record]
+    by_id = {row["id"]: row for row in written}
+    assert sorted(by_id) == ["c2#0", "c2#1", "r1#0", "r1#1", "r1#2"]
+    assert [by_id[f"r1#{k}"]["messages"][-1]["content"] for k in range(3)] == ["answer 1.0", "answer 1.1", "answer 1.2"]
+    assert {row["group"] for row in written if query_id(row) == "r1"} == {"r1"}
+    assert {split_of(row) for row in written if query_id(row) == "r1"} == {split_of(rows[0])}
+    # a conversation's row is its turns, then the answer; the query's group and columns carried
+    assert by_id["c2#1"]["messages"] == conversation + [{"role": "assistant", "content": "answer 2.2"}]
+    assert by_id["c2#1"]["group"] == "chat" and by_id["c2#1"]["teacher"]["samples_kept"] == 2
+    assert by_id["c2#0"]["teacher"]["raw"] == ["answer 2.1", "answer 2.0"]  # the failed sample goes with row #0
+    rejected = [record["reject"] for record in records if "reject" in record]
+    assert [(row["id"], row["reason"]) for row in rejected] == [("r3", "cut_at_max_tokens")]
+    assert coverage_errors(rows, written + rejected) == []
+    assert rows_per_query(written) == {2: 1, 3: 1}
+    assert coverage_errors(rows, written + rejected + [{"id": "r1", "reason": "x"}]) == [
+        "1 ids appear more than once (e.g. r1)"]
+
+
 # ---- scoring ----------------------------------------------------------------------------------------------------
 
 
@@ -366,3 +403,51 @@ def test_the_task_stop_strings_reach_the_teachers_sampling():
     params = stage1.teacher_sampling(llm, args, Teacher(IndexTokenizer(), french, 4096), settings)
     assert params.stop == [". ", ".\n", "\n"] and params.include_stop_str_in_output and params.max_tokens == 40
     assert stage1.teacher_sampling(llm, args, Teacher(IndexTokenizer(), load_prompt(), 4096), settings).stop == []
+
+
+@pytest.mark.slow
+def test_conversations_with_a_student_side_through_stages_one_two_three(tiny_model, tmp_path, shared_engines):
+    """The one end-to-end run of conversations: stage 1 answers them (--keep all: each valid answer a row), stage 2
+    trains on the new answers with the prompt file's student side, stage 3 serves the student on conversations and
+    its fingerprint check passes only because evaluation renders each conversation probe as training did; a prompt
+    file with another student side is refused."""
+    model = eager_to_stop(tiny_model, tmp_path / "eager-tiny")
+    prompt = tmp_path / "with_student_side.md"
+    prompt.write_text(ANY_TEXT_PROMPT.replace("on_topic: none\n", 'on_topic: none\nstudent_system_prompt: "Be brief."\n'
+                                              'student_template: "Q: {query}\\nA:"\n'), encoding="utf-8")
+    lines = (REPO / "example-data" / "in_short_conversations.jsonl").read_text(encoding="utf-8").splitlines()
+    conversations = tmp_path / "chats.jsonl"
+    conversations.write_text("\n".join(lines[:12]) + "\n", encoding="utf-8")
+    inputs = {row["id"]: row for row in map(json.loads, lines[:12])}
+
+    stage1_file = tmp_path / "teacher.jsonl"
+    run_main("create_data.py", "--input_file", conversations, "--output_file", stage1_file, "--model_name", model,
+             "--prompt_file", prompt, "--num_samples", 2, "--keep", "all", "--max_tokens", 6, "--max_retries", 2,
+             "--temperature", 1.0, "--max-model-len", 1024)
+    out, _, record_path = output_paths(str(stage1_file))
+    written = read_jsonl(out)
+    assert written
+    for row in written:
+        query = inputs[row["query_id"]]
+        assert row["id"].startswith(f"{query['id']}#") and row["group"] == query["group"]
+        assert row["messages"][:-1] == query["messages"] and row["messages"][-1]["role"] == "assistant"
+    record = json.loads(record_path.read_text())
+    assert record["student"] == {"system_prompt": "Be brief.", "template": "Q: {query}\nA:"}
+    assert sum(int(n) * queries for n, queries in record["counts"]["rows_per_query"].items()) == len(written)
+
+    adapter = tmp_path / "student"
+    run_main("train_sft_trl.py", "--config", "recipes/cpu.yaml", "--model_name_or_path", model, "--dataset_name",
+             stage1_file, "--output_dir", adapter, "--report_to", "none", "--max_steps", 1, "--fingerprint_probes", 3)
+    run = json.loads((adapter / "distill_run.json").read_text())
+    assert run["status"] == "finished" and run["student"] == record["student"]
+    assert any(isinstance(p["query"], list) for p in json.loads((adapter / "fingerprint.json").read_text())["probes"])
+
+    results_path = tmp_path / "eval.json"
+    run_main("evaluate.py", "--model_path", adapter, "--test_file", conversations, "--prompt_file", prompt, "--split",
+             "all", "--max_samples", 3, "--latency_requests", 0, "--output_file", results_path, "--quiet")
+    results = json.loads(results_path.read_text())
+    assert results["fingerprint"]["status"] == "passed" and results["student"] == record["student"]
+    assert [e["text"] for e in results["examples"]] == [row["messages"][-1]["content"] for row in inputs.values()][:3]
+    refused = run_main("evaluate.py", "--model_path", adapter, "--test_file", conversations, "--prompt_file",
+                       REPO / "prompts" / "in_short.md", "--split", "all", check=False)
+    assert refused.returncode == 1 and "the model trained with the student side" in refused.stderr

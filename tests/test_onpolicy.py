@@ -164,7 +164,7 @@ def test_a_stage1_file_gives_its_user_turns_and_held_out_groups_never_train(tmp_
                 {"role": "user", "content": row["text"]}, {"role": "assistant", "content": "ignored"}],
                 "teacher": {"answer_chars": 7}}) + "\n")
     args = SimpleNamespace(dataset_name=str(stage1), text_field="text", heldout_fraction=0.2, split_seed=0,
-                           max_train_rows=None)
+                           max_train_rows=None, messages_field="messages", dataset_split="train")
     queries, note = training_queries(args)
     assert "teacher answers are ignored" in note
     assert [q["text"] for q in queries.rows] == [r["text"] for r in rows if split_of(r) == "train"]
@@ -183,9 +183,47 @@ def test_a_missing_prompt_file_or_no_training_rows_fail_with_the_file_named(tmp_
     only_heldout = tmp_path / "q.jsonl"
     only_heldout.write_text(json.dumps({"id": "a", "text": "x", "group": "g"}) + "\n")
     args = SimpleNamespace(dataset_name=str(only_heldout), text_field="text", heldout_fraction=1.0, split_seed=0,
-                           max_train_rows=None)
+                           max_train_rows=None, messages_field="messages", dataset_split="train")
     with pytest.raises(InputError, match="no training queries left"):
         training_queries(args)
+
+
+def test_conversations_reach_the_teacher_behind_the_prompt_and_share_its_cached_prefix(tiny, tmp_path):
+    """Conversations as stage 2b's queries, from a file of them and from a stage-1 file of their answers: the
+    teacher's input is the prompt, the example turns, then the conversation; a row's own system turn joins the
+    prompt's, so the shared (cached) prefix must stop inside the system turn, or that row would be refused."""
+    from types import SimpleNamespace
+
+    from distill.opd_setup import training_queries
+
+    _, tokenizer = tiny
+    chats = REPO / "example-data" / "in_short_conversations.jsonl"
+    args = SimpleNamespace(dataset_name=str(chats), text_field="text", messages_field="messages",
+                           dataset_split="train", heldout_fraction=0.2, split_seed=0, max_train_rows=None)
+    queries, _ = training_queries(args)
+    # held-out groups never train: 48 of the 60 conversations (2 of 10 groups held out)
+    assert queries.counts["rows_used"] == 48 and all(row["messages"][-1]["role"] == "user" for row in queries.rows)
+    own_system = next(row for row in queries.rows if row["messages"][0]["role"] == "system")
+    stage1 = tmp_path / "teacher.jsonl"
+    stage1.write_text(json.dumps({**own_system, "messages": own_system["messages"] + [
+        {"role": "assistant", "content": "In short: ignored."}], "teacher": {}}) + "\n")
+    (from_stage1,) = training_queries(SimpleNamespace(**{**vars(args), "dataset_name": str(stage1)}))[0].rows
+    assert from_stage1 == {key: own_system[key] for key in ("id", "group", "text", "messages")}
+
+    prompt = tiny_prompt()
+    conversation = own_system["messages"]
+    text = teacher_text(tokenizer, prompt, conversation)
+    assert text.index(prompt.text) < text.index(conversation[0]["content"]) < text.index("Why is snow white?") < (
+        text.index(conversation[-1]["content"]))
+    with pytest.raises(ValueError, match="shared tokens"):
+        TeacherInputs.build(tokenizer, prompt, [conversation], shared_prefix(tokenizer, prompt))
+    prefix = shared_prefix(tokenizer, prompt, row_system=True)
+    inputs = TeacherInputs.build(tokenizer, prompt, [conversation, "What is rain?"], prefix)
+    assert all(prefix + suffix == teacher_ids(tokenizer, prompt, query)
+               for suffix, query in zip(inputs.suffixes, [conversation, "What is rain?"]))
+    # the cost: the example turns leave the cached prefix, which still holds the prompt's system text
+    assert "Why is snow white?" in tokenizer.decode(shared_prefix(tokenizer, prompt))
+    assert "Why is snow white?" not in tokenizer.decode(prefix) and prompt.text[:40] in tokenizer.decode(prefix)
 
 
 # ---- the CLI on a tiny student (slow) --------------------------------------------------------------------------

@@ -6,7 +6,8 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from distill.prompts import (DEFAULT_PROMPT, load_prompt, render, render_teacher, student_messages)
+from distill.prompts import (DEFAULT_PROMPT, StudentSide, load_prompt, render, render_teacher, student_messages,
+                             takes_system_role)
 from distill.splits import HELDOUT_FRACTION, select, split_of
 from tests.conftest import EXAMPLE_DATA, REPO
 
@@ -136,6 +137,75 @@ def test_student_render_has_no_prompt(prompt, smollm2_tokenizer):
     assert text.rstrip().endswith("assistant")
 
 
+# ---- conversations and the student's own side ------------------------------------------------------------------
+
+CONVERSATION = [{"role": "system", "content": "The user is a beginner cook."},
+                {"role": "user", "content": "Can I freeze rice?"},
+                {"role": "assistant", "content": "In short: yes."},
+                {"role": "user", "content": "How long does it keep?"}]
+STUDENT_SIDE = '---\ncheck: {regex: "^In short: "}\nquery_template: "Question: {query}"\n' \
+               'student_system_prompt: "Answer briefly."\nstudent_template: "Q: {query}\\nA:"\n' \
+               'example_turns: [{user: "Why is snow white?", assistant: "In short: it scatters light."}]\n' \
+               '---\nThe long rules.\n'
+
+
+def test_the_teacher_reads_prompt_and_row_system_then_examples_then_the_conversation(tmp_path):
+    (tmp_path / "p.md").write_text(STUDENT_SIDE)
+    prompt = load_prompt(tmp_path / "p.md")
+    assert prompt.teacher_messages(CONVERSATION) == [
+        {"role": "system", "content": "The long rules.\n\nThe user is a beginner cook."},
+        {"role": "user", "content": "Question: Why is snow white?"},
+        {"role": "assistant", "content": "In short: it scatters light."},
+        {"role": "user", "content": "Can I freeze rice?"},  # earlier user turns stay as written: context
+        {"role": "assistant", "content": "In short: yes."},
+        {"role": "user", "content": "Question: How long does it keep?"}]
+    # a text query is the conversation [user: text]
+    assert prompt.teacher_messages("Why?") == prompt.teacher_messages([{"role": "user", "content": "Why?"}])
+
+
+def test_the_student_keeps_its_own_side_and_the_conversation_never_the_prompt(tmp_path):
+    (tmp_path / "p.md").write_text(STUDENT_SIDE)
+    prompt = load_prompt(tmp_path / "p.md")
+    assert prompt.student == StudentSide("Answer briefly.", "Q: {query}\nA:")
+    assert student_messages(CONVERSATION, prompt.student) == [
+        {"role": "system", "content": "Answer briefly.\n\nThe user is a beginner cook."},
+        {"role": "user", "content": "Can I freeze rice?"},
+        {"role": "assistant", "content": "In short: yes."},
+        {"role": "user", "content": "Q: How long does it keep?\nA:"}]
+    assert student_messages("Why?", prompt.student) == [{"role": "system", "content": "Answer briefly."},
+                                                        {"role": "user", "content": "Q: Why?\nA:"}]
+    assert student_messages(CONVERSATION)[0] == CONVERSATION[0]  # no side of its own: the row's system turn alone
+    assert load_prompt().student == StudentSide()  # a prompt file without one: the bare query, as before
+
+
+@pytest.mark.parametrize("line, message", [("student_template: \"Q: A:\"", "student_template must"),
+                                           ("student_template: \"{query} {other}\"", "student_template must"),
+                                           ("student_system_prompt: \"  \"", "student_system_prompt must")])
+def test_a_bad_student_side_names_the_file(tmp_path, line, message):
+    path = tmp_path / "p.md"
+    path.write_text(f"---\ncheck: {{regex: \"x\"}}\n{line}\n---\nRules.\n")
+    with pytest.raises(ValueError, match=rf"{path}: {message}"):
+        load_prompt(path)
+
+
+@pytest.mark.parametrize("system_branch", ["{{- raise_exception('System role not supported') }}", ""])
+def test_a_template_without_a_system_role_gets_the_system_turn_in_the_first_user_turn(smollm2_tokenizer,
+                                                                                      system_branch):
+    """Gemma-style templates raise on a system turn; others drop it silently. Either way the system text must reach
+    the model, at the head of the first user turn."""
+    import copy
+
+    plain = smollm2_tokenizer
+    tokenizer = copy.deepcopy(plain)
+    tokenizer.chat_template = ("{%- for m in messages %}{%- if m.role == 'system' %}" + system_branch + "{%- else %}"
+                               "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
+                               "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+    assert takes_system_role(plain) and not takes_system_role(tokenizer)
+    text = render(tokenizer, student_messages(CONVERSATION, StudentSide("Answer briefly.")))
+    assert text.startswith("<|im_start|>user\nAnswer briefly.\n\nThe user is a beginner cook.\n\nCan I freeze rice?")
+    assert text.count("<|im_start|>user") == 2 and "system" not in text
+
+
 # ---- example data --------------------------------------------------------------------------------------------
 
 
@@ -210,3 +280,17 @@ def test_split_uses_id_without_group_and_depends_on_seed(example_rows):
 def test_select_rejects_unknown_split(example_rows):
     with pytest.raises(ValueError):
         select(example_rows, "test")
+
+
+def test_example_conversations_for_the_behaviour_task():
+    from distill.records import read_queries
+
+    queries = read_queries(str(REPO / "example-data" / "in_short_conversations.jsonl"))
+    rows = queries.rows
+    assert queries.kind == "conversations" and len(rows) == 60 and queries.duplicates == queries.empty == 0
+    assert len({row["id"] for row in rows}) == 60 and len(Counter(row["group"] for row in rows)) == 10
+    assert all(2 <= len(row["messages"]) <= 4 for row in rows)
+    assert any(row["messages"][0]["role"] == "system" for row in rows)
+    assert any(turn["role"] == "assistant" for row in rows for turn in row["messages"])  # earlier answers as context
+    # the default split holds out whole groups: 2 of the 10 (12 conversations), the rest train
+    assert Counter(split_of(row) for row in rows) == {"train": 48, "heldout": 12}

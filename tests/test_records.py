@@ -151,8 +151,8 @@ def test_csv_without_text_column_names_line(tmp_path):
 
 
 def test_unsupported_file_type(tmp_path):
-    path = write(tmp_path / "in.parquet", b"PAR1")
-    with pytest.raises(InputError, match="unsupported"):
+    path = write(tmp_path / "in.xlsx", b"PK")  # .parquet, this test's first example, is read now
+    with pytest.raises(InputError, match="unsupported input type '.xlsx'"):
         read_queries(path)
 
 
@@ -227,3 +227,94 @@ def test_text_field_names_the_column_of_a_txt_file_too(tmp_path):
     path = write(tmp_path / "in.txt", b"hello\n\nworld\n")
     queries = read_queries(path, text_field="sentence")
     assert [row["text"] for row in queries.rows] == ["hello", "world"] and queries.empty == 1
+
+
+# ---- conversations and datasets -----------------------------------------------------------------------------------
+
+
+def turns(*pairs) -> list[dict]:
+    return [{"role": role, "content": content} for role, content in pairs]
+
+
+def test_conversations_are_queries_with_ids_groups_and_dedup_by_content(tmp_path):
+    from distill.records import conversation_key
+    from distill.splits import split_of
+
+    chat = turns(("system", "A cooking app."), ("user", "Can I freeze rice?"), ("assistant", "Yes."),
+                 ("user", "How long does it keep?"))
+    path = write(tmp_path / "chats.jsonl", jsonl(
+        {"group": "kitchen", "messages": chat, "note": "carried"},
+        {"id": "other", "group": "kitchen", "messages": chat},  # the same turns again: a duplicate, whatever its id
+        {"id": 7, "group": "space", "messages": turns(("user", "Why is Mars red?"))},
+    ) + b"\n")
+    queries = read_queries(path)
+    assert queries.kind == "conversations" and (queries.lines, queries.empty, queries.duplicates) == (4, 1, 1)
+    first, second = queries.rows
+    # the id comes from the content (roles and texts), so a re-run finds it again; the group decides the split
+    assert first["id"] == text_id(conversation_key(chat)) == read_queries(path).rows[0]["id"]
+    assert first["messages"] == chat and first["text"] == "How long does it keep?" and first["note"] == "carried"
+    assert second == {"id": "7", "group": "space", "text": "Why is Mars red?",
+                      "messages": turns(("user", "Why is Mars red?"))}
+    assert split_of(first) == split_of({"id": "unrelated", "group": "kitchen"})
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"messages": turns(("user", "Hi?"), ("assistant", "Hello."))}, "ends in an assistant turn"),
+    ({"messages": turns(("user", "Hi?"), ("moderator", "x"), ("user", "And?"))}, "turn 2 has an unknown role"),
+    ({"messages": []}, "an empty conversation"),
+    ({"messages": turns(("user", "Hi?"), ("system", "Late."), ("user", "And?"))}, "turn 2 is a system turn"),
+    ({"messages": [{"role": "user"}]}, "turn 1 must be"),
+    ({"text": "a text row"}, "the input mixes text rows and conversations"),
+])
+def test_a_bad_conversation_names_file_and_line(tmp_path, row, message):
+    path = write(tmp_path / "chats.jsonl", jsonl({"messages": turns(("user", "Fine?"))}, row))
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}:2: .*{re.escape(message)}"):
+        read_queries(path)
+
+
+def test_a_conversation_in_a_file_of_texts_names_its_line(tmp_path):
+    path = write(tmp_path / "mixed.jsonl", jsonl({"text": "one"}, {"messages": turns(("user", "Two?"))}))
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}:2: .*mixes text rows and conversations"):
+        read_queries(path)
+
+
+def test_parquet_file_and_saved_dataset_splits_are_read_and_name_their_rows(tmp_path):
+    import datasets
+
+    rows = [{"id": "a", "group": "g1", "messages": turns(("user", "Why is the sea salty?"))},
+            {"id": "b", "group": "g2", "messages": turns(("system", "Be brief."), ("user", "What is a comet?"))}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "chats.parquet"))
+    assert [row["messages"] for row in read_queries(str(tmp_path / "chats.parquet")).rows] == [r["messages"]
+                                                                                             for r in rows]
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train_sft": datasets.Dataset.from_list(rows),
+                          "test_sft": datasets.Dataset.from_list([{"text": "Only a text.", "id": "t"}])}
+                         ).save_to_disk(str(saved))
+    assert [row["id"] for row in read_queries(str(saved), split="train_sft").rows] == ["a", "b"]
+    assert read_queries(str(saved), split="test_sft").rows == [{"id": "t", "text": "Only a text."}]
+    with pytest.raises(InputError, match="no split 'train'.*train_sft, test_sft"):
+        read_queries(str(saved))
+    ends_in_an_answer = {"id": "c", "group": "g3", "messages": turns(("user", "Ok?"), ("assistant", "Ok."))}
+    datasets.Dataset.from_list(rows + [ends_in_an_answer]).to_parquet(str(tmp_path / "bad.parquet"))
+    with pytest.raises(InputError, match=rf"^{re.escape(str(tmp_path / 'bad.parquet'))}: row 3: .*assistant turn"):
+        read_queries(str(tmp_path / "bad.parquet"))
+
+
+def test_resume_cuts_a_query_that_a_crash_left_short(tmp_path):
+    """--keep all writes a query's rows in one write; a crash that tears it leaves some whole lines of that query,
+    which resume must drop (else the query counts as done with fewer rows)."""
+    from distill.run_files import cut_partial_query
+
+    def row(query, k, kept):
+        return json.dumps({"id": f"{query}#{k}", "query_id": query, "teacher": {"samples_kept": kept}}) + "\n"
+
+    path = tmp_path / "teacher.jsonl"
+    whole = row("a", 0, 2) + row("a", 1, 2)
+    path.write_text(whole + row("b", 0, 3) + row("b", 1, 3) + '{"id": "b#2", "que')
+    assert repair_torn_tail(path) > 0
+    assert cut_partial_query(path) == ("b", 2, 3)
+    assert path.read_text() == whole  # query a kept whole, every line of b gone
+    assert cut_partial_query(path) is None and path.read_text() == whole
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"id": "x", "teacher": {}}) + "\n")
+    assert cut_partial_query(plain) is None

@@ -110,6 +110,39 @@ def test_smollm2_mask_covers_only_answer_despite_default_system_prompt():
     assert prompt_ids == tokenizer(render(tokenizer, student_messages(query)), add_special_tokens=False).input_ids
 
 
+def test_a_conversation_trains_on_its_new_answer_with_the_student_side_of_stage_1(tiny_model, tmp_path):
+    """A stage-1 row of a conversation: the loss covers only its last assistant turn; the earlier turns, the row's
+    own system turn and the student side stage 1's run record names make up the prompt, as evaluation renders it."""
+    import train_sft_trl
+
+    from distill.prompts import StudentSide, student_prompt_ids
+    from distill.records import output_paths
+    from distill.splits import select
+
+    chat = [{"role": "system", "content": "A cooking app."}, {"role": "user", "content": "Can I freeze rice?"},
+            {"role": "assistant", "content": "In short: yes."}, {"role": "user", "content": "How long?"}]
+    rows = [{"id": f"c{i}", "group": f"g{i}", "messages": chat + [{"role": "assistant", "content": f"Answer {i}."}]}
+            for i in range(12)]
+    data = tmp_path / "teacher.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    student = StudentSide("Be brief.", "Q: {query}\nA:")
+    output_paths(str(data))[2].write_text(json.dumps({"student": student.to_dict()}))  # stage 1's run record
+    args = train_sft_trl.parse_args(train_args(tiny_model, data, tmp_path / "out", "--max_steps", 1))
+    prepared = train_sft_trl.prepare(*args)
+    tokenizer = prepared.tokenizer
+    train = select(rows, "train")
+    assert len(prepared.examples) == len(train) > 0
+    for row, example in zip(train, prepared.examples):
+        answer = [i for i, keep in zip(example["input_ids"], example["completion_mask"]) if keep]
+        prompt = example["input_ids"][: example["completion_mask"].index(1)]
+        assert tokenizer.decode(answer) == row["messages"][-1]["content"] + IM_END
+        assert prompt == student_prompt_ids(tokenizer, [chat], student)[0]  # what evaluate.py feeds the student
+        assert tokenizer.decode(prompt).startswith("<|im_start|>system\nBe brief.\n\nA cooking app.<|im_end|>")
+        assert "In short: yes." in tokenizer.decode(prompt) and "Q: How long?\nA:" in tokenizer.decode(prompt)
+    assert prepared.student == {"student": student.to_dict(), "system_merged_into_user": False}
+    assert prepared.probes[0]["query"] == chat  # the fingerprint renders the whole conversation too
+
+
 # --- a real CLI run ----------------------------------------------------------------------------------------------
 
 

@@ -58,6 +58,8 @@ class DistillArguments(StudentRunArguments):
         "help": "stage-1 chat JSONL (local path), or a .parquet/.arrow file, a dataset dir or a hub dataset of that "
                 "schema"})
     dataset_split: str = field(default="train", metadata={"help": "split to load from a dataset dir or hub dataset"})
+    messages_field: str = field(default="messages", metadata={
+        "help": "the column of role/content turns ending in the assistant's answer (stage 1 writes `messages`)"})
     answer_field: str | None = field(default=None, metadata={
         "help": "train on this column instead of the assistant turn, e.g. `label` for the gold labels"})
     global_batch_size: int | None = field(default=None, metadata={
@@ -133,8 +135,17 @@ def parse_args(argv=None):
 def load_rows(script_args) -> list[dict]:
     path = Path(script_args.dataset_name)
     if path.is_file() and path.suffix.lower() not in (".parquet", ".arrow"):
-        return read_jsonl(path)
-    return list(load_dataset_rows(script_args.dataset_name, script_args.dataset_split))
+        rows = read_jsonl(path)
+    else:
+        rows = list(load_dataset_rows(script_args.dataset_name, script_args.dataset_split))
+    field_name = script_args.messages_field
+    if field_name != "messages":  # distill.training reads `messages`
+        missing = next((number for number, row in enumerate(rows, 1) if field_name not in row), None)
+        if missing:
+            raise SystemExit(f"error: {script_args.dataset_name}: row {missing} has no '{field_name}' column "
+                             f"(--messages_field)")
+        rows = [{**row, "messages": row[field_name]} for row in rows]
+    return rows
 
 
 @dataclass

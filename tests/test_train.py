@@ -477,3 +477,24 @@ def test_fast_recipe_settings_give_the_same_losses_as_the_old_ones(tiny_model, g
     assert (old_batch["micro_batch"], old_batch["gradient_accumulation_steps"]) == (8, 2)
     assert new_batch["micro_batch"] == 16 and new_batch["gradient_accumulation_steps"] == 1
     assert new == pytest.approx(old, rel=1e-4)
+
+
+def test_messages_field_names_the_turns_column(tmp_path, example_rows):
+    """Stage 2 reads a column of another name (--messages_field), from a parquet file too; a row without it is named."""
+    from types import SimpleNamespace
+
+    import datasets
+
+    from train_sft_trl import load_rows
+
+    source = write_teacher_file(tmp_path / "teacher.jsonl", example_rows[:3])
+    renamed = [{"id": row["id"], "chat": row["messages"]} for row in map(json.loads, source.read_text().splitlines())]
+    parquet = tmp_path / "chats.parquet"
+    datasets.Dataset.from_list(renamed).to_parquet(str(parquet))
+    args = SimpleNamespace(dataset_name=str(parquet), dataset_split="train", messages_field="chat")
+    rows = load_rows(args)
+    assert [row["messages"] for row in rows] == [row["chat"] for row in renamed]
+    jsonl = tmp_path / "chats.jsonl"
+    jsonl.write_text("\n".join(json.dumps(row) for row in renamed[:2] + [{"id": "x"}]) + "\n")
+    with pytest.raises(SystemExit, match=r"chats.jsonl: row 3 has no 'chat' column"):
+        load_rows(SimpleNamespace(**{**vars(args), "dataset_name": str(jsonl)}))

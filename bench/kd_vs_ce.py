@@ -99,7 +99,10 @@ def kl(model_dir: Path | None, heldout_teacher: Path) -> dict:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, model_dir)
-    return heldout_kl(model, tokenizer, read_jsonl(heldout_teacher), read_sidecar(sidecar_path(heldout_teacher)))
+    from distill.training import stage1_student_side
+
+    return heldout_kl(model, tokenizer, read_jsonl(heldout_teacher), read_sidecar(sidecar_path(heldout_teacher)),
+                      stage1_student_side(str(heldout_teacher)))
 
 
 def teacher_row(task: str, heldout_teacher: Path) -> dict:

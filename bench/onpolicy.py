@@ -81,7 +81,7 @@ def figures(name: str, model_path, results: dict, teacher: dict, record: dict | 
     scored = [e for e in results["examples"] if teacher_answers.get(e["id"])]
     on_teacher = kl_to_teacher(student, reference, tokenizer, prompt, [e["text"] for e in scored],
                                [teacher_answers[e["id"]] for e in scored])
-    drift = drift_from_base(student, reference, tokenizer, texts)
+    drift = drift_from_base(student, reference, tokenizer, texts, side=prompt.student)
     strict = rescored(results, prompt)
     spend = (record or {}).get("teacher_spend", {}).get("tokens")
     if record and record.get("stage") == "train_sft_trl":

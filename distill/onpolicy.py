@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distill.prompts import TaskPrompt, render_teacher
+from distill.prompts import BARE_STUDENT, StudentSide, TaskPrompt, render_teacher, student_prompt_ids
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -281,11 +281,11 @@ def answer_ids(tokenizer, answer: str) -> list[int]:
     return tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
 
-def student_hidden_states(backbone, tokenizer, queries: list[str], completions: list[list[int]]):
-    """The student's hidden states (no prompt) predicting each completion token, (B, C, H), right-padded."""
-    from distill.prompts import render, student_messages
-
-    prompts = [tokenizer(render(tokenizer, student_messages(q)), add_special_tokens=False).input_ids for q in queries]
+def student_hidden_states(backbone, tokenizer, queries: list, completions: list[list[int]],
+                          side: StudentSide = BARE_STUDENT):
+    """The student's hidden states (no prompt; its own side of the prompt file) predicting each completion token,
+    (B, C, H), right-padded."""
+    prompts = student_prompt_ids(tokenizer, queries, side)
     rows = [p + c for p, c in zip(prompts, completions)]
     width = max(map(len, rows))
     ids = torch.tensor([row + [tokenizer.pad_token_id or 0] * (width - len(row)) for row in rows])
@@ -299,8 +299,9 @@ def student_hidden_states(backbone, tokenizer, queries: list[str], completions: 
 def kl_to_teacher(student, teacher, tokenizer, prompt: TaskPrompt, queries: list[str], answers: list[str],
                   batch_size: int = 8) -> dict:
     """Per-token reverse KL(student || teacher) and forward KL(teacher || student) on the given answers' tokens (the
-    end-of-turn token included), full vocabulary: the student reads the query alone, the teacher (a frozen model)
-    the prompt, its example turns and the query. Means over all scored tokens."""
+    end-of-turn token included), full vocabulary: the student reads the query with its own side of the prompt file
+    (`prompt.student`; the bare query by default), the teacher (a frozen model) the prompt, its example turns and the
+    query. Means over all scored tokens."""
     prefix = shared_prefix(tokenizer, prompt)
     cache = PrefixCache(prefix)
     reverse = forward = tokens = 0.0
@@ -315,23 +316,22 @@ def kl_to_teacher(student, teacher, tokenizer, prompt: TaskPrompt, queries: list
             log_t = torch.log_softmax(teacher.lm_head(teacher_hidden_states(
                 backbone_of(teacher), suffixes, completion_ids, mask.long(), prefix, cache)), -1)
             log_s = torch.log_softmax(student.lm_head(student_hidden_states(
-                backbone_of(student), tokenizer, batch_queries, completions)), -1)
+                backbone_of(student), tokenizer, batch_queries, completions, prompt.student)), -1)
             reverse += (log_s.exp() * (log_s - log_t)).sum(-1)[mask].sum().item()
             forward += (log_t.exp() * (log_t - log_s)).sum(-1)[mask].sum().item()
             tokens += mask.sum().item()
     return {"reverse_kl": reverse / tokens, "forward_kl": forward / tokens, "tokens": int(tokens)}
 
 
-def drift_from_base(student, base, tokenizer, texts: list[str], batch_size: int = 8) -> dict:
-    """Per-token KL(base || student) over every token of unrelated chat inputs ([user: text] as rendered), where
-    the student should still behave as the base model does."""
-    from distill.prompts import render, student_messages
-
+def drift_from_base(student, base, tokenizer, texts: list[str], batch_size: int = 8,
+                    side: StudentSide = BARE_STUDENT) -> dict:
+    """Per-token KL(base || student) over every token of unrelated chat inputs (each text as the student reads a
+    query: with its own side of the prompt file, the bare [user: text] by default), where the student should still
+    behave as the base model does."""
     total = tokens = 0.0
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
-            rows = [tokenizer(render(tokenizer, student_messages(t)), add_special_tokens=False).input_ids
-                    for t in texts[start: start + batch_size]]
+            rows = student_prompt_ids(tokenizer, texts[start: start + batch_size], side)
             width = max(map(len, rows))
             ids = torch.tensor([r + [tokenizer.pad_token_id or 0] * (width - len(r)) for r in rows])
             mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])

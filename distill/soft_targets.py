@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from distill.prompts import BARE_STUDENT, StudentSide
 from distill.records import InputError, append_jsonl, read_jsonl, repair_torn_tail
 from distill.training import NO_MASS, kl_from_top_k, query_and_answer, tokenize
 
@@ -247,9 +248,10 @@ def row_targets(targets: TeacherTargets, row: dict, tokenizer, example: dict) ->
 # ---- stage 3 / benches: how far a student is from the teacher on held-out answers -------------------------------
 
 
-def heldout_kl(model, tokenizer, rows: list[dict], sidecar: dict[str, dict]) -> dict:
+def heldout_kl(model, tokenizer, rows: list[dict], sidecar: dict[str, dict], side: StudentSide = BARE_STUDENT) -> dict:
     """Mean KL(teacher || student) per answer token over stage-1 rows the student never trained on: the student,
-    without the prompt, reads the query and the teacher's answer (teacher forcing), and at each answer token with a
+    without the prompt (with its own `side` of the prompt file, as stage 2 trains it), reads the query and the
+    teacher's answer (teacher forcing), and at each answer token with a
     target its distribution is compared with the teacher's, as stage 2 builds the targets (row_targets: a label
     row's label distribution on its first token, else the top K renormalised; T = 1). Rows without targets are
     counted, not scored.
@@ -261,7 +263,7 @@ def heldout_kl(model, tokenizer, rows: list[dict], sidecar: dict[str, dict]) -> 
     per_token, without = [], 0
     model.eval()
     for row in rows:
-        example = tokenize(tokenizer, *query_and_answer(row, None))
+        example = tokenize(tokenizer, *query_and_answer(row, None), side)
         found = row_targets(targets, row, tokenizer, example)
         start, top_ids = found["teacher_start"], found["teacher_top_ids"]
         if start < 0 or not top_ids:

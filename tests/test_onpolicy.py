@@ -8,6 +8,7 @@ weights change, with a run record that names the teacher and its tokens, against
 the process, and a `vllm serve` teacher on 127.0.0.1.
 """
 
+import copy
 import json
 import socket
 import sys
@@ -405,3 +406,44 @@ def test_the_cli_trains_against_a_vllm_server_teacher(tiny_model, tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(timeout=60)
+
+
+def test_held_out_kl_and_drift_measure_what_they_say(tiny):
+    """bench/onpolicy.py's columns: kl_to_teacher against a plain forward of each side's whole input (the student
+    with its own side of the prompt file, the teacher with the prompt), and drift_from_base zero for the base
+    itself and positive once the student's weights move."""
+    import dataclasses
+
+    from distill.onpolicy import answer_ids, drift_from_base, kl_to_teacher
+    from distill.prompts import StudentSide, render_teacher, student_prompt_ids
+
+    model, tokenizer = tiny
+    prompt = dataclasses.replace(tiny_prompt(), student=StudentSide("Be brief.", "Q: {query}"))
+    queries, answers = ["Why is the sea salty?", "What is a fox?"], ["In short: rivers.", "In short: a wild dog."]
+    got = kl_to_teacher(model, model, tokenizer, prompt, queries, answers)
+
+    reverse = forward = tokens = 0.0
+    with torch.no_grad():
+        for query, answer, student_ids in zip(queries, answers, student_prompt_ids(tokenizer, queries, prompt.student)):
+            completion = answer_ids(tokenizer, answer)
+            teacher_ids = tokenizer(render_teacher(tokenizer, prompt.teacher_messages(query)),
+                                    add_special_tokens=False).input_ids
+            log_t = torch.log_softmax(model(torch.tensor([teacher_ids + completion])).logits[0], -1)
+            log_s = torch.log_softmax(model(torch.tensor([student_ids + completion])).logits[0], -1)
+            log_t = log_t[len(teacher_ids) - 1: len(teacher_ids) - 1 + len(completion)]
+            log_s = log_s[len(student_ids) - 1: len(student_ids) - 1 + len(completion)]
+            reverse += (log_s.exp() * (log_s - log_t)).sum().item()
+            forward += (log_t.exp() * (log_t - log_s)).sum().item()
+            tokens += len(completion)
+    assert got["tokens"] == tokens and reverse > 0 and forward > 0
+    assert got["reverse_kl"] == pytest.approx(reverse / tokens, rel=1e-3)
+    assert got["forward_kl"] == pytest.approx(forward / tokens, rel=1e-3)
+    bare = kl_to_teacher(model, model, tokenizer, tiny_prompt(), queries, answers)
+    assert bare["reverse_kl"] != pytest.approx(got["reverse_kl"], rel=1e-3)  # the student side is what it read
+
+    texts = ["Bonjour tout le monde.", "Das ist ein Haus."]
+    assert drift_from_base(model, model, tokenizer, texts)["kl_base_to_student"] == pytest.approx(0.0, abs=1e-6)
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        moved.lm_head.weight.add_(0.05 * torch.randn_like(moved.lm_head.weight))
+    assert drift_from_base(moved, model, tokenizer, texts)["kl_base_to_student"] > 1e-4

@@ -46,7 +46,7 @@ from distill.judge import judge_examples
 from distill.metrics import cost, cost_ratio
 from distill.prompts import (BARE_STUDENT, DEFAULT_PROMPT, load_prompt, merges_system, query_of,
                             render_teacher, student_messages, student_prompt_ids)
-from distill.records import InputError, RunRecord, load_teacher_answers, read_queries
+from distill.records import InputError, RunRecord, load_teacher_answers, query_fields, read_queries
 from distill.splits import HELDOUT_FRACTION, SPLIT_SEED, select
 
 
@@ -271,7 +271,7 @@ def label_results(prompt, rows, prompt_ids, generation, teacher, args) -> dict:
     golds = [row.get(args.label_field) for row in rows]
     predictions = generation.answers
     examples = [
-        {"id": row["id"], "text": row["text"], "gold": gold, "prediction": pred, "raw": raw,
+        {"id": row["id"], **query_fields(row), "gold": gold, "prediction": pred, "raw": raw,
          **({"teacher": t} if teacher else {}), "input_tokens": len(ids)}
         for row, gold, pred, raw, ids, t in zip(rows, golds, predictions, generation.raw, prompt_ids,
                                                 teacher or [None] * len(rows))
@@ -303,7 +303,7 @@ def generative_results(prompt, rows, prompt_ids, generation, teacher, tokenizer,
     for row, answer, raw, ids, output_tokens, reference, verdict in zip(
             rows, answers, generation.raw, prompt_ids, generation.output_tokens, teacher, judged):
         known = {"teacher": reference, "chrf": verdict["chrf"]} if reference is not None else {}
-        examples.append({"id": row["id"], "text": row["text"], "answer": answer, "passed": verdict["passed"],
+        examples.append({"id": row["id"], **query_fields(row), "answer": answer, "passed": verdict["passed"],
                          "check_passed": verdict["check_passed"], "reason": verdict["reason"], **known,
                          "raw": raw, "input_tokens": len(ids), "output_tokens": output_tokens,
                          "answer_tokens": len(tokenizer(answer, add_special_tokens=False).input_ids)})

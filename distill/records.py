@@ -210,6 +210,12 @@ def _conversation_row(row: dict, messages_field: str, text_field: str, where: st
     return {**rest, "text": turns[-1]["content"], "messages": turns}, conversation_key(turns)
 
 
+def query_fields(row: dict) -> dict:
+    """What a results file shows of a query: its text (a conversation's last user turn) and, for a conversation,
+    all of its turns."""
+    return {"text": row["text"], **({"messages": row["messages"]} if "messages" in row else {})}
+
+
 def output_paths(output_file: str) -> tuple[Path, Path, Path]:
     """A stage writing JSONL rows: the output, its rejects file and its run record, side by side."""
     out = Path(output_file)

@@ -448,6 +448,7 @@ def test_conversations_with_a_student_side_through_stages_one_two_three(tiny_mod
     results = json.loads(results_path.read_text())
     assert results["fingerprint"]["status"] == "passed" and results["student"] == record["student"]
     assert [e["text"] for e in results["examples"]] == [row["messages"][-1]["content"] for row in inputs.values()][:3]
+    assert [e["messages"] for e in results["examples"]] == [row["messages"] for row in inputs.values()][:3]
     refused = run_main("evaluate.py", "--model_path", adapter, "--test_file", conversations, "--prompt_file",
                        REPO / "prompts" / "in_short.md", "--split", "all", check=False)
     assert refused.returncode == 1 and "the model trained with the student side" in refused.stderr

@@ -37,14 +37,15 @@ def teacher_ids(tokenizer, prompt: TaskPrompt, query: str | list[dict]) -> list[
     return tokenizer(teacher_text(tokenizer, prompt, query), add_special_tokens=False).input_ids
 
 
-def shared_prefix(tokenizer, prompt: TaskPrompt, row_system: bool = False) -> list[int]:
+def shared_prefix(tokenizer, prompt: TaskPrompt, queries: list = ()) -> list[int]:
     """The token ids every teacher input starts with (system prompt and example turns): the common prefix of renders
-    whose queries share nothing, less its last token (a merge across the boundary could change it). With
-    `row_system` (some rows are conversations with a system turn of their own, which joins the prompt's) one of the
-    renders has one, so the prefix ends inside the system turn, before the example turns."""
-    queries = ["Alpha?", "7 + 5"] + [[{"role": "system", "content": "Zeta."}, {"role": "user", "content": "Alpha?"}]
-                                     ] * row_system
-    renders = [teacher_ids(tokenizer, prompt, query) for query in queries]
+    of two texts that share nothing and of every conversation among `queries`, less its last token (a merge across
+    the boundary could change it). A text query renders like the probes, so only conversations are rendered here:
+    one with a system turn of its own (which joins the prompt's) ends the prefix inside the system turn, one whose
+    turns go around the query template (an earlier user turn, an assistant turn first) before the template's text."""
+    conversations = [query for query in queries if not isinstance(query, str) and (
+        len(query) > 1 or query[0]["role"] != "user")]
+    renders = [teacher_ids(tokenizer, prompt, query) for query in ["Alpha?", "7 + 5", *conversations]]
     length = 0
     while length < min(map(len, renders)) and len({ids[length] for ids in renders}) == 1:
         length += 1
@@ -146,12 +147,12 @@ class PromptedTeacherMixin:
     teacher_prefix: list[int]
     spend: TeacherSpend
 
-    def setup_teacher(self, task_prompt: TaskPrompt, teacher_tokenizer, split_prefix: bool, cache: bool,
-                      row_system: bool = False):
-        """split_prefix: keep the prompt's shared tokens apart from each row's own; cache: compute their KV cache
-        once (an in-process teacher); row_system: some rows bring a system turn of their own (shared_prefix)."""
+    def setup_teacher(self, task_prompt: TaskPrompt, teacher_tokenizer, prefix: list[int], cache: bool):
+        """prefix: the prompt's tokens every row's teacher input starts with, kept apart from each row's own
+        (shared_prefix over the run's queries; [] for none); cache: compute their KV cache once (an in-process
+        teacher)."""
         self.task_prompt, self.teacher_tokenizer = task_prompt, teacher_tokenizer
-        self.teacher_prefix = shared_prefix(teacher_tokenizer, task_prompt, row_system) if split_prefix else []
+        self.teacher_prefix = prefix
         self.prefix_cache = PrefixCache(self.teacher_prefix) if cache else None
         self.spend = TeacherSpend()
 
@@ -302,7 +303,7 @@ def kl_to_teacher(student, teacher, tokenizer, prompt: TaskPrompt, queries: list
     end-of-turn token included), full vocabulary: the student reads the query with its own side of the prompt file
     (`prompt.student`; the bare query by default), the teacher (a frozen model) the prompt, its example turns and the
     query. Means over all scored tokens."""
-    prefix = shared_prefix(tokenizer, prompt)
+    prefix = shared_prefix(tokenizer, prompt, queries)
     cache = PrefixCache(prefix)
     reverse = forward = tokens = 0.0
     with torch.no_grad():

@@ -174,13 +174,14 @@ def build_trainer(script_args, training_args, model_args, peft_config, prompt, r
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
-    from distill.onpolicy import in_process_trainer_class, server_trainer_class
+    from distill.onpolicy import in_process_trainer_class, server_trainer_class, shared_prefix
 
     dataset = Dataset.from_list([
         {"prompt": fit_system(tokenizers.student, student_messages(query_of(row), prompt.student)),
          "query": conversation(query_of(row))} for row in rows])
-    # The prompt's shared prefix (its KV cache) stops before the system turn's end when a row brings its own.
-    row_system = any(conversation(query_of(row))[0]["role"] == "system" for row in rows)
+    # The prompt's tokens every row's teacher input starts with (their KV cache is computed once), from the rows
+    # themselves before any weights load: a conversation may end it early (its own system turn, its earlier turns).
+    prefix = shared_prefix(tokenizers.teacher, prompt, [conversation(query_of(row)) for row in rows])
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype,
                                                  trust_remote_code=training_args.trust_remote_code)
@@ -201,7 +202,7 @@ def build_trainer(script_args, training_args, model_args, peft_config, prompt, r
         server_args = ServerDistillationConfig(**settings, teacher_model_server_url=script_args.teacher_server_url,
                                                loss_top_k=1)
         trainer = server_trainer_class()(**{**kwargs, "args": server_args})
-        trainer.setup_teacher(prompt, tokenizers.teacher, split_prefix=True, cache=False, row_system=row_system)
+        trainer.setup_teacher(prompt, tokenizers.teacher, prefix, cache=False)
         return trainer
     teacher = None
     if training_args.teacher_model_name_or_path:
@@ -209,8 +210,8 @@ def build_trainer(script_args, training_args, model_args, peft_config, prompt, r
                                                        trust_remote_code=training_args.trust_remote_code)
         teacher.requires_grad_(False)
     trainer = in_process_trainer_class()(teacher_model=teacher, **kwargs)
-    trainer.setup_teacher(prompt, tokenizers.teacher, split_prefix=script_args.prompt_cache,
-                          cache=script_args.prompt_cache, row_system=row_system)
+    trainer.setup_teacher(prompt, tokenizers.teacher, prefix if script_args.prompt_cache else [],
+                          cache=script_args.prompt_cache)
     return trainer
 
 

@@ -9,6 +9,7 @@ the process, and a `vllm serve` teacher on 127.0.0.1.
 """
 
 import copy
+import dataclasses
 import json
 import socket
 import sys
@@ -218,13 +219,29 @@ def test_conversations_reach_the_teacher_behind_the_prompt_and_share_its_cached_
         text.index(conversation[-1]["content"]))
     with pytest.raises(ValueError, match="shared tokens"):
         TeacherInputs.build(tokenizer, prompt, [conversation], shared_prefix(tokenizer, prompt))
-    prefix = shared_prefix(tokenizer, prompt, row_system=True)
+    prefix = shared_prefix(tokenizer, prompt, [conversation, "What is rain?"])
     inputs = TeacherInputs.build(tokenizer, prompt, [conversation, "What is rain?"], prefix)
     assert all(prefix + suffix == teacher_ids(tokenizer, prompt, query)
                for suffix, query in zip(inputs.suffixes, [conversation, "What is rain?"]))
     # the cost: the example turns leave the cached prefix, which still holds the prompt's system text
     assert "Why is snow white?" in tokenizer.decode(shared_prefix(tokenizer, prompt))
     assert "Why is snow white?" not in tokenizer.decode(prefix) and prompt.text[:40] in tokenizer.decode(prefix)
+
+    # Turns that go around the query template: an earlier user turn (rendered as written, not through the
+    # template) and an assistant turn first (a chatbot's greeting). The prefix is the rows' own common prefix.
+    templated = dataclasses.replace(prompt, query_template="Text to classify:\n<<<\n{query}\n>>>")
+    earlier = [{"role": "user", "content": "Hello there."}, {"role": "assistant", "content": "In short: hi."},
+               {"role": "user", "content": "What is rain?"}]
+    greeting = [{"role": "assistant", "content": "Hi! Ask me anything."}, {"role": "user", "content": "What is hail?"}]
+    for chat in (earlier, greeting):
+        with pytest.raises(ValueError, match="shared tokens"):
+            TeacherInputs.build(tokenizer, templated, [chat], shared_prefix(tokenizer, templated))
+    queries = [earlier, greeting, "What is snow?"]
+    prefix = shared_prefix(tokenizer, templated, queries)
+    inputs = TeacherInputs.build(tokenizer, templated, queries, prefix)
+    assert all(prefix + suffix == teacher_ids(tokenizer, templated, query)
+               for suffix, query in zip(inputs.suffixes, queries))
+    assert templated.text[:40] in tokenizer.decode(prefix)  # the system prompt stays in the cached prefix
 
 
 # ---- the CLI on a tiny student (slow) --------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 from distill.prompts import (conversation, fit_system, load_prompt, merges_system, query_of, student_messages,
                              takes_system_role)
-from distill.records import InputError, read_jsonl, read_queries
+from distill.records import InputError, query_id, read_jsonl, read_queries
 from distill.splits import select
 from distill.training import query_and_answer
 
@@ -40,7 +40,11 @@ def training_queries(script_args) -> tuple[TrainingQueries, str]:
     path = Path(script_args.dataset_name)
     note = f"queries of {path}"
     if path.suffix == ".jsonl" and path.is_file() and is_stage1_file(path):
-        rows = [stage1_query(row, f"{path}:{number}") for number, row in enumerate(read_jsonl(path), start=1)]
+        rows, seen = [], set()
+        for number, row in enumerate(read_jsonl(path), start=1):
+            if query_id(row) not in seen:  # --keep all wrote a row per answer: the query trains once
+                seen.add(query_id(row))
+                rows.append(stage1_query(row, f"{path}:{number}"))
         note = f"the user turns of the stage-1 file {path}; its teacher answers are ignored"
     else:
         rows = read_queries(str(path), script_args.text_field, script_args.dataset_split,

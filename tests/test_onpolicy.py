@@ -464,3 +464,22 @@ def test_held_out_kl_and_drift_measure_what_they_say(tiny):
     with torch.no_grad():
         moved.lm_head.weight.add_(0.05 * torch.randn_like(moved.lm_head.weight))
     assert drift_from_base(moved, model, tokenizer, texts)["kl_base_to_student"] > 1e-4
+
+
+def test_a_keep_all_stage1_file_gives_each_query_once(tmp_path):
+    """--keep all writes a row per answer (<id>#<k>, query_id <id>); on-policy training samples its own answers,
+    so each query trains once, whichever of its rows comes first."""
+    from types import SimpleNamespace
+
+    from distill.opd_setup import training_queries
+
+    rows = [{"id": f"q{i}#{k}", "query_id": f"q{i}", "group": "g",
+             "messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"A{k}."}],
+             "teacher": {"sample": k, "samples_kept": 3}} for i in range(2) for k in range(3)]
+    stage1 = tmp_path / "teacher.jsonl"
+    stage1.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = SimpleNamespace(dataset_name=str(stage1), text_field="text", messages_field="messages",
+                           dataset_split="train", heldout_fraction=0.0, split_seed=0, max_train_rows=None)
+    queries, note = training_queries(args)
+    assert [row["text"] for row in queries.rows] == ["Question 0?", "Question 1?"]
+    assert queries.counts["rows_used"] == 2 and "teacher answers are ignored" in note

@@ -46,6 +46,7 @@ user turn, a blank line after it (`fit_system`); the run records say so (`system
 """
 
 import hashlib
+import string
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,9 +245,10 @@ def _student_side(path: Path, meta: dict) -> StudentSide:
     template = meta.get("student_template", "{query}")
     if system_prompt is not None and not (isinstance(system_prompt, str) and system_prompt.strip()):
         raise ValueError(f"{path}: student_system_prompt must be a non-empty string (or leave it out)")
-    try:
-        template_ok = isinstance(template, str) and template.format(query="") != template
-    except (KeyError, IndexError, ValueError):
+    try:  # exactly the field {query}: a template without it would hide the query from the student
+        template_ok = isinstance(template, str) and {name for _, name, _, _ in string.Formatter().parse(template)
+                                                      if name is not None} == {"query"}
+    except ValueError:
         template_ok = False
     if not template_ok:
         raise ValueError(f"{path}: student_template must be a string with '{{query}}' and no other braces, e.g. "

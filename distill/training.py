@@ -21,6 +21,8 @@ def query_and_answer(row: dict, answer_field: str | None) -> tuple[str | list[di
     another column (e.g. the gold `label`)."""
     messages = row["messages"]
     last = next((i for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] == "assistant"), len(messages))
+    if answer_field and messages and messages[-1]["role"] == "user":  # the column answers the last user turn
+        last = len(messages)
     turns = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
     if not turns or turns[-1]["role"] != "user":
         raise ValueError("the turns before the answer must end in a user turn")

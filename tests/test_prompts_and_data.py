@@ -180,6 +180,8 @@ def test_the_student_keeps_its_own_side_and_the_conversation_never_the_prompt(tm
 
 @pytest.mark.parametrize("line, message", [("student_template: \"Q: A:\"", "student_template must"),
                                            ("student_template: \"{query} {other}\"", "student_template must"),
+                                           ("student_template: \"Answer as JSON {{}}:\"", "student_template must"),
+                                           ("student_template: \"{query} {}\"", "student_template must"),
                                            ("student_system_prompt: \"  \"", "student_system_prompt must")])
 def test_a_bad_student_side_names_the_file(tmp_path, line, message):
     path = tmp_path / "p.md"

@@ -498,3 +498,16 @@ def test_messages_field_names_the_turns_column(tmp_path, example_rows):
     jsonl.write_text("\n".join(json.dumps(row) for row in renamed[:2] + [{"id": "x"}]) + "\n")
     with pytest.raises(SystemExit, match=r"chats.jsonl: row 3 has no 'chat' column"):
         load_rows(SimpleNamespace(**{**vars(args), "dataset_name": str(jsonl)}))
+
+
+def test_query_and_answer_of_a_conversation():
+    """The answer is the last assistant turn and the query every turn before it; with --answer_field the column
+    answers the conversation's last user turn, earlier answers staying context."""
+    from distill.training import query_and_answer
+
+    chat = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "q2"}]
+    assert query_and_answer({"messages": chat + [{"role": "assistant", "content": "a2"}]}, None) == (chat, "a2")
+    assert query_and_answer({"messages": chat, "label": "x"}, "label") == (chat, "x")
+    assert query_and_answer({"messages": chat[:1] + [{"role": "assistant", "content": "a"}], "label": "y"},
+                            "label") == ("q1", "y")  # a stage-1 text row: its user turn as the text

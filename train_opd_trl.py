@@ -117,6 +117,7 @@ def main(argv=None):
     processes = PartialState()
     try:  # bad input fails here, before any weights load
         prompt = opd_setup.task_prompt(script_args.prompt_file)
+        opd_setup.check_warm_start(script_args.init_adapter, prompt)
         queries, source_note = opd_setup.training_queries(script_args)
         tokenizers = opd_setup.check_teacher(script_args, training_args, model_args)
     except (InputError, ValueError, OSError) as error:

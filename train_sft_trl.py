@@ -186,9 +186,11 @@ def prepare(script_args, training_args, model_args) -> TrainingData:
         try:
             queries.append(query_and_answer(row, script_args.answer_field))
             examples.append(tokenize(tokenizer, *queries[-1], student))
-        except (KeyError, IndexError, StopIteration, TypeError, ValueError) as error:
+        except (KeyError, IndexError, StopIteration, TypeError) as error:
             raise InputError(f"{script_args.dataset_name}: row {row.get('id', number)} lacks a user turn or "
                              f"its answer ({error!r})") from None
+        except ValueError as error:  # turns in the wrong order, or a chat template that cannot be masked
+            raise InputError(f"{script_args.dataset_name}: row {row.get('id', number)}: {error}") from None
     counts = {"rows_in_file": len(rows), "heldout_rows_dropped": dropped, "rows_used": len(train),
               "answer_source": script_args.answer_field or "assistant turn (teacher)",
               "batch": size_micro_batches(script_args, training_args, examples)}

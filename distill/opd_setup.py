@@ -148,6 +148,17 @@ def probe_server_in(argv: list[str]) -> None:
                 probe_server(value)
 
 
+def check_warm_start(adapter_dir: str | None, prompt) -> None:
+    """A stage-2 adapter to warm-start from must have trained with this prompt file's student side: stage 2b goes on
+    training it on the student's prompts as this file renders them."""
+    if adapter_dir:
+        from distill.serving import check_student
+
+        if not (Path(adapter_dir) / "adapter_config.json").exists():
+            raise InputError(f"--init_adapter {adapter_dir}: no adapter_config.json there")
+        check_student(Path(adapter_dir), prompt.student)
+
+
 def adapter_config(adapter_dir: str | None):
     if not adapter_dir:
         return None

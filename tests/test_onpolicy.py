@@ -483,3 +483,21 @@ def test_a_keep_all_stage1_file_gives_each_query_once(tmp_path):
     queries, note = training_queries(args)
     assert [row["text"] for row in queries.rows] == ["Question 0?", "Question 1?"]
     assert queries.counts["rows_used"] == 2 and "teacher answers are ignored" in note
+
+
+def test_a_warm_start_adapter_must_share_the_prompt_files_student_side(tmp_path):
+    import dataclasses
+
+    from distill.opd_setup import check_warm_start
+    from distill.prompts import StudentSide
+    from distill.records import InputError
+
+    adapter = tmp_path / "sft"
+    adapter.mkdir()
+    with pytest.raises(InputError, match="no adapter_config.json"):
+        check_warm_start(str(adapter), tiny_prompt())
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "distill_run.json").write_text(json.dumps({"student": {"system_prompt": None, "template": "{query}"}}))
+    check_warm_start(str(adapter), tiny_prompt())  # the bare student on both sides
+    with pytest.raises(ValueError, match="student_system_prompt / student_template"):
+        check_warm_start(str(adapter), dataclasses.replace(tiny_prompt(), student=StudentSide("Be brief.")))

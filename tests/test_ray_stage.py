@@ -217,8 +217,11 @@ def test_two_replicas_label_like_one_process(ray_cluster, tmp_path, shared_engin
              "--temperature", 0, "--save_logprobs", 3, *MAX_LEN]
     run_main("create_data.py", *flags, "--output_file", tmp_path / "single" / "teacher.jsonl")
     output = tmp_path / "ray" / "teacher.jsonl"
+    # Ray Data hands tasks to a replica as soon as it is up; the tiny model answers all 4 tasks before the other
+    # replica's engine is built (seen 2026-11-30), so this run waits for both: the test is about two replicas.
     result = run_cli("create_data.py", *flags, "--output_file", output, "--engine", "ray", "--num_replicas", 2,
-                     "--rows_per_task", 3, env=ray_env(ray_cluster))
+                     "--rows_per_task", 3,
+                     env={**ray_env(ray_cluster), "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "600"})
 
     by_id = {row["id"]: row for row in complete_rows(paths(output)[0])}
     single = {row["id"]: row for row in complete_rows(paths(tmp_path / "single" / "teacher.jsonl")[0])}

@@ -15,7 +15,7 @@ as a single-process run does) and hands the rest to Ray Data: `from_items` -> `m
 TeacherReplica actors. A replica builds its vLLM engine and the teacher once (distill/stage1.py, as create_data's
 own engine does), then runs `distill.teacher.stream` -- the one rendering, sampling, parsing, redraw and vote path
 of stage 1 -- over each batch of --rows_per_task queries, and hands back each finished answer's records (stage1's
-answer_records: the row(s) or the reject, and the sidecar lines) in a packet at least every FLUSH_SECONDS. The driver
+answer_records: the row(s) or the reject, and the sidecar lines) in packets of PACKET_ROWS consecutive rows. The driver
 is the only writer of the output, rejects and sidecar files: it appends each packet as it arrives through
 stage1.answer_writer (one fsync per file, sidecar lines first) and skips an id it has already written, which is what
 a batch retried by Ray hands back a second time.
@@ -64,7 +64,7 @@ from distill import engine, stage1
 ADDRESS_PROBE_SECONDS = 3
 DEFAULT_GCS_PORT = 6379  # `ray start --head` listens here unless told otherwise
 DEFAULT_ROWS_PER_TASK = 512
-FLUSH_SECONDS = 1.0  # a replica hands back its finished rows at least this often while it works
+PACKET_ROWS = 8  # a replica hands back a batch's rows in packets of this many consecutive rows (TeacherReplica)
 # The StreamStats counts a replica reports with each packet (the driver sums them into the run record's figures).
 WORK_FIELDS = ("samples", "generated_tokens", "prompt_tokens", "cached_tokens")
 # What the driver's environment says about the engine, forwarded to every replica (a node's Ray workers otherwise
@@ -194,7 +194,7 @@ class TeacherReplica:
         rows = [json.loads(text) for text in batch["query"]]
         stats = StreamStats()
         started = time.time()
-        packet, reported, last_flush = [], dict.fromkeys(WORK_FIELDS, 0), time.monotonic()
+        packet, reported = [], dict.fromkeys(WORK_FIELDS, 0)
 
         def flush():
             work = {field: (getattr(stats, field) or 0) - reported[field] for field in WORK_FIELDS}
@@ -203,14 +203,25 @@ class TeacherReplica:
                                "cached_tokens_known": stats.cached_tokens is not None}, ensure_ascii=False)
             return {"packet": np.array([text], dtype=object)}  # one row: Ray Data cannot split a packet
 
+        # A packet holds rows of the batch in input order, a fixed PACKET_ROWS of them, handed back once all are
+        # answered. Ray retries a task killed mid-batch by running it again and drops the new run's first packets,
+        # as many as the dead run had delivered (it takes a generator to yield the same items again). With packets
+        # cut by time, those held other rows than the ones delivered, and their rows were lost (seen 2026-11-30: 2 of
+        # 40); cut by position, they hold the same rows, which the driver has written.
+        position = {row["id"]: number for number, row in enumerate(rows)}
+        answered, next_row = {}, 0
         for outcome in stream(self.engine, self.teacher, rows, self.params, num_samples=self.args.num_samples,
                               max_retries=self.args.max_retries,
                               max_in_flight=self.args.max_in_flight or self.engine.max_num_seqs, stats=stats):
-            packet.append({"id": outcome.row["id"], "records": stage1.answer_records(outcome, self.args, self.teacher)})
-            if time.monotonic() - last_flush >= FLUSH_SECONDS:
+            answered[position[outcome.row["id"]]] = {
+                "id": outcome.row["id"], "records": stage1.answer_records(outcome, self.args, self.teacher)}
+            while all(number in answered for number in range(next_row, min(next_row + PACKET_ROWS, len(rows)))) \
+                    and next_row < len(rows):
+                packet = [answered.pop(number) for number in range(next_row, min(next_row + PACKET_ROWS, len(rows)))]
+                next_row += len(packet)
                 yield flush()
-                packet, last_flush = [], time.monotonic()
-        if packet:
+        if answered:  # stream yields one outcome per row, so nothing is left here; if it ever is, it goes back too
+            packet = [answered[number] for number in sorted(answered)]
             yield flush()
 
 

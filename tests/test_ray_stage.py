@@ -333,3 +333,27 @@ def test_driver_killed_or_stopped_then_resumed_by_id(ray_cluster, tiny_model, tm
     assert record["status"] == "finished" and record["counts"]["resumed"] == len(finished)
     assert record["counts"]["written_this_run"] + record["counts"]["rejected_this_run"] == 40 - len(finished)
     assert Counter(record["stream"]["ray"]["rows_by_replica"]).total() == 40 - len(finished)
+
+
+def test_a_replica_hands_back_the_same_rows_in_each_packet_whatever_order_they_finish(monkeypatch):
+    """Ray runs a task killed mid-batch again and drops as many of the new run's packets as the dead run delivered,
+    so the k-th packet must hold the same rows in every run: consecutive rows of the batch, in input order."""
+    import random
+    from types import SimpleNamespace
+
+    import distill.teacher
+
+    rows = [{"id": f"r{number}", "text": f"query {number}"} for number in range(ray_stage.PACKET_ROWS + 3)]
+    replica = object.__new__(ray_stage.TeacherReplica)
+    replica.args = SimpleNamespace(num_samples=1, max_retries=0, max_in_flight=2)
+    replica.teacher, replica.params, replica.engine, replica.name = None, None, None, "node:1"
+    monkeypatch.setattr(ray_stage.stage1, "answer_records", lambda outcome, args, teacher: [{"row": outcome.row}])
+    runs = []
+    for seed in (0, 1, 2):
+        finish_order = random.Random(seed).sample(rows, len(rows))  # engines finish requests in any order
+        monkeypatch.setattr(distill.teacher, "stream", lambda engine, teacher, batch, params, order=finish_order,
+                            **kwargs: (SimpleNamespace(row=row) for row in order))
+        packets = [json.loads(block["packet"][0]) for block in replica({"query": [json.dumps(r) for r in rows]})]
+        runs.append([[answer["id"] for answer in packet["answers"]] for packet in packets])
+    ids = [row["id"] for row in rows]
+    assert runs[0] == runs[1] == runs[2] == [ids[: ray_stage.PACKET_ROWS], ids[ray_stage.PACKET_ROWS:]]

@@ -204,10 +204,10 @@ class TeacherReplica:
             return {"packet": np.array([text], dtype=object)}  # one row: Ray Data cannot split a packet
 
         # A packet holds rows of the batch in input order, a fixed PACKET_ROWS of them, handed back once all are
-        # answered. Ray retries a task killed mid-batch by running it again and drops the new run's first packets,
-        # as many as the dead run had delivered (it takes a generator to yield the same items again). With packets
-        # cut by time, those held other rows than the ones delivered, and their rows were lost (seen 2026-11-30: 2 of
-        # 40); cut by position, they hold the same rows, which the driver has written.
+        # answered. Ray retries a task killed mid-batch by running it again and, by our reading of a loss seen once
+        # (2026-11-30: 2 of 40 rows), drops as many of the new run's first packets as the dead run had delivered: it
+        # takes a generator to yield the same items again. Packets cut by time held other rows in the new run than
+        # in the dead one; cut by position they hold the same rows, which the driver has already written.
         position = {row["id"]: number for number, row in enumerate(rows)}
         answered, next_row = {}, 0
         for outcome in stream(self.engine, self.teacher, rows, self.params, num_samples=self.args.num_samples,

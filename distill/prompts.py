@@ -158,23 +158,18 @@ def student_messages(query: str | list[dict], student: StudentSide = BARE_STUDEN
 
 
 SYSTEM_PROBE = "<system-role-probe>"
-# chat template -> whether it renders a system turn: `render` asks on every query, the answer is the template's
-_SYSTEM_ROLE_BY_TEMPLATE: dict = {}
 
 
 def takes_system_role(tokenizer) -> bool:
     """Whether the chat template renders a system turn; some (Gemma's, older Mistral's) raise on one or drop it."""
     from jinja2 import TemplateError
 
-    template = str(tokenizer.chat_template)  # a str, a dict of named templates, or None
-    if template not in _SYSTEM_ROLE_BY_TEMPLATE:
-        try:
-            text = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROBE},
-                                                  {"role": "user", "content": "?"}], tokenize=False)
-            _SYSTEM_ROLE_BY_TEMPLATE[template] = SYSTEM_PROBE in text
-        except TemplateError:
-            _SYSTEM_ROLE_BY_TEMPLATE[template] = False
-    return _SYSTEM_ROLE_BY_TEMPLATE[template]
+    try:
+        text = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROBE},
+                                              {"role": "user", "content": "?"}], tokenize=False)
+    except TemplateError:
+        return False
+    return SYSTEM_PROBE in text
 
 
 def merges_system(tokenizer, chats) -> bool:

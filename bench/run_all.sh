@@ -10,3 +10,4 @@ export HF_HUB_OFFLINE=1
 "$PYTHON" bench/stream_vs_batch.py 2>&1 | grep -A5 "^bench"
 "$PYTHON" bench/ray_replicas.py 2>&1 | grep -A3 "^bench"
 "$PYTHON" bench/prompt_cache.py 2>&1 | grep -A3 "^bench"
+"$PYTHON" bench/server_prompt_cache.py 2>&1 | grep -A3 "^bench"

@@ -227,13 +227,52 @@ def in_process_trainer_class():
 
 def server_trainer_class():
     from trl.experimental.server_distillation import ServerDistillationTrainer
+    from trl.generation.vllm_client import VLLMClient
+
+    from distill.teacher_server import NOT_SCORED, PROMPT_LOGPROBS_FROM
+
+    class PromptCacheClient(VLLMClient):
+        """TRL's teacher client, whose scoring requests also say where their rows' answers start: a teacher started
+        with `python -m distill.teacher_server` then reads the prompt before that from its prefix cache (a plain
+        `vllm serve` ignores the field and recomputes the prompt, as before)."""
+
+        scored_from: int | None = None
+
+        # Overrides VLLMClient.get_sequence_logprobs, which posts prompt + completion with prompt_logprobs (through
+        # _post, below): the same requests, each naming the first position any of its rows scores.
+        def get_sequence_logprobs(self, sequences, prompt_lengths, **kwargs):
+            self.scored_from = min(prompt_lengths)
+            try:
+                result = super().get_sequence_logprobs(sequences, prompt_lengths, **kwargs)
+            finally:
+                self.scored_from = None
+            for row, scores in enumerate(result["actual_logprobs"]):
+                if [NOT_SCORED] in scores:  # the server's contract broken: never train on a missing score
+                    raise RuntimeError(f"the teacher server at {self.base_url} returned no log-probability for "
+                                       f"answer token {scores.index([NOT_SCORED])} of row {row}")
+            return result
+
+        def _post(self, url, **kwargs):
+            if self.scored_from is not None and url.endswith("/v1/completions"):
+                kwargs["json"] = {**kwargs["json"], "vllm_xargs": {PROMPT_LOGPROBS_FROM: self.scored_from}}
+            return super()._post(url, **kwargs)
 
     class PromptedServerDistillationTrainer(PromptedTeacherMixin, ServerDistillationTrainer):
         """A teacher on a vLLM server: TRL sends it prompt + completion and reads prompt_logprobs."""
 
+        teacher_client_class = PromptCacheClient
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # TRL's __init__ connected its own VLLMClient; ours is the same client with the answers' start in each
+            # request, so that the shared prompt is read from the server's prefix cache, not recomputed per row.
+            self.teacher_client = PromptCacheClient(base_url=self.args.teacher_model_server_url,
+                                                    connection_timeout=60.0)
+
         # Overrides ServerDistillationTrainer._get_teacher_token_logprobs_from_server, which sends the student's
-        # input ids: the same request goes out with the teacher's input (whole, prompt included: the server's prefix
-        # cache keeps the shared prompt) before the student's completion, laid out as TRL aligns it.
+        # input ids: the same request goes out with the teacher's input (whole, prompt included: the teacher
+        # server reads the shared prompt from its prefix cache) before the student's completion, laid out as TRL
+        # aligns it.
         def _get_teacher_token_logprobs_from_server(self, inputs, aligned_prompt_length):
             suffixes = self.teacher_suffixes(inputs)
             prefix = self.teacher_prefix

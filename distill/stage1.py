@@ -22,7 +22,7 @@ import sys
 from contextlib import contextmanager
 
 from distill import defaults, engine, shards
-from distill.prompts import conversation, query_of, takes_system_role
+from distill.render import conversation, query_of, takes_system_role
 from distill.records import InputError, query_id
 from distill.soft_targets import sidecar_line
 from distill.splits import split_of

@@ -18,9 +18,9 @@ import time
 import pytest
 import torch
 
-from distill.onpolicy import (PrefixCache, TeacherInputs, shared_prefix, teacher_hidden_states, teacher_ids,
-                              teacher_text)
+from distill.onpolicy import PrefixCache, TeacherInputs, shared_prefix, teacher_hidden_states
 from distill.prompts import TaskPrompt, load_prompt
+from distill.render import teacher_ids, teacher_text
 from tests.conftest import REPO, run_main
 
 IN_SHORT = REPO / "prompts" / "in_short.md"
@@ -62,7 +62,7 @@ def test_teacher_hidden_states_with_the_prompt_cache_equal_a_plain_forward(tiny)
                                              cache)
     assert cache.tokens_computed == len(prefix), "the prefix is forwarded once per run, not per batch"
     for i, query in enumerate(queries):
-        full = teacher_ids(tokenizer, prompt, query)
+        full = teacher_ids(tokenizer, prompt, query, scoring=True)
         answer = completion_ids[i][completion_mask[i].bool()].tolist()
         with torch.no_grad():
             reference = model.model(input_ids=torch.tensor([full + answer])).last_hidden_state[0]
@@ -102,18 +102,28 @@ def test_the_loss_is_the_reverse_kl_to_the_prompted_teacher_on_the_sampled_token
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-4)
 
 
-def test_a_thinking_teacher_scores_a_final_answer_after_an_empty_think_block(tiny):
+@pytest.mark.parametrize("kind, ending", [("thinking-2507", "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+                                          ("hybrid", "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+                                          ("instruct-2507", "<|im_start|>assistant\n")])
+def test_a_scoring_teacher_is_in_the_final_answer_state_of_its_own_template(tiny, kind, ending):
+    """Stage 2b scores the student's final answer: a Thinking-2507 teacher gets the think block its generation prompt
+    opens closed, a hybrid one enable_thinking=False, an Instruct-2507 one nothing. (Before: the hybrid teacher was
+    rendered without the switch and scored the answer as the start of a thought.) Stage 1's generating teacher keeps
+    its template's default."""
+    from tests.tiny_model import TEMPLATES
+
     _, tokenizer = tiny
-    thinking = tokenizer.chat_template + "{%- if add_generation_prompt %}{{- '<think>\\n' }}{%- endif %}"
     tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path)
-    tokenizer.chat_template = thinking
-    text = teacher_text(tokenizer, tiny_prompt(), "What is rain?")
-    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    tokenizer.chat_template = TEMPLATES[kind]
+    text = teacher_text(tokenizer, tiny_prompt(), "What is rain?", scoring=True)
+    assert text.endswith("What is rain?<|im_end|>\n" + ending)
+    generating = teacher_text(tokenizer, tiny_prompt(), "What is rain?")
+    assert generating.endswith("<|im_start|>assistant\n" + ("<think>\n" if kind == "thinking-2507" else ""))
 
 
 def test_example_turns_reach_the_teacher_and_not_the_student(tiny):
     _, tokenizer = tiny
-    text = teacher_text(tokenizer, tiny_prompt(), "What is rain?")
+    text = teacher_text(tokenizer, tiny_prompt(), "What is rain?", scoring=True)
     assert "Why is snow white?" in text and "In short: ice crystals" in text and text.count("<|im_start|>user") == 2
 
 
@@ -214,14 +224,14 @@ def test_conversations_reach_the_teacher_behind_the_prompt_and_share_its_cached_
 
     prompt = tiny_prompt()
     conversation = own_system["messages"]
-    text = teacher_text(tokenizer, prompt, conversation)
+    text = teacher_text(tokenizer, prompt, conversation, scoring=True)
     assert text.index(prompt.text) < text.index(conversation[0]["content"]) < text.index("Why is snow white?") < (
         text.index(conversation[-1]["content"]))
     with pytest.raises(ValueError, match="shared tokens"):
         TeacherInputs.build(tokenizer, prompt, [conversation], shared_prefix(tokenizer, prompt))
     prefix = shared_prefix(tokenizer, prompt, [conversation, "What is rain?"])
     inputs = TeacherInputs.build(tokenizer, prompt, [conversation, "What is rain?"], prefix)
-    assert all(prefix + suffix == teacher_ids(tokenizer, prompt, query)
+    assert all(prefix + suffix == teacher_ids(tokenizer, prompt, query, scoring=True)
                for suffix, query in zip(inputs.suffixes, [conversation, "What is rain?"]))
     # the cost: the example turns leave the cached prefix, which still holds the prompt's system text
     assert "Why is snow white?" in tokenizer.decode(shared_prefix(tokenizer, prompt))
@@ -239,7 +249,7 @@ def test_conversations_reach_the_teacher_behind_the_prompt_and_share_its_cached_
     queries = [earlier, greeting, "What is snow?"]
     prefix = shared_prefix(tokenizer, templated, queries)
     inputs = TeacherInputs.build(tokenizer, templated, queries, prefix)
-    assert all(prefix + suffix == teacher_ids(tokenizer, templated, query)
+    assert all(prefix + suffix == teacher_ids(tokenizer, templated, query, scoring=True)
                for suffix, query in zip(inputs.suffixes, queries))
     assert templated.text[:40] in tokenizer.decode(prefix)  # the system prompt stays in the cached prefix
 
@@ -321,7 +331,9 @@ def token_code(token_id: int) -> float:
 
 class TokenCodingTeacherClient:
     """TRL's VLLMClient as the trainer uses it (get_sequence_logprobs): per sequence, one entry per token from its
-    prompt length on, as vLLM's prompt_logprobs gives them; each value is token_code of the token it scores."""
+    prompt length on, as vLLM's prompt_logprobs gives them; each value is token_code of the token it scores, less 0.5
+    when the sequence does not hold the long prompt (a teacher reads its context: the first step's prompt check asks
+    for the same answers after the bare query)."""
 
     sequences: list = []
 
@@ -330,8 +342,8 @@ class TokenCodingTeacherClient:
 
     def get_sequence_logprobs(self, sequences, prompt_lengths, top_logprobs=1, temperature=1.0, **_):
         type(self).sequences.extend(sequences)
-        scored = [[[token_code(token)] for token in sequence[start:]] for sequence, start in zip(sequences,
-                                                                                                 prompt_lengths)]
+        scored = [[[token_code(token) - (0.0 if start > 500 else 0.5)] for token in sequence[start:]]
+                  for sequence, start in zip(sequences, prompt_lengths)]
         return {"logprobs": scored, "logprob_token_ids": [[[t] for t in s[p:]] for s, p in zip(sequences, prompt_lengths)],
                 "actual_logprobs": scored, "actual_token_ids": [[[t] for t in s[p:]] for s, p in zip(sequences,
                                                                                                      prompt_lengths)]}
@@ -362,6 +374,7 @@ def test_server_teacher_scores_land_on_the_student_tokens_they_score(tiny_model,
         out = tmp_path / "opd"
         run_main("train_opd_trl.py", "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", tiny_model,
                  "--teacher_server_url", f"http://127.0.0.1:{listener.getsockname()[1]}", "--prompt_file", IN_SHORT,
+                 "--teacher_tokenizer_name_or_path", tiny_model,  # the stand-in server answers no /v1/models
                  "--dataset_name", queries_file(tmp_path), "--max_steps", 2, "--per_device_train_batch_size", 4,
                  "--max_completion_length", 8, "--learning_rate", 1e-2, "--output_dir", out, "--report_to", "none")
     assert len(seen) == 2
@@ -374,7 +387,14 @@ def test_server_teacher_scores_land_on_the_student_tokens_they_score(tiny_model,
     from transformers import AutoTokenizer
 
     prefix = shared_prefix(AutoTokenizer.from_pretrained(tiny_model), load_prompt(IN_SHORT))
-    assert all(sequence[:len(prefix)] == prefix for sequence in TokenCodingTeacherClient.sequences)
+    from distill.onpolicy import PROMPT_CHECK_ROWS
+
+    sent = TokenCodingTeacherClient.sequences
+    with_prompt = [sequence for sequence in sent if sequence[:len(prefix)] == prefix]
+    bare = [sequence for sequence in sent if sequence[:len(prefix)] != prefix]  # the first step's prompt check
+    assert len(with_prompt) >= 8 and 0 < len(bare) <= PROMPT_CHECK_ROWS and all(len(s) < len(prefix) for s in bare)
+    record = json.loads((out / "distill_run.json").read_text())
+    assert record["teacher_checks"]["prompt_effect"]["mean_abs_difference"] == pytest.approx(0.5)
     assert lora_b_norm(out) > 0
 
 
@@ -432,7 +452,7 @@ def test_held_out_kl_and_drift_measure_what_they_say(tiny):
     import dataclasses
 
     from distill.onpolicy import answer_ids, drift_from_base, kl_to_teacher
-    from distill.prompts import StudentSide, render_teacher, student_prompt_ids
+    from distill.prompts import StudentSide
 
     model, tokenizer = tiny
     prompt = dataclasses.replace(tiny_prompt(), student=StudentSide("Be brief.", "Q: {query}"))
@@ -441,10 +461,18 @@ def test_held_out_kl_and_drift_measure_what_they_say(tiny):
 
     reverse = forward = tokens = 0.0
     with torch.no_grad():
-        for query, answer, student_ids in zip(queries, answers, student_prompt_ids(tokenizer, queries, prompt.student)):
+        for query, answer in zip(queries, answers):
             completion = answer_ids(tokenizer, answer)
-            teacher_ids = tokenizer(render_teacher(tokenizer, prompt.teacher_messages(query)),
-                                    add_special_tokens=False).input_ids
+            # By hand, both sides in the final-answer state (the tiny hybrid template: enable_thinking=False).
+            teacher_chat = [{"role": "system", "content": prompt.text}]
+            for user, assistant in prompt.example_turns:
+                teacher_chat += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+            teacher_ids = tokenizer.apply_chat_template(teacher_chat + [{"role": "user", "content": query}],
+                                                        add_generation_prompt=True, enable_thinking=False,
+                                                        tokenize=True, return_dict=True)["input_ids"]
+            student_ids = tokenizer.apply_chat_template(
+                [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Q: {query}"}],
+                add_generation_prompt=True, enable_thinking=False, tokenize=True, return_dict=True)["input_ids"]
             log_t = torch.log_softmax(model(torch.tensor([teacher_ids + completion])).logits[0], -1)
             log_s = torch.log_softmax(model(torch.tensor([student_ids + completion])).logits[0], -1)
             log_t = log_t[len(teacher_ids) - 1: len(teacher_ids) - 1 + len(completion)]

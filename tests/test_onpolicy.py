@@ -529,3 +529,185 @@ def test_a_warm_start_adapter_must_share_the_prompt_files_student_side(tmp_path)
     check_warm_start(str(adapter), tiny_prompt())  # the bare student on both sides
     with pytest.raises(ValueError, match="student_system_prompt / student_template"):
         check_warm_start(str(adapter), dataclasses.replace(tiny_prompt(), student=StudentSide("Be brief.")))
+
+
+# ---- the teacher reads its prompt in the settings users run (issue 27) -----------------------------------------
+
+
+def build_opd_trainer(model, prompt_file, output_dir, *extra, prompt=None):
+    """Stage 2b's trainer as train_opd_trl.main builds it, in this process (no training yet)."""
+    import train_opd_trl
+    from distill import opd_setup
+    from distill.student import lora_config
+
+    script_args, training_args, model_args = train_opd_trl.parse_args([
+        "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", str(model), "--prompt_file", str(prompt_file),
+        "--dataset_name", str(REPO / "example-data" / "general_questions.jsonl"), "--output_dir", str(output_dir),
+        "--report_to", "none", "--max_completion_length", "8", "--per_device_train_batch_size", "4", *map(str, extra)])
+    prompt = prompt or opd_setup.task_prompt(script_args.prompt_file)
+    opd_setup.check_settings(script_args, training_args, model_args)
+    queries, _ = opd_setup.training_queries(script_args)
+    tokenizers = opd_setup.check_teacher(script_args, training_args, model_args)
+    peft = lora_config(model_args, script_args.train_router, training_args.trust_remote_code)
+    return opd_setup.build_trainer(script_args, training_args, model_args, peft, prompt, queries.rows[:8], tokenizers)
+
+
+def reverse_kl_by_hand(trainer, batch) -> float:
+    """Mean per-token KL(student || teacher) over the batch's completion tokens, from plain eval-mode forwards of
+    whole inputs: the student's prompt + completion, the teacher's prompt-holding input + completion (adapter off)."""
+    from distill.render import teacher_ids
+
+    model = trainer.model
+    model.eval()
+    total = tokens = 0.0
+    with torch.no_grad():
+        for i, row in enumerate(trainer.train_dataset.select(range(len(batch["completion_ids"])))):
+            prompt = [t for t, keep in zip(batch["prompt_ids"][i].tolist(), batch["prompt_mask"][i].tolist()) if keep]
+            answer = [t for t, keep in zip(batch["completion_ids"][i].tolist(), batch["completion_mask"][i].tolist())
+                      if keep]
+            teacher = teacher_ids(trainer.teacher_tokenizer, trainer.task_prompt, row["query"], scoring=True)
+            log_s = torch.log_softmax(model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1: -1], -1)
+            with model.disable_adapter():
+                log_t = torch.log_softmax(model(torch.tensor([teacher + answer])).logits[0, len(teacher) - 1: -1], -1)
+            total += (log_s.exp() * (log_s - log_t)).sum().item()
+            tokens += len(answer)
+    model.train()
+    return total / tokens
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_the_teacher_reads_its_cached_prompt_under_gradient_checkpointing(tiny_model, tmp_path, checkpointing):
+    """TRL's DistillationConfig turns gradient checkpointing on, and transformers then drops past_key_values in
+    training mode: the self-teacher read each query without its cached prompt (a loss towards the unprompted base,
+    no error). The first loss must be the reverse KL to the prompted teacher, computed by hand, with checkpointing on
+    as with it off; the run's own checks pass and are kept."""
+    trainer = build_opd_trainer(tiny_model, IN_SHORT, tmp_path / "opd", "--gradient_checkpointing", checkpointing)
+    assert trainer.args.gradient_checkpointing == checkpointing
+    trainer.model.train()
+    if checkpointing:  # what Trainer.train does before the first step
+        trainer.model.gradient_checkpointing_enable(trainer.args.gradient_checkpointing_kwargs)
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in range(4)])
+    loss = trainer.compute_loss(trainer.model, batch).item()
+    assert trainer.model.training, "the student's training mode is restored after the teacher's forward"
+    checks = trainer.teacher_checks()
+    assert checks["prefix_cache"] == {"prefix_tokens": len(trainer.teacher_prefix),
+                                      "cached_tokens": len(trainer.teacher_prefix), "passed": True}
+    assert checks["prompt_effect"]["passed"] and checks["prompt_effect"]["rows"] == 4
+    assert loss == pytest.approx(reverse_kl_by_hand(trainer, batch), rel=1e-3) and loss > 1e-3
+
+
+def test_a_cache_built_in_training_mode_under_checkpointing_is_refused(tiny):
+    """What the fix prevents, shown at its source: the prefix forwarded in training mode under checkpointing leaves
+    an empty cache, and the run stops instead of reading queries without the prompt."""
+    from distill.onpolicy import PromptNotRead
+
+    model, tokenizer = tiny
+    prompt = tiny_prompt()
+    prefix = shared_prefix(tokenizer, prompt)
+    suffixes = TeacherInputs.build(tokenizer, prompt, ["What is rain?"], prefix).suffixes
+    completion_ids, completion_mask = completion_batch(tokenizer, ["In short: water."])
+    model.gradient_checkpointing_enable()
+    model.train()
+    try:
+        with torch.no_grad(), pytest.raises(PromptNotRead, match=f"holds 0 tokens, not the prompt's {len(prefix)}"):
+            teacher_hidden_states(model.model, suffixes, completion_ids, completion_mask, prefix, PrefixCache(prefix))
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
+
+
+def test_a_teacher_that_reads_no_prompt_stops_the_run(tiny_model, tmp_path):
+    """A prompt with no system text, no example turns and a bare query template gives the teacher the student's own
+    input: the first step's check finds the same log-probabilities with and without the prompt and stops."""
+    import dataclasses
+
+    from distill.onpolicy import PromptNotRead
+    from distill.prompts import load_prompt
+
+    empty = dataclasses.replace(load_prompt(IN_SHORT), text="", example_turns=(), query_template="{query}")
+    trainer = build_opd_trainer(tiny_model, IN_SHORT, tmp_path / "opd", prompt=empty)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in range(4)])
+    with pytest.raises(PromptNotRead, match="not reading its prompt"):
+        trainer.compute_loss(trainer.model, batch)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--use_peft", "false"], "--use_peft false with the self-teacher"),
+    (["--use_liger_kernel", "true"], "--use_liger_kernel"),
+])
+def test_settings_that_would_skip_the_prompted_teacher_are_refused_before_weights_load(tiny_model, tmp_path, flags,
+                                                                                       message):
+    result = run_main("train_opd_trl.py", "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", tiny_model,
+                      "--prompt_file", IN_SHORT, "--dataset_name", REPO / "example-data" / "general_questions.jsonl",
+                      "--output_dir", tmp_path / "out", "--report_to", "none", *flags, check=False)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+class ModelsEndpoint:
+    """A stand-in for a vLLM server's GET /v1/models (what the server says it serves), on 127.0.0.1."""
+
+    def __init__(self, root: str):
+        import http.server
+        import threading
+
+        served = json.dumps({"object": "list", "data": [{"id": "teacher", "root": root}]}).encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200 if self.path == "/v1/models" else 404)
+                self.end_headers()
+                self.wfile.write(served)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def close(self):
+        self.server.shutdown()
+
+
+def server_teacher_tokenizers(tiny_model, tmp_path, *extra, served=None):
+    import train_opd_trl
+    from distill import opd_setup
+
+    endpoint = ModelsEndpoint(str(served or tiny_model))
+    try:
+        script_args, training_args, model_args = train_opd_trl.parse_args([
+            "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", str(tiny_model), "--teacher_server_url",
+            endpoint.url, "--output_dir", str(tmp_path / "out"), *map(str, extra)])
+        return opd_setup.check_teacher(script_args, training_args, model_args)
+    finally:
+        endpoint.close()
+
+
+def test_a_server_teacher_is_rendered_with_its_own_tokenizer_and_template(tiny_model, tmp_path):
+    """The 8xH100 recipe's teacher is Qwen3-30B-A3B-Thinking-2507 on a server, its student an Instruct-2507 model.
+    The teacher's input is rendered with the teacher's own chat template (named by --teacher_tokenizer_name_or_path,
+    else the model the server serves); before, it was rendered with the student's and scored the answer where the
+    teacher expects to start thinking."""
+    from distill.render import teacher_text
+    from tests.tiny_model import with_template
+
+    student = with_template(tiny_model, "instruct-2507", tmp_path / "student")
+    thinking = with_template(tiny_model, "thinking-2507", tmp_path / "teacher")
+    for flags, served in (((), thinking), (("--teacher_tokenizer_name_or_path", thinking), tiny_model)):
+        tokenizers = server_teacher_tokenizers(student, tmp_path, *flags, served=served)
+        assert tokenizers.teacher.chat_template != tokenizers.student.chat_template
+        text = teacher_text(tokenizers.teacher, load_prompt(IN_SHORT), "What is rain?", scoring=True)
+        assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_a_server_teachers_tokenizer_with_another_vocabulary_is_refused(tiny_model, tmp_path):
+    from distill.records import InputError
+    from tests.tiny_model import build_tokenizer
+
+    other = tmp_path / "other"
+    build_tokenizer(900).save_pretrained(other)
+    with pytest.raises(InputError, match="--teacher_tokenizer_name_or_path .*its tokenizer is not the student's"):
+        server_teacher_tokenizers(tiny_model, tmp_path, served=other)

@@ -28,10 +28,14 @@ INSTRUCT_2507_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 # Qwen3 Thinking-2507's, trimmed: the generation prompt opens <think> (the model writes its reasoning, </think>, then
-# the answer), and there is no switch to turn it off.
+# the answer), and there is no switch to turn it off; the last assistant turn carries its (here empty) reasoning.
 THINKING_2507_TEMPLATE = (
     "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and loop.last %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- else %}"
     "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
 )

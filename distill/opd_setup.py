@@ -14,8 +14,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from distill.prompts import load_prompt
-from distill.render import (conversation, fit_system, merges_system, query_of, student_messages, takes_system_role,
-                            thinking_record)
+from distill.render import (conversation, fit_system, merges_system, query_of, rendering_record, student_messages,
+                            takes_system_role)
 from distill.records import InputError, query_id, read_jsonl, read_queries
 from distill.splits import select
 from distill.training import query_and_answer
@@ -270,9 +270,9 @@ def build_trainer(script_args, training_args, model_args, peft_config, prompt, r
 
 def student_record(prompt, rows: list[dict], tokenizers: Tokenizers) -> dict:
     """For the run record: the student's own side of the prompt file (evaluate.py checks its prompt file against
-    it), whether a chat template without a system role had a system turn merged into the first user turn, and the
-    thinking state each side is rendered in (both write or score a final answer)."""
+    it), whether a chat template without a system role had a system turn merged into the first user turn, and how
+    each side's input is rendered (distill.render.rendering_record)."""
     merged = (bool(prompt.text) and not takes_system_role(tokenizers.teacher)) or merges_system(
         tokenizers.student, (student_messages(query_of(row), prompt.student) for row in rows))
     return {"student": prompt.student.to_dict(), "system_merged_into_user": merged,
-            "thinking": thinking_record(tokenizers.student, tokenizers.teacher)}
+            "rendering": rendering_record(prompt, query_of(rows[0]), tokenizers.student, tokenizers.teacher)}

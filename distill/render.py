@@ -208,9 +208,17 @@ def generates_reasoning(tokenizer) -> bool:
     return chat_text(tokenizer, [{"role": "user", "content": "x"}], answer_next=False).rstrip().endswith(THINK_OPEN)
 
 
-def thinking_record(student_tokenizer, teacher_tokenizer) -> dict:
-    """For stage 2b's run record: each side's template kind and the state it is rendered in. Both write (or score)
-    a final answer, so the states agree by construction; the record says how each template got there."""
-    sides = {"student": student_tokenizer, "teacher": teacher_tokenizer}
-    return {side: {"template": template_kind(tok), "state": FINAL_ANSWER_STATE[template_kind(tok)]}
-            for side, tok in sides.items()}
+def holds_prompt(prompt: TaskPrompt, text: str) -> bool:
+    """Whether a rendered input holds the prompt file's system prompt or any of its example answers."""
+    return bool(prompt.text) and prompt.text in text or any(answer in text for _, answer in prompt.example_turns)
+
+
+def rendering_record(prompt: TaskPrompt, query, student_tokenizer, teacher_tokenizer) -> dict:
+    """For stage 2b's run record, from one of the run's queries: per side, its template kind, the state it is
+    rendered in (both write or score a final answer, so the states agree by construction; this says how each template
+    got there), whether its input holds the prompt (the teacher's must, the student's must not) and how it ends."""
+    texts = {"student": (student_tokenizer, student_text(student_tokenizer, query, prompt.student)),
+             "teacher": (teacher_tokenizer, teacher_text(teacher_tokenizer, prompt, query, scoring=True))}
+    return {side: {"template": template_kind(tok), "state": FINAL_ANSWER_STATE[template_kind(tok)],
+                   "holds_prompt": holds_prompt(prompt, text), "input_ends_with": text[-48:]}
+            for side, (tok, text) in texts.items()}

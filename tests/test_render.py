@@ -110,16 +110,19 @@ def test_one_row_renders_to_the_same_ids_in_every_stage(setting):
     assert scoring[: scoring.rindex(header)] == generating[: generating.rindex(header)]
 
 
-def test_template_kinds_and_the_thinking_record(setting):
+def test_template_kinds_and_the_rendering_record(setting):
     from transformers import AutoTokenizer
 
-    from distill.render import template_kind, thinking_record
+    from distill.render import rendering_record, template_kind
 
     tokenizer = AutoTokenizer.from_pretrained(setting.model)
     expected = {"instruct-2507": "no_think", "thinking-2507": "thinking", "hybrid": "hybrid"}[setting.kind]
     assert template_kind(tokenizer) == expected
-    record = thinking_record(tokenizer, tokenizer)
-    assert record["student"] == record["teacher"] and record["teacher"]["state"].startswith("final answer")
+    record = rendering_record(setting.prompt, CONVERSATION, tokenizer, tokenizer)
+    assert record["teacher"]["holds_prompt"] and not record["student"]["holds_prompt"]
+    for side in record.values():
+        assert side["template"] == expected and side["state"].startswith("final answer")
+        assert side["input_ends_with"].endswith(FINAL_ANSWER_TAIL[setting.kind])
 
 
 def test_whether_a_template_takes_a_system_role_is_asked_once_per_template(tiny_model):

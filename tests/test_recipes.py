@@ -144,7 +144,7 @@ def test_a_stage2_recipe_trains_as_users_run_it(name, models, stage1_file, tmp_p
     case = CASES[name]
     out = tmp_path / "run"
     run_main("train_sft_trl.py", "--config", RECIPES / name, "--model_name_or_path", models[case.student],
-             "--dataset_name", stage1_file, "--output_dir", out, "--report_to", "none", "--max_steps", 1,
+             "--dataset_name", stage1_file, "--output_dir", out, "--report_to", "none", "--max_steps", 2,
              *case.cpu_flags, *case.sizes)
     record = json.loads((out / "distill_run.json").read_text())
     assert record["status"] == "finished" and record["saved"]["max_abs_lora_b"] > 0, "the adapter trained"
@@ -211,7 +211,7 @@ def test_a_stage2b_recipe_trains_against_a_teacher_that_reads_the_prompt(name, m
     prompt_file = REPO / "prompts" / ("in_short.md" if case.teacher == "self" else "language_identification.md")
     dataset = REPO / "example-data" / "general_questions.jsonl" if case.teacher == "self" else stage1_file
     flags = ["--config", RECIPES / name, "--model_name_or_path", models[case.student], "--prompt_file", prompt_file,
-             "--dataset_name", dataset, "--output_dir", out, "--report_to", "none", "--max_steps", 1,
+             "--dataset_name", dataset, "--output_dir", out, "--report_to", "none", "--max_steps", 2,
              *case.cpu_flags, *case.sizes]
     server = None
     if case.teacher.startswith("server:"):

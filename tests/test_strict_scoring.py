@@ -77,6 +77,19 @@ IN_SHORT_LABELLED = [
      "echo"),
     ("What is a fjord?", "In short: a fjord is a fjord is a fjord is a fjord.", "loop"),
     ("Mould?", "In short: a mold is a type of mold.", "off_topic"),  # says nothing
+    # a stutter of the format is a loop, though no 3-word phrase repeats (seen in the demo students' passes)
+    ("What is espresso?", "In short: in short: in short: espresso is a drink made from hot water.", "loop"),
+    ("What is espresso?", "In short: In short: espresso is a strong coffee.", "loop"),
+    # a short, direct answer names none of the question's words and is an answer
+    ("Should I water cactus plants every day?", "In short: no.", None),
+    ("Is the Sun a star?", "In short: yes, a medium-sized one.", None),
+    ("How many legs does a spider have?", "In short: eight.", None),
+    ("When did the Berlin Wall fall?", "In short: in 1989.", None),
+    # ... but only to the kind of question it answers, and only when short
+    ("Why is the sky blue?", "In short: no.", "off_topic"),
+    ("What is a comet?", "In short: 42.", "off_topic"),
+    ("Is the Sun a star?", "In short: no, Paris is the capital city of France and it has many famous museums.",
+     "off_topic"),
 ]
 
 

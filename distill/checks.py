@@ -23,12 +23,7 @@ AS_VERIFIER = {"answer_language": "language", "regex": "regex"}
 
 def validate(check) -> dict:
     """The check itself if it is well formed, else a ValueError saying what to write instead."""
-    if not isinstance(check, dict) or len(check) != 1:
-        raise ValueError(f"check must be a mapping with exactly one of {', '.join(KINDS)}, "
-                         f"e.g. 'check: {{answer_language: fr}}', not {check!r}")
-    (kind, value), = check.items()
-    if kind not in KINDS:
-        raise ValueError(f"unknown check kind {kind!r}: the kinds allowed are {', '.join(KINDS)}")
+    rules.one_kind(check, KINDS, "check", "'check: {answer_language: fr}'")
     try:
         rules.check_verify(as_verifier(check))
     except ValueError as error:

@@ -14,7 +14,12 @@ A generative (free-form) task declares instead how a whole answer is judged, and
 
     ---
     check: {answer_language: fr}
+    rules:                                        # optional: more rules, each verified or judged (distill/rules.py)
+      - {id: short, text: "At most 30 words", verify: {max_words: 30}}
     ---
+
+The check becomes the task's first rule (id "check"); a file may declare rules without a check. A bad rule fails at
+load with the file and the rule's line (docs/prompt-files.md).
 
 Either kind may declare `example_turns`, a list of {user, assistant} pairs the teacher sees as real chat turns
 between the system prompt and the query (a small model follows a format from such turns, not from the same examples

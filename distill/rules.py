@@ -109,14 +109,21 @@ def parse_rule(item, where: str, line: int | None = None) -> Rule:
     return Rule(rule_id, text.strip(), verify, judge, line, follows)
 
 
+def one_kind(spec, kinds: tuple[str, ...], key: str, example: str) -> tuple[str, object]:
+    """(kind, argument) of a {kind: argument} mapping whose kind is one of `kinds` (a rule's `verify`, a check), else
+    a ValueError naming `key` and showing `example`."""
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ValueError(f"{key} must be a mapping with exactly one of {', '.join(kinds)}, e.g. {example}, "
+                         f"not {spec!r}")
+    (kind, value), = spec.items()
+    if kind not in kinds:
+        raise ValueError(f"unknown {key} kind {kind!r}; the kinds are {', '.join(kinds)}")
+    return kind, value
+
+
 def check_verify(spec) -> dict:
     """The verifier `spec` ({kind: argument}) if well formed, else a ValueError saying what to write instead."""
-    if not isinstance(spec, dict) or len(spec) != 1:
-        raise ValueError(f"verify must be a mapping with exactly one of {', '.join(VERIFIERS)}, e.g. "
-                         f"verify: {{max_words: 30}}, not {spec!r}")
-    (kind, value), = spec.items()
-    if kind not in VERIFIERS:
-        raise ValueError(f"unknown verifier {kind!r}; the verifiers are {', '.join(VERIFIERS)}")
+    kind, value = one_kind(spec, VERIFIERS, "verify", "verify: {max_words: 30}")
     if kind == "regex":
         pattern(value)
     elif kind in ("starts_with", "ends_with", "forbidden_chars"):

@@ -217,6 +217,12 @@ for part in $PARTS; do
     if [ "$ON_POLICY" = 1 ]; then on_policy=(--on_policy "$dir/eval_opd.json"); fi
     "$PYTHON" -m distill.summary --base "$dir/eval_base.json" --teacher "$dir/eval_teacher.json" \
       --student "$dir/eval_distilled.json" "${on_policy[@]}"
+    echo
+    echo "== Each rule of the prompt file: pass rate per model (evaluate.py --compare; the heatmap beside the results)"
+    opd_results=()
+    if [ "$ON_POLICY" = 1 ]; then opd_results=("$dir/eval_opd.json"); fi
+    "$PYTHON" evaluate.py --compare "$dir/eval_base.json" "$dir/eval_teacher.json" "$dir/eval_distilled.json" \
+      "${opd_results[@]}" --output_file "$dir/rules_compare.png" 2>>"$LOG_DIR/compare.log"
   else
     echo "== Language ID: held-out rows, none seen in training"
     gold=()
@@ -233,6 +239,7 @@ Where everything landed:
   $DEMO_DIR/<part>/teacher.jsonl (+ .rejects.jsonl, .run.json)  stage 1: teacher answers, rejects, run record
   models/demo-in_short/, -in_short-opd/, demo-distilled/, demo-gold/  stage 2 (2b): LoRA adapters, distill_run.json
   $DEMO_DIR/<part>/eval_*.json (+ .png for language ID)          stage 3: results with every answer
+  $DEMO_DIR/<part>/rules_compare.png                              the models x rules heatmap (behaviour parts)
   $DEMO_DIR/logs/                                                 each step's full output
   wandb/                                                          offline wandb runs (wandb sync to upload)
 Total: $(( $(date +%s) - started )) s

@@ -100,7 +100,7 @@ def test_describe_names_the_kind_and_value():
 
 
 @pytest.mark.parametrize("check, message", [
-    ({"language": "fr"}, "unknown check kind 'language': the kinds allowed are answer_language, regex"),
+    ({"language": "fr"}, "unknown check kind 'language'; the kinds are answer_language, regex"),
     ({"answer_language": "fr", "regex": "x"}, "exactly one of answer_language, regex"),
     ("fr", "exactly one of answer_language, regex"),
     ({"answer_language": "french"}, "not an ISO 639-1 code"),
@@ -138,7 +138,7 @@ def test_label_prompt_is_not_generative():
     ("labels: [a, b]\nanswer_format: 'A: {label}'\nquery_template: '{query}'\ncheck: {answer_language: fr}",
      "has 'labels' and 'check' or 'rules'; keep 'labels' (with answer_format) for a label task, or 'check'"),
     ("query_template: '{query}'", "needs 'labels' (a label task, with answer_format and query_template) or 'check'"),
-    ("check: {language: fr}", "unknown check kind 'language': the kinds allowed are answer_language, regex"),
+    ("check: {language: fr}", "unknown check kind 'language'; the kinds are answer_language, regex"),
     ("check: {regex: '[a-z'}", "regex '[a-z' does not compile: unterminated character set"),
     ("check: {answer_language: xx}", "answer_language 'xx' is not an ISO 639-1 code"),
     ("check: {answer_language: fr}\nanswer_format: 'A: {label}'", "answer_format belongs to label tasks; remove it"),

@@ -129,7 +129,7 @@ GOOD = '  - id: short\n    text: "At most 5 words"\n    verify: {max_words: 5}\n
 
 
 @pytest.mark.parametrize("bad, message", [
-    ('  - id: x\n    text: "t"\n    verify: {max_letters: 5}\n', "rule x: unknown verifier 'max_letters'"),
+    ('  - id: x\n    text: "t"\n    verify: {max_letters: 5}\n', "rule x: unknown verify kind 'max_letters'"),
     ('  - id: x\n    text: "t"\n    verify: {max_words: many}\n', "rule x: max_words takes a whole number"),
     ('  - id: x\n    text: "t"\n    verify: {regex: "(unclosed"}\n', "rule x: regex '(unclosed' does not compile"),
     ('  - id: short\n    text: "t"\n    verify: {max_words: 9}\n', "rule id 'short' is declared twice"),

@@ -44,8 +44,8 @@ from distill import defaults, engine, fingerprint, report, serving
 from distill.defaults import STUDENT_MAX_TOKENS, TEACHER_MAX_TOKENS, wandb_enabled
 from distill.judge import judge_examples
 from distill.metrics import cost, cost_ratio
-from distill.prompts import (BARE_STUDENT, DEFAULT_PROMPT, load_prompt, merges_system, query_of,
-                            render_teacher, student_messages, student_prompt_ids)
+from distill.prompts import BARE_STUDENT, DEFAULT_PROMPT, load_prompt
+from distill.render import merges_system, query_of, student_ids, student_messages, teacher_ids, teacher_messages
 from distill.records import InputError, RunRecord, load_teacher_answers, query_fields, read_queries
 from distill.splits import HELDOUT_FRACTION, SPLIT_SEED, select
 
@@ -238,8 +238,8 @@ def trained_fingerprint(args, tokenizer, student=BARE_STUDENT) -> dict | None:
               f"cannot check that the served model is the trained student", file=sys.stderr)
     if trained:
         try:
-            fingerprint.check_ids(trained, student_prompt_ids(tokenizer, [p["query"] for p in trained["probes"]],
-                                                              student), tokenizer)
+            fingerprint.check_ids(trained, [student_ids(tokenizer, p["query"], student) for p in trained["probes"]],
+                                  tokenizer)
         except fingerprint.FingerprintMismatch as error:
             sys.exit(f"error: {error}")
     return trained
@@ -271,11 +271,10 @@ def render_prompts(args, prompt, rows):
                                               trust_remote_code=args.trust_remote_code)
     queries = [query_of(row) for row in rows]
     if not args.with_prompt:
-        return (tokenizer, student_prompt_ids(tokenizer, queries, prompt.student),
+        return (tokenizer, [student_ids(tokenizer, query, prompt.student) for query in queries],
                 merges_system(tokenizer, [student_messages(query, prompt.student) for query in queries]))
-    chats = [prompt.teacher_messages(query) for query in queries]
-    ids = [tokenizer(render_teacher(tokenizer, chat), add_special_tokens=False).input_ids for chat in chats]
-    return tokenizer, ids, merges_system(tokenizer, chats)
+    return (tokenizer, [teacher_ids(tokenizer, prompt, query) for query in queries],
+            merges_system(tokenizer, [teacher_messages(prompt, query) for query in queries]))
 
 
 def label_results(prompt, rows, prompt_ids, generation, teacher, args) -> dict:

@@ -1,4 +1,4 @@
-"""A task prompt file -> its text, label set and answer contract; the teacher's and the student's messages.
+"""A task prompt file -> its text, label set, answer contract and the student's side; it renders nothing (render.py).
 
 A prompt file is Markdown with YAML front matter declaring the task, so another task needs a new file, not code:
 
@@ -28,26 +28,13 @@ besides "does it answer?") and `on_topic` (how strict scoring checks that an ans
 `question_words`, the default, or `none` for a task whose answers need not share the question's words, e.g. a
 translation into another language).
 
-The teacher sees [system: prompt, (user: query_template(example), assistant: answer)..., user:
-query_template(query)]: the prompt and the examples come first so they are a prefix that vLLM's prefix cache computes
-once. The student sees [user: query] only. Both are rendered to text by one
-function, `render`, which training and evaluation share so the student's input is identical in both.
-
 A query is a text or a conversation (records.read_queries: role/content turns, an optional system turn first, ending
-in the user turn to answer; earlier assistant turns are context). How the two sides combine with a conversation:
-  - teacher: one system turn, the prompt file's system prompt, a blank line, then the conversation's own system turn;
-    then the example turns; then the conversation's turns, its last user turn through query_template;
-  - student: the prompt file's student side (below), never its system prompt or example turns: one system turn,
-    `student_system_prompt`, a blank line, then the conversation's own system turn (none if both are absent); then
-    the conversation's turns, its last user turn through `student_template`.
-A text query is the conversation [user: text]. The front matter may declare the student's own side, which stages 2,
+in the user turn to answer; earlier assistant turns are context). What each side reads of the file, and how it is
+rendered with a query, is distill/render.py's. The front matter may declare the student's own side, which stages 2,
 2b and 3 use and the run records store (evaluation refuses a prompt file whose student side is not the adapter's):
 
     student_system_prompt: "Answer in one short sentence."   # a short system prompt the student keeps
     student_template: "Q: {query}\\nA:"                          # the student's last user turn ("{query}" if unset)
-
-A chat template without a system role (it raises on one, or drops it) gets the system text merged into the first
-user turn, a blank line after it (`fit_system`); the run records say so (`system_merged_into_user`).
 """
 
 import hashlib
@@ -124,101 +111,11 @@ class TaskPrompt:
     def sha256(self) -> str:
         return hashlib.sha256(Path(self.path).read_bytes()).hexdigest()
 
-    def teacher_messages(self, query: str | list[dict]) -> list[dict]:
-        own_system, turns = split_system(conversation(query))
-        messages = [{"role": "system", "content": joined(self.text, own_system)}]
-        for user, assistant in self.example_turns:
-            messages += [{"role": "user", "content": self.query_template.format(query=user)},
-                         {"role": "assistant", "content": assistant}]
-        last = {"role": "user", "content": self.query_template.format(query=turns[-1]["content"])}
-        return messages + turns[:-1] + [last]
-
     def echo_sources(self) -> list[str]:
         """The prompt's own words, which an answer restates instead of answering (distill/checks.py's echo): the
         system prompt, the query template around {query}, and the example turns."""
         return [self.text, *self.query_template.split("{query}"),
                 *(text for turn in self.example_turns for text in turn)]
-
-
-def conversation(query: str | list[dict]) -> list[dict]:
-    """A query's turns: a text is the conversation [user: text]."""
-    return [{"role": "user", "content": query}] if isinstance(query, str) else list(query)
-
-
-def query_of(row: dict) -> str | list[dict]:
-    """An input row's query (records.read_queries): its conversation, or its text."""
-    return row["messages"] if "messages" in row else row["text"]
-
-
-def split_system(turns: list[dict]) -> tuple[str | None, list[dict]]:
-    """(the conversation's own system text or None, its other turns)."""
-    if turns and turns[0]["role"] == "system":
-        return turns[0]["content"], turns[1:]
-    return None, turns
-
-
-def joined(*systems: str | None) -> str:
-    return "\n\n".join(system for system in systems if system)
-
-
-def student_messages(query: str | list[dict], student: StudentSide = BARE_STUDENT) -> list[dict]:
-    own_system, turns = split_system(conversation(query))
-    system = joined(student.system_prompt, own_system)
-    last = {"role": "user", "content": student.template.format(query=turns[-1]["content"])}
-    return [{"role": "system", "content": system}] * bool(system) + turns[:-1] + [last]
-
-
-SYSTEM_PROBE = "<system-role-probe>"
-
-
-def takes_system_role(tokenizer) -> bool:
-    """Whether the chat template renders a system turn; some (Gemma's, older Mistral's) raise on one or drop it."""
-    from jinja2 import TemplateError
-
-    try:
-        text = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROBE},
-                                              {"role": "user", "content": "?"}], tokenize=False)
-    except TemplateError:
-        return False
-    return SYSTEM_PROBE in text
-
-
-def merges_system(tokenizer, chats) -> bool:
-    """Whether `fit_system` moves a system turn into a user turn for any of `chats`: what run records report."""
-    return any(chat[0]["role"] == "system" for chat in chats) and not takes_system_role(tokenizer)
-
-
-def fit_system(tokenizer, messages: list[dict]) -> list[dict]:
-    """`messages` as the chat template takes them: without a system role, the system turn's text goes at the head of
-    the first user turn, a blank line after it."""
-    if not messages or messages[0]["role"] != "system" or takes_system_role(tokenizer):
-        return messages
-    system, turns = messages[0]["content"], [dict(turn) for turn in messages[1:]]
-    first_user = next(turn for turn in turns if turn["role"] == "user")
-    first_user["content"] = joined(system, first_user["content"])
-    return turns
-
-
-def render(tokenizer, messages: list[dict]) -> str:
-    """The model's input text for a chat, up to and including the assistant header.
-
-    enable_thinking=False makes hybrid Qwen3 templates close an empty think block in the prompt, so it is never
-    part of a completion (and never carries loss); templates without the switch ignore it.
-    """
-    return tokenizer.apply_chat_template(fit_system(tokenizer, messages), tokenize=False, add_generation_prompt=True,
-                                         enable_thinking=False)
-
-
-def student_prompt_ids(tokenizer, queries: list, student: StudentSide = BARE_STUDENT) -> list[list[int]]:
-    """The student's input ids: each query (a text or a conversation) with the student's own side, in the chat
-    template, as training renders it."""
-    return [tokenizer(render(tokenizer, student_messages(query, student)), add_special_tokens=False).input_ids
-            for query in queries]
-
-
-def render_teacher(tokenizer, messages: list[dict]) -> str:
-    # The teacher thinks if its template lets it: no enable_thinking switch here.
-    return tokenizer.apply_chat_template(fit_system(tokenizer, messages), tokenize=False, add_generation_prompt=True)
 
 
 def load_prompt(path: str | Path = DEFAULT_PROMPT) -> TaskPrompt:

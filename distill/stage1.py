@@ -23,7 +23,7 @@ from collections import Counter
 from contextlib import contextmanager
 
 from distill import defaults, engine, shards
-from distill.prompts import conversation, query_of, takes_system_role
+from distill.render import conversation, query_of, takes_system_role
 from distill.records import InputError, query_id
 from distill.soft_targets import sidecar_line
 from distill.splits import split_of

@@ -15,7 +15,7 @@ The stream keeps at most `max_in_flight` requests in the engine, pairs every out
 A query's answer is a label for a label task (the majority of its valid samples' labels), and for a generative
 prompt (a `check` instead of labels) the teacher's whole final answer: with num_samples > 1 the first valid
 sample's, since votes between free texts mean nothing (stage 1's --keep all writes every valid sample instead).
-A query is a row's text or its conversation (distill.prompts.query_of); its text (a conversation's last user turn)
+A query is a row's text or its conversation (distill.render.query_of); its text (a conversation's last user turn)
 is what an answer must be on topic to.
 """
 
@@ -27,8 +27,10 @@ from typing import Callable, Iterable, Iterator
 
 from distill.answers import Parsed, parse_generative, parse_teacher
 from distill.checks import non_answer_reason
+from distill import render
+from distill.prompts import TaskPrompt
+from distill.render import query_of
 from distill.rules import broken
-from distill.prompts import TaskPrompt, query_of, render_teacher
 
 # Sampling fields a user may set; each defaults to the model's generation_config (as vLLM reads it), then vLLM's.
 SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
@@ -95,13 +97,13 @@ class Teacher:
     expects_reasoning: bool = field(init=False)
 
     def __post_init__(self):
-        self.expects_reasoning = self.render("x").rstrip().endswith("<think>")
+        self.expects_reasoning = render.generates_reasoning(self.tokenizer)
 
     def render(self, query: str | list[dict]) -> str:
-        return render_teacher(self.tokenizer, self.prompt.teacher_messages(query))
+        return render.teacher_text(self.tokenizer, self.prompt, query)
 
     def token_ids(self, query: str | list[dict]) -> list[int]:
-        return self.tokenizer(self.render(query), add_special_tokens=False).input_ids
+        return render.teacher_ids(self.tokenizer, self.prompt, query)
 
     def constraint(self):
         """vLLM structured outputs over the label set (after the reasoning, with a reasoning parser), or None."""

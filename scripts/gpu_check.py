@@ -440,7 +440,8 @@ def helper_rows(work: Path) -> dict:
     """The check's tokenizer (saved for the students) and its training rows: the example data's rows with their
     text repeated up to MIN_ROW_TOKENS tokens, and what tinker.yaml's micro_batch_tokens makes of them."""
     from distill.defaults import HELDOUT_FRACTION, SPLIT_SEED
-    from distill.training import micro_batch_for_tokens, tokenize, training_rows
+    from distill.render import student_example
+    from distill.training import micro_batch_for_tokens, training_rows
     from tests.tiny_model import build_tokenizer
 
     tokenizer = build_tokenizer(TOKENIZER_VOCAB)
@@ -450,12 +451,12 @@ def helper_rows(work: Path) -> dict:
     with open(work / "teacher.jsonl", "w", encoding="utf-8") as handle:
         for row in rows:
             query = row["text"]
-            while len(tokenize(tokenizer, query, row["label"])["input_ids"]) < MIN_ROW_TOKENS:
+            while len(student_example(tokenizer, query, row["label"])["input_ids"]) < MIN_ROW_TOKENS:
                 query += " " + row["text"]
             out = {"id": row["id"], "group": row["group"], "label": row["label"],
                    "messages": [{"role": "user", "content": query}, {"role": "assistant", "content": row["label"]}]}
             handle.write(json.dumps(out, ensure_ascii=False) + "\n")
-            lengths.append((row, len(tokenize(tokenizer, query, row["label"])["input_ids"])))
+            lengths.append((row, len(student_example(tokenizer, query, row["label"])["input_ids"])))
     train_ids = {row["id"] for row in training_rows(rows, HELDOUT_FRACTION, SPLIT_SEED)[0]}
     train_lengths = [length for row, length in lengths if row["id"] in train_ids]
     mean = sum(train_lengths) / len(train_lengths)

@@ -9,6 +9,7 @@ import pytest
 
 from distill.checks import describe, detected_languages, passes, passes_each, validate
 from distill.prompts import load_prompt
+from distill.render import teacher_messages
 from distill.splits import select
 from tests.conftest import REPO
 
@@ -125,7 +126,7 @@ def test_generative_prompt_loads_with_defaults(tmp_path):
     prompt = load_prompt(write_prompt(tmp_path, "free.md", "check: {regex: '^Oui|^Non'}"))
     assert prompt.is_generative and prompt.check == {"regex": "^Oui|^Non"}
     assert prompt.labels == () and prompt.answer_format is None
-    assert prompt.teacher_messages("Il pleut ?") == [
+    assert teacher_messages(prompt, "Il pleut ?") == [
         {"role": "system", "content": "Answer the question."}, {"role": "user", "content": "Il pleut ?"}]
 
 
@@ -159,7 +160,7 @@ def test_bad_generative_prompt_files_name_the_file_and_the_fix(tmp_path, front_m
 def test_french_prompt_is_a_long_generative_task():
     prompt = load_prompt(FRENCH_PROMPT)
     assert prompt.is_generative and prompt.check == FRENCH
-    user = prompt.teacher_messages("Why is the sky blue?")[-1]["content"]
+    user = teacher_messages(prompt, "Why is the sky blue?")[-1]["content"]
     assert user.startswith("Why is the sky blue?") and passes(FRENCH, prompt.text)
     if not (SMOLLM2 / "tokenizer.json").is_file():
         pytest.skip(f"{SMOLLM2} is absent (make setup builds it)")

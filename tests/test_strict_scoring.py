@@ -11,6 +11,7 @@ import pytest
 
 from distill import checks
 from distill.prompts import TaskPrompt, load_prompt
+from distill.render import teacher_messages
 from tests.conftest import REPO
 
 FRENCH = load_prompt(REPO / "prompts" / "answer_in_french.md")
@@ -160,7 +161,7 @@ def test_a_prompt_file_refuses_a_bad_on_topic_or_example_turns(tmp_path):
 
 
 def test_example_turns_are_real_chat_turns_before_the_query():
-    messages = IN_SHORT.teacher_messages("Why is the sky blue?")
+    messages = teacher_messages(IN_SHORT, "Why is the sky blue?")
     assert messages[0]["role"] == "system" and messages[-1] == {"role": "user", "content": "Why is the sky blue?"}
     turns = messages[1:-1]
     assert len(turns) == 2 * len(IN_SHORT.example_turns) >= 2 * 30

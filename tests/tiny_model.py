@@ -20,6 +20,26 @@ QWEN3_TEMPLATE = (
     "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
     "{%- endif %}"
 )
+# Qwen3 Instruct-2507's template, trimmed of tools: no think block anywhere, and no enable_thinking switch.
+INSTRUCT_2507_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+# Qwen3 Thinking-2507's, trimmed: the generation prompt opens <think> (the model writes its reasoning, </think>, then
+# the answer), and there is no switch to turn it off; the last assistant turn carries its (here empty) reasoning.
+THINKING_2507_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and loop.last %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
+)
+TEMPLATES = {"hybrid": QWEN3_TEMPLATE, "instruct-2507": INSTRUCT_2507_TEMPLATE, "thinking-2507": THINKING_2507_TEMPLATE}
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,6 +83,20 @@ def build_tiny_qwen3(output_dir: Path, vocab_size: int = 1024, seed: int = 0) ->
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
+def with_template(model_dir: Path, kind: str, output_dir: Path) -> Path:
+    """A copy of a tiny model's dir whose chat template behaves like a recipe's model (TEMPLATES[kind])."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    if not output_dir.exists():
+        shutil.copytree(model_dir, output_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer.chat_template = TEMPLATES[kind]
+        tokenizer.save_pretrained(output_dir)
     return output_dir
 
 

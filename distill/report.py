@@ -7,6 +7,7 @@ run. The numbers themselves come from distill/metrics.py and are saved in the re
 """
 
 import json
+import textwrap
 from pathlib import Path
 
 
@@ -245,11 +246,12 @@ def print_compare(models: dict[str, dict], columns: list[str], rows: list[tuple[
     for name, rates in rows:
         print(f"{name:{width}}" + "  ".join(f"{fmt(rate):>{max(len(title), 6)}}" for rate, title in zip(rates, titles)))
     texts = {rule_id: rule["text"] for results in models.values() for rule_id, rule in results.get("rules", {}).items()}
-    print("; ".join(f"{rule_id}: {text}" for rule_id, text in texts.items()))
     some = next(iter(models.values()))
-    print(f"n={some['n']} answers per model ({some['split']} split of {some['test_file']}); all rules = every rule "
-          f"passes (IFEval's prompt-level strict); strict pass = the check passes and the answer is an answer"
-          + ("; * the base model follows the rule without the prompt" if follows else ""))
+    notes = ["; ".join(f"{rule_id}: {text}" for rule_id, text in texts.items()),
+             f"n={some['n']} answers per model ({some['split']} split of {some['test_file']}); all rules = every rule "
+             f"passes (IFEval's prompt-level strict); strict pass = the check passes and the answer is an answer"
+             + ("; * the base model follows the rule without the prompt" if follows else "")]
+    print("\n".join(textwrap.fill(note, 118) for note in notes))
 
 
 def plot_compare(columns: list[str], rows: list[tuple[str, list]], path: Path) -> None:

@@ -163,9 +163,9 @@ def rule_goal_lines(teacher: dict, students: dict[str, dict]) -> list[str]:
         if not shares:
             continue
         missed = [rule_id for rule_id, share in shares.items() if share < GOAL_SHARE_OF_TEACHER]
-        lines.append(f"Per rule the base does not follow, the {name} keeps " + ", ".join(
+        lines.append(f"{name[0].upper() + name[1:]}: on each rule the base does not follow, " + ", ".join(
             f"{rule_id} {100 * share:.0f}%" for rule_id, share in shares.items())
-            + f" of the teacher's rate (goal >= {100 * GOAL_SHARE_OF_TEACHER:.0f}% on each): "
+            + f" of the teacher's pass rate (goal >= {100 * GOAL_SHARE_OF_TEACHER:.0f}% on each): "
             + ("met." if not missed else f"not met ({', '.join(missed)})."))
     return lines
 

@@ -34,6 +34,12 @@ with the strict pass.
 
     python evaluate.py --model_path models/<run> --prompt_file prompts/answer_in_french.md \
         --test_file example-data/general_questions.jsonl --teacher_file data/french.jsonl
+
+A prompt file's rules (front matter `rules`, docs/prompt-files.md) are each scored too: every rule's pass rate, the
+all-rules pass rate and the strict non-answer rate; with --teacher_file each rule's transfer (this model's rate / the
+teacher's) and the answers it lost and gained. --compare draws several results files side by side, no model loaded:
+
+    python evaluate.py --compare data/demo/in_short/eval_base.json data/demo/in_short/eval_teacher.json   # + PNG
 """
 
 import dataclasses

@@ -211,9 +211,9 @@ def compare(paths: list[str], png: str | None, wandb: bool) -> Path:
             raise ValueError(f"{path}: not a generative task's results; --compare shows the rules of generative tasks")
         models[model_name(Path(path), paths)] = results
     columns, rows = compare_table(models)
-    print_compare(models, columns, rows)
+    titles = print_compare(models, columns, rows)
     png = Path(png) if png else Path(paths[0]).with_name("rules_compare.png")
-    plot_compare(columns, rows, png)
+    plot_compare(titles, rows, png)
     print(f"evaluate: heatmap -> {png}")
     if wandb:
         log_compare(columns, rows, png)
@@ -237,7 +237,8 @@ def compare_table(models: dict[str, dict]) -> tuple[list[str], list[tuple[str, l
     return rule_ids + list(COMPARE_EXTRA), rows
 
 
-def print_compare(models: dict[str, dict], columns: list[str], rows: list[tuple[str, list]]) -> None:
+def print_compare(models: dict[str, dict], columns: list[str], rows: list[tuple[str, list]]) -> list[str]:
+    """Prints the table and its notes; returns the column titles, a rule the base follows marked with *."""
     follows = {rule_id for results in models.values() for rule_id, rule in results.get("rules", {}).items()
                if rule["baseline_follows"]}
     titles = [column + ("*" if column in follows else "") for column in columns]
@@ -252,6 +253,7 @@ def print_compare(models: dict[str, dict], columns: list[str], rows: list[tuple[
              f"passes (IFEval's prompt-level strict); strict pass = the check passes and the answer is an answer"
              + ("; * the base model follows the rule without the prompt" if follows else "")]
     print("\n".join(textwrap.fill(note, 118) for note in notes))
+    return titles
 
 
 def plot_compare(columns: list[str], rows: list[tuple[str, list]], path: Path) -> None:
@@ -268,7 +270,7 @@ def plot_compare(columns: list[str], rows: list[tuple[str, list]], path: Path) -
     ax.set_yticks(range(len(rows)), [name for name, _ in rows])
     for (i, j), value in np.ndenumerate(matrix):
         ax.text(j, i, "n/a" if np.isnan(value) else f"{value:.0f}", ha="center", va="center", fontsize=8)
-    ax.set_title("pass rate per rule (%)", fontsize=10)
+    ax.set_title("pass rate per rule (%); * the base model follows the rule without the prompt", fontsize=10)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

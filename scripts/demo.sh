@@ -12,7 +12,8 @@
 # student learns its answers without the prompt; on held-out questions the base model without the prompt, the teacher
 # with it and the student without it are scored strictly: the answer must follow the format AND be an answer (not
 # cut, an echo of the prompt, a loop, or off its question's topic: distill/checks.py), with chrF against the
-# teacher's answers. The embedded 135M model follows this format from example turns; it cannot write meaningful
+# teacher's answers; then each rule of the prompt file, per model (evaluate.py --compare: a table, and a heatmap PNG
+# beside the results). The embedded 135M model follows this format from example turns; it cannot write meaningful
 # French, so the French task (PARTS=french, prompts/answer_in_french.md) is kept as an example, not as the demo.
 # Part 2, the GPU recipe's worked example (language ID, 13 labels under a 2,300-token rule book): the teacher labels
 # TRAIN_ROWS train-split rows; a student learns them (and with GOLD_STUDENT=1 a second one the gold labels of the same

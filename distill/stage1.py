@@ -274,13 +274,12 @@ def report(args, files, record: dict, stats: dict, stopped: int | None) -> None:
           f"(the train side of the split: {counts['selected_train_side']} of the {counts['selected']} selected, "
           f"--split {args.split}{', first ' + str(args.max_samples) if args.max_samples else ''}); the other "
           f"{counts['written_total'] - counts['written_train_side']} are held out for evaluation")
-    broken = counts["rules_broken"]
-    if broken["rejected"] or broken["kept"]:
+    rejected, kept = counts["rules_broken"]["rejected"], counts["rules_broken"]["kept"]
+    by_count = sorted({**rejected, **kept}, key=lambda rule: (-rejected.get(rule, 0) - kept.get(rule, 0), rule))
+    if by_count:
         print("create_data: teacher answers that broke a rule (queries, all runs): " + ", ".join(
-            f"{rule}: {broken['rejected'].get(rule, 0)} rejected" + (f", {broken['kept'][rule]} kept"
-                                                                    if rule in broken["kept"] else "")
-            for rule in sorted({**broken["rejected"], **broken["kept"]},
-                               key=lambda rule: (-broken["rejected"].get(rule, 0) - broken["kept"].get(rule, 0), rule))))
+            f"{rule}: {rejected.get(rule, 0)} rejected" + (f", {kept[rule]} kept" if rule in kept else "")
+            for rule in by_count))
     if counts["label_targets"]:
         targets = counts["label_targets"]
         print(f"create_data: {targets['labelled_as_target']} of {targets['queries']} queries written for a label got it "

@@ -319,3 +319,13 @@ def test_compare_prints_models_by_rules_and_writes_the_heatmap(tmp_path):
     label.write_text(json.dumps({"task": "label"}))
     refused = run_main("evaluate.py", "--compare", label, check=False)
     assert refused.returncode == 1 and "not a generative task's results" in refused.stderr
+
+
+def test_the_rules_example_in_the_docs_loads(tmp_path):
+    docs = (REPO / "docs" / "prompt-files.md").read_text(encoding="utf-8")
+    example = docs.split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "from_docs.md"
+    path.write_text(f"---\n{example}---\nAnswer in one short sentence.\n", encoding="utf-8")
+    prompt = load_prompt(path)
+    assert [rule.id for rule in prompt.rules] == ["check", "one_sentence", "no_comma", "warm_tone"]
+    assert verdicts(prompt.rules, ["In short: yes."]) == [{"check": True, "one_sentence": True, "no_comma": True}]

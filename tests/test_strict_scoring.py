@@ -211,7 +211,8 @@ def test_evaluate_with_a_judge_model_reports_the_judged_rate_and_its_agreement(t
     from tests.conftest import run_main
 
     prompt = tmp_path / "any.md"
-    prompt.write_text('---\ncheck: {regex: "\\\\S"}\non_topic: none\njudge_rubric: "any text"\n---\nAnswer.\n')
+    prompt.write_text('---\ncheck: {regex: "\\\\S"}\non_topic: none\njudge_rubric: "any text"\nrules:\n'
+                      '  - {id: warm, text: "Sounds warm", judge: "Is the answer warm?"}\n---\nAnswer.\n')
     output = tmp_path / "eval.json"
     result = run_main("evaluate.py", "--model_path", tiny_model, "--prompt_file", prompt, "--test_file",
                       REPO / "example-data" / "general_questions.jsonl", "--max_samples", 6, "--max_tokens", 8,
@@ -228,3 +229,12 @@ def test_evaluate_with_a_judge_model_reports_the_judged_rate_and_its_agreement(t
         assert results["agreement_with_strict"] == pytest.approx(
             sum(e["judge"] == e["passed"] for e in judged) / len(judged))
     assert "judged pass rate" in result.stdout
+    # the judged rule: a verdict per answer from its own rubric, scored with the verifiable check
+    warm = [e["rules"]["warm"] for e in examples]
+    assert all(verdict in (True, False, None) for verdict in warm) and set(examples[0]["rules"]) == {"check", "warm"}
+    scored = any(verdict is not None for verdict in warm)  # a rule the judge never parsed is left out
+    if scored:
+        assert results["rules"]["warm"]["n"] == sum(verdict is not None for verdict in warm)
+        assert results["rules"]["warm"]["n_passed"] == sum(verdict is True for verdict in warm)
+    assert results["n_all_rules_passed"] == sum(e["rules"]["check"] and (e["rules"]["warm"] is True or not scored)
+                                                for e in examples)

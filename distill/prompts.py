@@ -14,7 +14,12 @@ A generative (free-form) task declares instead how a whole answer is judged, and
 
     ---
     check: {answer_language: fr}
+    rules:                                        # optional: more rules, each verified or judged (distill/rules.py)
+      - {id: short, text: "At most 30 words", verify: {max_words: 30}}
     ---
+
+The check becomes the task's first rule (id "check"); a file may declare rules without a check. A bad rule fails at
+load with the file and the rule's line (docs/prompt-files.md).
 
 Either kind may declare `example_turns`, a list of {user, assistant} pairs the teacher sees as real chat turns
 between the system prompt and the query (a small model follows a format from such turns, not from the same examples
@@ -41,6 +46,7 @@ from pathlib import Path
 import yaml
 
 from distill import checks
+from distill.rules import Rule, RuleError, parse_rules
 
 DEFAULT_PROMPT = Path(__file__).resolve().parent.parent / "prompts" / "language_identification.md"
 REQUIRED_KEYS = ("labels", "answer_format", "query_template")
@@ -80,10 +86,15 @@ class TaskPrompt:
     judge_rubric: str | None = None  # a generative task's rules, as a judge model is asked to apply them
     on_topic: str = "question_words"  # how strict scoring checks an answer is about its question (distill/checks.py)
     student: StudentSide = BARE_STUDENT  # the student's own system prompt and template
+    rules: tuple[Rule, ...] = ()  # a generative task's rules, its check first (distill/rules.py)
 
     @property
     def is_generative(self) -> bool:
-        return self.check is not None
+        return self.check is not None or bool(self.rules)
+
+    @property
+    def verifiable_rules(self) -> tuple[Rule, ...]:
+        return tuple(rule for rule in self.rules if rule.verifiable)
 
     def stop_sampling(self) -> dict:
         """SamplingParams fields that end an answer where the task says it ends (kept in the answer), so a
@@ -115,15 +126,28 @@ def load_prompt(path: str | Path = DEFAULT_PROMPT) -> TaskPrompt:
         raise ValueError(f"{path}: expected YAML front matter between '---' lines at the top")
     meta = yaml.safe_load(match.group(1)) or {}
     text = match.group(2).strip()
-    if "labels" in meta and "check" in meta:
-        raise ValueError(f"{path}: front matter has both 'labels' and 'check'; keep 'labels' (with answer_format) "
-                         f"for a label task, or 'check' alone for a generative task")
-    if "check" in meta:
-        return _generative_task(path, meta, text)
+    generative = "check" in meta or "rules" in meta
+    if "labels" in meta and generative:
+        raise ValueError(f"{path}: front matter has 'labels' and 'check' or 'rules'; keep 'labels' (with "
+                         f"answer_format) for a label task, or 'check' and/or 'rules' for a generative task")
+    if generative:
+        return _generative_task(path, meta, text, front_matter_lines(match.group(1)))
     if "labels" not in meta:
         raise ValueError(f"{path}: front matter needs 'labels' (a label task, with answer_format and "
                          f"query_template) or 'check' (a generative task, e.g. '{GENERATIVE_EXAMPLE}')")
     return _label_task(path, meta, text)
+
+
+def front_matter_lines(front_matter: str) -> dict:
+    """The file's line of each top-level key ({key: line}) and of each item of `rules` ({"rules": [lines]}), so an
+    error names where to look: line 1 of the file is the opening '---'."""
+    root = yaml.compose(front_matter)
+    lines = {}
+    for key, value in (root.value if isinstance(root, yaml.MappingNode) else []):
+        lines[key.value] = key.start_mark.line + 2
+        if key.value == "rules" and isinstance(value, yaml.SequenceNode):
+            lines["rule_items"] = [item.start_mark.line + 2 for item in value.value]
+    return lines
 
 
 def _example_turns(path: Path, meta: dict) -> tuple[tuple[str, str], ...]:
@@ -166,7 +190,21 @@ def _label_task(path: Path, meta: dict, text: str) -> TaskPrompt:
                       example_turns=_example_turns(path, meta), student=_student_side(path, meta))
 
 
-def _generative_task(path: Path, meta: dict, text: str) -> TaskPrompt:
+def _rules(path: Path, meta: dict, lines: dict, check: dict | None) -> tuple[Rule, ...]:
+    """The check (the rule "check") and the declared rules, each checked (a RuleError names its file:line)."""
+    declared = parse_rules(meta["rules"], lines.get("rule_items", [lines.get("rules", 1)]), path) \
+        if "rules" in meta else ()
+    first = (checks.as_rule(check, lines.get("check")),) if check else ()
+    for rule in declared:
+        if first and rule.id == "check":
+            raise RuleError(f"{path}:{rule.line}: rule id 'check' is the front matter's check; name this rule "
+                                  f"otherwise")
+    if not first + declared:
+        raise ValueError(f"{path}:{lines.get('rules', 1)}: rules is empty; declare at least one rule or a check")
+    return first + declared
+
+
+def _generative_task(path: Path, meta: dict, text: str, lines: dict) -> TaskPrompt:
     if "answer_format" in meta:
         raise ValueError(f"{path}: answer_format belongs to label tasks; remove it, a generative task's whole "
                          f"answer is judged by its check")
@@ -174,9 +212,10 @@ def _generative_task(path: Path, meta: dict, text: str) -> TaskPrompt:
     if "{query}" not in query_template:
         raise ValueError(f"{path}: query_template needs '{{query}}' (or leave it out: '{{query}}' is the default)")
     try:
-        check = checks.validate(meta["check"])
+        check = checks.validate(meta["check"]) if "check" in meta else None
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+        raise ValueError(f"{path}:{lines['check']}: {error}") from None
+    task_rules = _rules(path, meta, lines, check)
     stop = meta.get("stop", [])
     if not isinstance(stop, list) or not all(isinstance(item, str) and item for item in stop):
         raise ValueError(f"{path}: stop must be a list of non-empty strings, e.g. stop: [\". \", \"\\n\"]")
@@ -187,4 +226,4 @@ def _generative_task(path: Path, meta: dict, text: str) -> TaskPrompt:
     if rubric is not None and not (isinstance(rubric, str) and rubric.strip()):
         raise ValueError(f"{path}: judge_rubric must be a non-empty string")
     return TaskPrompt(str(path), text, (), None, query_template, check, tuple(stop), _example_turns(path, meta),
-                      rubric, on_topic, _student_side(path, meta))
+                      rubric, on_topic, _student_side(path, meta), task_rules)

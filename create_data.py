@@ -24,7 +24,9 @@ Writes, beside --output_file:
                           gives one row per valid sample, ids <id>#<k> with "query_id" and the query's group
   <output>.rejects.jsonl  queries without a valid answer after --max_retries: id, text, reason, raw outputs.
                           A generative answer is rejected when cut at --max_tokens (cut_at_max_tokens), empty
-                          (empty_answer) or still inside the reasoning (unclosed_reasoning)
+                          (empty_answer), still inside the reasoning (unclosed_reasoning), no answer (echo, loop,
+                          off_topic) or when it breaks a verifiable rule of the prompt file (rule:<id>; each
+                          failure lists broken_rules; --keep_rule_failures keeps such answers instead)
   <output>.run.json       resolved args, command line, git revision, effective sampling, counts (rows per query
                           too), throughput, the teacher tokenizer's hash (what stage 2 checks before KD), the
                           prompt file's student side (what stage 2 trains with) and system_merged_into_user
@@ -96,6 +98,9 @@ def build_parser():
     parser.add_argument("--max-in-flight", type=int,
                         help="requests kept in the engine at once (unset: the engine's --max-num-seqs)")
     parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)  # removed; kept to explain why
+    parser.add_argument("--keep-rule-failures", action="store_true",
+                        help="keep a generative answer that breaks one of the prompt file's verifiable rules (its "
+                             "row's teacher.broken_rules names them) instead of rejecting it (reason rule:<id>)")
     parser.add_argument("--save-raw", action="store_true", help="keep the teacher's raw outputs in each row")
     parser.add_argument("--save-logprobs", type=int, metavar="K",
                         help="keep the teacher's top-K log-probabilities of every answer token in "

@@ -34,6 +34,12 @@ with the strict pass.
 
     python evaluate.py --model_path models/<run> --prompt_file prompts/answer_in_french.md \
         --test_file example-data/general_questions.jsonl --teacher_file data/french.jsonl
+
+A prompt file's rules (front matter `rules`, docs/prompt-files.md) are each scored too: every rule's pass rate, the
+all-rules pass rate and the strict non-answer rate; with --teacher_file each rule's transfer (this model's rate / the
+teacher's) and the answers it lost and gained. --compare draws several results files side by side, no model loaded:
+
+    python evaluate.py --compare data/demo/in_short/eval_base.json data/demo/in_short/eval_teacher.json   # + PNG
 """
 
 import dataclasses
@@ -44,8 +50,8 @@ from distill import defaults, engine, fingerprint, report, serving
 from distill.defaults import STUDENT_MAX_TOKENS, TEACHER_MAX_TOKENS, wandb_enabled
 from distill.judge import judge_examples
 from distill.metrics import cost, cost_ratio
-from distill.prompts import (BARE_STUDENT, DEFAULT_PROMPT, load_prompt, merges_system, query_of,
-                            render_teacher, student_messages, student_prompt_ids)
+from distill.prompts import BARE_STUDENT, DEFAULT_PROMPT, load_prompt
+from distill.render import merges_system, query_of, student_ids, student_messages, teacher_ids, teacher_messages
 from distill.records import InputError, RunRecord, load_teacher_answers, query_fields, read_queries
 from distill.splits import HELDOUT_FRACTION, SPLIT_SEED, select
 
@@ -70,7 +76,11 @@ def build_parser():
     parser.add_argument("--split-seed", type=int, default=SPLIT_SEED,
                         help="seed of the group split; must be the adapter's")
     parser.add_argument("--max-samples", type=int, help="score only the first N rows of the split")
-    parser.add_argument("--output-file", help="results JSON (unset: <model_path>/eval_<split>.json)")
+    parser.add_argument("--output-file", help="results JSON (unset: <model_path>/eval_<split>.json); with --compare "
+                                              "the heatmap PNG (unset: rules_compare.png beside the first FILE)")
+    parser.add_argument("--compare", nargs="+", metavar="FILE",
+                        help="no model: print a models x rules table of pass rates from these results JSONs and draw "
+                             "it as a heatmap PNG (logged to wandb when it is on)")
     parser.add_argument("--prompt-file", default=str(DEFAULT_PROMPT), help="label set; the prompt with --with_prompt")
     parser.add_argument("--with-prompt", action="store_true",
                         help="evaluate a teacher/base model given the prompt, parsed exactly as stage 1 parses")
@@ -106,7 +116,7 @@ def build_parser():
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.model_path = args.model_path or newest_adapter()
+    args.model_path = args.model_path or (None if args.compare else newest_adapter())
     if args.constrain_labels and not args.with_prompt:
         parser.error("--constrain_labels applies to --with_prompt runs; the student is scored on what it writes")
     return args
@@ -121,6 +131,8 @@ def newest_adapter(root: Path = Path("models")) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.compare:
+        return compare(args)
     record = RunRecord("evaluate", vars(args))
     prompt, rows, teacher_of, teacher_cost = read_inputs(args)
     split_check = check_split(args, prompt, rows, teacher_of)
@@ -160,6 +172,14 @@ def main(argv=None):
             "gold_field": args.label_field, "teacher_file": args.teacher_file, **results, "examples": examples}
     record.finish(output_file, **full)
     report.show(full, output_file, wandb=args.report_to == "wandb")
+
+
+def compare(args) -> None:
+    """--compare: the rules of several results files side by side (distill/report.py), no model loaded."""
+    try:
+        report.compare(args.compare, args.output_file, wandb=args.report_to == "wandb")
+    except (ValueError, OSError, KeyError) as error:
+        sys.exit(f"error: --compare: {error}")
 
 
 def read_inputs(args):
@@ -224,8 +244,8 @@ def trained_fingerprint(args, tokenizer, student=BARE_STUDENT) -> dict | None:
               f"cannot check that the served model is the trained student", file=sys.stderr)
     if trained:
         try:
-            fingerprint.check_ids(trained, student_prompt_ids(tokenizer, [p["query"] for p in trained["probes"]],
-                                                              student), tokenizer)
+            fingerprint.check_ids(trained, [student_ids(tokenizer, p["query"], student) for p in trained["probes"]],
+                                  tokenizer)
         except fingerprint.FingerprintMismatch as error:
             sys.exit(f"error: {error}")
     return trained
@@ -257,11 +277,10 @@ def render_prompts(args, prompt, rows):
                                               trust_remote_code=args.trust_remote_code)
     queries = [query_of(row) for row in rows]
     if not args.with_prompt:
-        return (tokenizer, student_prompt_ids(tokenizer, queries, prompt.student),
+        return (tokenizer, [student_ids(tokenizer, query, prompt.student) for query in queries],
                 merges_system(tokenizer, [student_messages(query, prompt.student) for query in queries]))
-    chats = [prompt.teacher_messages(query) for query in queries]
-    ids = [tokenizer(render_teacher(tokenizer, chat), add_special_tokens=False).input_ids for chat in chats]
-    return tokenizer, ids, merges_system(tokenizer, chats)
+    return (tokenizer, [teacher_ids(tokenizer, prompt, query) for query in queries],
+            merges_system(tokenizer, [teacher_messages(prompt, query) for query in queries]))
 
 
 def label_results(prompt, rows, prompt_ids, generation, teacher, args) -> dict:
@@ -294,7 +313,7 @@ def generative_results(prompt, rows, prompt_ids, generation, teacher, tokenizer,
     prompt, a loop or off topic), the check's rate alone, chrF against the teacher's answers, lengths, failures
     and examples. Every answer is judged as written within --max_tokens; a cut one fails strictly and is kept."""
     from distill.checks import describe
-    from distill.metrics import judge_answers, score_generative
+    from distill.metrics import judge_answers, score_generative, score_rules
 
     answers = [answer or "" for answer in generation.answers]
     teacher = teacher or [None] * len(rows)
@@ -302,15 +321,17 @@ def generative_results(prompt, rows, prompt_ids, generation, teacher, tokenizer,
     examples = []
     for row, answer, raw, ids, output_tokens, reference, verdict in zip(
             rows, answers, generation.raw, prompt_ids, generation.output_tokens, teacher, judged):
-        known = {"teacher": reference, "chrf": verdict["chrf"]} if reference is not None else {}
+        known = ({"teacher": reference, "chrf": verdict["chrf"], "teacher_rules": verdict["teacher_rules"]}
+                 if reference is not None else {})
         examples.append({"id": row["id"], **query_fields(row), "answer": answer, "passed": verdict["passed"],
-                         "check_passed": verdict["check_passed"], "reason": verdict["reason"], **known,
+                         "check_passed": verdict["check_passed"], "reason": verdict["reason"],
+                         "rules": verdict["rules"], **known,
                          "raw": raw, "input_tokens": len(ids), "output_tokens": output_tokens,
                          "answer_tokens": len(tokenizer(answer, add_special_tokens=False).input_ids)})
     if not quiet:
         report.print_live_generative(examples)
     return {"task": "generative", "check": prompt.check, "check_description": describe(prompt.check),
-            **score_generative(examples), "examples": examples}
+            **score_generative(examples), **score_rules(prompt.rules, examples), "examples": examples}
 
 
 if __name__ == "__main__":

@@ -12,9 +12,16 @@ two on those tokens (--beta 1, the default: reverse KL, the student's own mistak
 Teachers: the student's own base with the adapter disabled (the default; one model in memory), another model in this
 process (--teacher_model_name_or_path; its tokenizer must be the student's, checked before any weights load), or a
 vLLM server (--teacher_server_url; `vllm serve MODEL --max-logprobs K`, scoring with prompt_logprobs; reachability is
-checked first). The teacher sees the prompt file's system prompt, example turns and query template, rendered as stage
-1 renders them (a thinking teacher gets an empty think block: it scores a final answer). An in-process teacher
-computes the prompt's KV cache once per run (--prompt_cache, distill/onpolicy.py).
+checked first; the teacher's input is rendered with its own tokenizer and chat template, --teacher_tokenizer_name_or_path
+or the model the server serves). The teacher sees the prompt file's system prompt, example turns and query template
+(distill/render.py), in the final-answer state the student writes in (a thinking teacher gets an empty think block, a
+hybrid Qwen3 one enable_thinking=False: it scores a final answer, not the start of a thought). An in-process teacher
+computes the prompt's KV cache once per run (--prompt_cache) and runs in eval mode, so TRL's default gradient
+checkpointing cannot drop it. Every run proves its teacher reads the prompt (distill/onpolicy.py): the cache must hold
+the whole prefix and, at the first step, the teacher's log-probabilities of the sampled answers must differ with and
+without the prompt; else it stops, and distill_run.json's teacher_checks keeps the figures. Refused before weights
+load: the self-teacher without LoRA (--use_peft false: no adapter to disable) and --use_liger_kernel (fused kernels
+bypass the prompted teacher).
 
 The queries: a stage-1 JSONL (its user turns; the teacher's answers there are ignored, and the run says so) or any
 query input create_data.py reads, conversations included (the student sees a conversation's turns, with the prompt
@@ -54,6 +61,9 @@ class OnPolicyArguments(StudentRunArguments):
     prompt_file: str = field(default=str(DEFAULT_PROMPT), metadata={"help": "the prompt the teacher reads"})
     teacher_server_url: str | None = field(default=None, metadata={
         "help": "a vLLM server of the teacher (vllm serve MODEL --max-logprobs K), e.g. http://127.0.0.1:8000"})
+    teacher_tokenizer_name_or_path: str | None = field(default=None, metadata={
+        "help": "a server teacher's tokenizer and chat template (a local dir offline; unset: the model the server "
+                "says it serves); its vocabulary must be the student's"})
     init_adapter: str | None = field(default=None, metadata={
         "help": "warm start: a stage-2 adapter dir (its LoRA weights and config), else LoRA starts from the base"})
     prompt_cache: bool = field(default=True, metadata={
@@ -111,12 +121,14 @@ def main(argv=None):
 
     from distill import fingerprint, opd_setup
     from distill.checkpoint import save_adapter
+    from distill.onpolicy import PromptNotRead
     from distill.student import WandbConfigCallback, finish_record, lora_config, plan_memory, stop_or_clear
 
     script_args, training_args, model_args = parse_args(argv)
     processes = PartialState()
     try:  # bad input fails here, before any weights load
         prompt = opd_setup.task_prompt(script_args.prompt_file)
+        opd_setup.check_settings(script_args, training_args, model_args)
         opd_setup.check_warm_start(script_args.init_adapter, prompt)
         queries, source_note = opd_setup.training_queries(script_args)
         tokenizers = opd_setup.check_teacher(script_args, training_args, model_args)
@@ -150,7 +162,14 @@ def main(argv=None):
         record.finish(record_path, status="running", **report)
     if "wandb" in trainer.args.report_to:
         trainer.add_callback(WandbConfigCallback(config))
-    result = trainer.train()
+    try:
+        result = trainer.train()
+    except PromptNotRead as error:  # the teacher would have pulled the student back to its unprompted base
+        if processes.is_main_process:
+            record.finish(record_path, status="failed", error=str(error), teacher_checks=trainer.teacher_checks(),
+                          **report)
+        sys.exit(f"error: {error}")
+    report["teacher_checks"] = trainer.teacher_checks()
     saved_tensors = save_adapter(trainer, training_args.output_dir)
     report["fingerprint"] = fingerprint.record_trained(  # every rank
         trainer, fingerprint.query_probes(tokenizers.student, queries.rows, script_args.fingerprint_probes,

@@ -165,9 +165,10 @@ def prepare(script_args, training_args, model_args) -> TrainingData:
     from transformers import AutoTokenizer
 
     from distill.fingerprint import probes
-    from distill.prompts import merges_system, student_messages
+    from distill.render import merges_system, student_messages
     from distill.soft_targets import check_tokenizer, find_targets, row_targets
-    from distill.training import query_and_answer, stage1_student_side, tokenize, training_rows
+    from distill.render import student_example
+    from distill.training import query_and_answer, stage1_student_side, training_rows
 
     rows = load_rows(script_args)
     train, dropped = training_rows(rows, script_args.heldout_fraction, script_args.split_seed)
@@ -185,7 +186,7 @@ def prepare(script_args, training_args, model_args) -> TrainingData:
     for number, row in enumerate(train, start=1):
         try:
             queries.append(query_and_answer(row, script_args.answer_field))
-            examples.append(tokenize(tokenizer, *queries[-1], student))
+            examples.append(student_example(tokenizer, *queries[-1], student))
         except (KeyError, IndexError, StopIteration, TypeError) as error:
             raise InputError(f"{script_args.dataset_name}: row {row.get('id', number)} lacks a user turn or "
                              f"its answer ({error!r})") from None

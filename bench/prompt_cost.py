@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from distill import engine  # noqa: E402
-from distill.prompts import load_prompt, render, render_teacher, student_messages  # noqa: E402
+from distill.prompts import load_prompt  # noqa: E402
+from distill.render import student_text, teacher_text  # noqa: E402
 
 
 def median_latency(llm, prompts, params) -> float:
@@ -47,8 +48,8 @@ def main():
         tokenizer = llm.get_tokenizer()
         params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
         for name, texts in (
-            ("teacher + prompt", [render_teacher(tokenizer, prompt.teacher_messages(r["text"])) for r in rows]),
-            ("student, no prompt", [render(tokenizer, student_messages(r["text"])) for r in rows]),
+            ("teacher + prompt", [teacher_text(tokenizer, prompt, r["text"]) for r in rows]),
+            ("student, no prompt", [student_text(tokenizer, r["text"]) for r in rows]),
         ):
             ids = [TokensPrompt(prompt_token_ids=tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
             tokens = statistics.mean(len(p["prompt_token_ids"]) for p in ids)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from distill import engine  # noqa: E402
-from distill.prompts import load_prompt, render_teacher  # noqa: E402
+from distill.prompts import load_prompt  # noqa: E402
+from distill.render import teacher_text  # noqa: E402
 
 
 def main():
@@ -33,7 +34,7 @@ def main():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    texts = [render_teacher(tokenizer, prompt.teacher_messages(row["text"])) for row in rows]
+    texts = [teacher_text(tokenizer, prompt, row["text"]) for row in rows]
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     started = time.time()
     with torch.inference_mode():

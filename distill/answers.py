@@ -16,6 +16,7 @@ class Parsed:
     answer: str | None  # a label task's label or a generative task's whole final answer; None: the contract broke
     reason: str  # "ok" or why it failed
     reasoning_chars: int = 0
+    broken_rules: tuple[str, ...] = ()  # ids of the prompt's verifiable rules the answer breaks (distill/rules.py)
 
 
 def split_reasoning(output: str, expects_reasoning: bool) -> tuple[str | None, int]:

@@ -13,29 +13,37 @@ import functools
 import re
 from collections import Counter
 
-KINDS = ("answer_language", "regex")
+from distill import rules
+from distill.rules import WORD, detected_languages  # noqa: F401 (detected_languages: the check's languages)
 
-# Code is not prose: an answer that explains code in French keeps English identifiers and keywords, which would
-# pull lingua towards English. Fenced blocks go first so their backticks are not read as inline code.
-CODE_SPANS = re.compile(r"```.*?(```|$)|`[^`\n]*`", re.DOTALL)
+KINDS = ("answer_language", "regex")
+# The rule verifier each kind of check is (distill/rules.py): a check is the prompt's first rule, id "check".
+AS_VERIFIER = {"answer_language": "language", "regex": "regex"}
 
 
 def validate(check) -> dict:
     """The check itself if it is well formed, else a ValueError saying what to write instead."""
-    if not isinstance(check, dict) or len(check) != 1:
-        raise ValueError(f"check must be a mapping with exactly one of {', '.join(KINDS)}, "
-                         f"e.g. 'check: {{answer_language: fr}}', not {check!r}")
-    (kind, value), = check.items()
-    if kind == "answer_language":
-        _language(value)
-    elif kind == "regex":
-        _pattern(value)
-    else:
-        raise ValueError(f"unknown check kind {kind!r}: the kinds allowed are {', '.join(KINDS)}")
+    rules.one_kind(check, KINDS, "check", "'check: {answer_language: fr}'")
+    try:
+        rules.check_verify(as_verifier(check))
+    except ValueError as error:
+        raise ValueError(str(error).replace("language ", "answer_language ", 1)) from None
     return check
 
 
-def describe(check: dict) -> str:
+def as_verifier(check: dict) -> dict:
+    (kind, value), = check.items()
+    return {AS_VERIFIER[kind]: value}
+
+
+def as_rule(check: dict, line: int | None = None) -> rules.Rule:
+    """The check as the prompt's rule "check", which stage 1 and stage 3 apply with the other rules."""
+    return rules.Rule("check", describe(check), as_verifier(check), line=line)
+
+
+def describe(check: dict | None) -> str:
+    if check is None:
+        return "no format check"
     (kind, value), = check.items()
     if kind == "answer_language":
         return f"answer in language '{value}' (lingua)"
@@ -46,54 +54,9 @@ def passes(check: dict, answer: str) -> bool:
     return passes_each(check, [answer])[0]
 
 
-def passes_each(check: dict, answers: list[str]) -> list[bool]:
-    (kind, value), = check.items()
-    if kind == "answer_language":
-        return [code == str(value).lower() for code in detected_languages(answers)]
-    pattern = _pattern(value)
-    return [pattern.search(answer) is not None for answer in answers]
-
-
-def detected_languages(answers: list[str]) -> list[str | None]:
-    """ISO 639-1 code lingua detects for each answer's prose (code spans removed); None for nothing detectable."""
-    prose = [CODE_SPANS.sub(" ", answer).strip() for answer in answers]
-    languages = _detector().detect_languages_in_parallel_of(prose)
-    # lingua answers an empty string with None already; the explicit test keeps that a documented failure.
-    return [language.iso_code_639_1.name.lower() if language and text else None
-            for language, text in zip(languages, prose)]
-
-
-@functools.cache
-def _detector():
-    # Built once, on first use: loading every language model takes seconds, and most runs never judge languages.
-    from lingua import LanguageDetectorBuilder
-
-    return LanguageDetectorBuilder.from_all_languages().build()
-
-
-def _language(code) -> str:
-    from lingua import IsoCode639_1
-
-    try:
-        IsoCode639_1.from_str(str(code))
-    except ValueError:
-        raise ValueError(f"answer_language {code!r} is not an ISO 639-1 code lingua knows (e.g. fr, en, de)") from None
-    return str(code).lower()
-
-
-def _pattern(pattern) -> re.Pattern:
-    if not isinstance(pattern, str):
-        raise ValueError(f"regex must be a quoted string, not {pattern!r}")
-    return _compiled(pattern)
-
-
-@functools.cache
-def _compiled(pattern: str) -> re.Pattern:
-    # Compiled once per pattern, however many answers are judged.
-    try:
-        return re.compile(pattern)
-    except re.error as error:
-        raise ValueError(f"regex {pattern!r} does not compile: {error}") from None
+def passes_each(check: dict | None, answers: list[str]) -> list[bool]:
+    """Whether each answer passes the check (every answer passes a task without one: its rules judge it)."""
+    return rules.passes_each(as_verifier(check), answers) if check else [True] * len(answers)
 
 
 # ---- strict scoring: a passing check is not yet an answer ------------------------------------------------------
@@ -109,8 +72,10 @@ def _compiled(pattern: str) -> re.Pattern:
 # most a third of their word trigrams from the prompt (their shared trigrams are phrases like "is the capital of"),
 # while rule restatements reuse 60-100%. A loop writes one 3-word phrase three times or more, repeats a whole
 # clause (8 words or more), or writes a span of 3 words or more twice in a row; a comparison's parallel halves ("X is a type of paint made from ..., while Y is a type
-# of paint made from ...") repeat up to 7 words and are answers. An on-topic answer names at least one content word
-# of its question (an acronym counts as named by the words it abbreviates) and adds one of its own.
+# of paint made from ...") repeat up to 7 words and are answers; a format prefix written again after itself ("In
+# short: in short: ...") is a loop too. An on-topic answer names at least one content word of its question (an
+# acronym counts as named by the words it abbreviates) and adds one of its own, or is a short, direct yes/no to a
+# yes/no question or a number to a quantity question ("Should I water cactus plants every day?" -> "In short: no.").
 
 NON_ANSWER_REASONS = ("echo", "loop", "off_topic")
 ON_TOPIC_KINDS = ("question_words", "none")
@@ -119,7 +84,6 @@ ECHO_MIN_SHARE = 0.5  # share of an answer's word trigrams found in the prompt f
 LOOP_PHRASE, LOOP_PHRASE_COUNT = 3, 3  # a 3-word phrase written 3 times or more is a loop
 LOOP_CLAUSE = 8  # ... and so is a span of 8 words written twice
 LOOP_TANDEM = 3, 20  # ... and a span of 3 to 20 words written again right after itself
-WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)?")
 # Function words and the words of a question's form, English and French (the example tasks' languages): they say
 # nothing about what a question is about.
 STOP_WORDS = frozenset("""
@@ -209,25 +173,65 @@ def _prompt_ngrams(sources: tuple[str, ...]) -> frozenset:
     return frozenset(gram for source in sources for gram in ngrams(words(source), ECHO_NGRAM))
 
 
-def content_of(check: dict, answer: str) -> str:
+def format_prefix(check: dict | None, answer: str) -> str:
+    """What the check's regex matched at the answer's start (e.g. "In short: "), or "": a format, not content."""
+    if check and "regex" in check:
+        match = rules.pattern(check["regex"]).match(answer)
+        if match:
+            return match.group()
+    return ""
+
+
+def content_of(check: dict | None, answer: str) -> str:
     """The answer without what the check's regex demands at its start (e.g. "In short: "): a format is not content,
     and "In short: the" must not count as restating the prompt's examples."""
-    (kind, value), = check.items()
-    if kind == "regex":
-        match = _pattern(value).match(answer)
-        if match:
-            return answer[match.end():]
-    return answer
+    return answer[len(format_prefix(check, answer)):]
+
+
+def repeats_prefix(prefix: str, content: str) -> bool:
+    """The content opens with the format prefix again ("In short: in short: espresso is ..."): a stutter, a loop
+    that the phrase counts miss when the prefix is two words."""
+    prefix = prefix.strip().lower()
+    return bool(prefix) and content.lstrip().lower().startswith(prefix)
+
+
+# A yes/no question opens with an auxiliary verb; a quantity question asks how many, how long, what year...
+YES_NO_OPENERS = frozenset("""
+is are am was were do does did can could should would will shall may might must has have had isn't aren't wasn't
+weren't don't doesn't didn't can't couldn't shouldn't wouldn't won't hasn't haven't est-ce
+""".split())
+QUANTITY_QUESTION = re.compile(r"\b(how (many|much|long|old|far|fast|big|tall|high|heavy|deep|often|wide|hot|cold)"
+                               r"|what (year|percentage|temperature|time)|when|combien|quand)\b", re.IGNORECASE)
+YES_NO = frozenset({"yes", "no", "oui", "non"})
+NUMBER_WORDS = frozenset("""
+zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen
+eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred thousand million billion trillion
+dozen half
+""".split())
+SHORT_ANSWER_WORDS = 6  # a direct answer: "no", "yes, every day", "eight", "about 100 years"
+
+
+def direct_answer(question: str, content: str) -> bool:
+    """A short answer that is a direct yes/no to a yes/no question, or a number to a quantity question
+    ("Should I water cactus plants every day?" -> "no."): an answer, though it names none of the question's words."""
+    said, asked = words(content), words(question)
+    if not said or len(said) > SHORT_ANSWER_WORDS or not asked:
+        return False
+    if asked[0] in YES_NO_OPENERS and said[0] in YES_NO:
+        return True
+    return bool(QUANTITY_QUESTION.search(question)) and any(word.isdigit() or word in NUMBER_WORDS for word in said)
 
 
 def non_answer_reason(prompt, question: str, answer: str) -> str | None:
     """'echo', 'loop' or 'off_topic' when the answer is not an answer to `question` under `prompt` (a generative
     TaskPrompt), else None. Checked in this order: an echo of the prompt is usually also off topic, and says more."""
-    content = content_of(prompt.check, answer)
+    prefix = format_prefix(prompt.check, answer)
+    content = answer[len(prefix):]
     if echo_share(content, _prompt_ngrams(tuple(prompt.echo_sources()))) >= ECHO_MIN_SHARE:
         return "echo"
-    if loops(content):
+    if loops(content) or repeats_prefix(prefix, content):
         return "loop"
-    if prompt.on_topic == "question_words" and not on_topic(question, content):
+    if (prompt.on_topic == "question_words" and not on_topic(question, content)
+            and not direct_answer(question, content)):
         return "off_topic"
     return None

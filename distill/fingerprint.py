@@ -42,11 +42,11 @@ def probes(tokenizer, rows: list[tuple], student=None) -> list[dict]:
     """(id, query, answer) rows -> probes: the query (a text or a conversation), its answer, and the ids training's
     tokenizing gives them (distill.training: the student's prompt, with its own side, the answer, the end of turn)."""
     from distill.prompts import BARE_STUDENT
-    from distill.training import tokenize
+    from distill.render import student_example
 
     made = []
     for row_id, query, answer in rows:
-        example = tokenize(tokenizer, query, answer, student or BARE_STUDENT)
+        example = student_example(tokenizer, query, answer, student or BARE_STUDENT)
         made.append({"id": row_id, "query": query, "answer": answer, "input_ids": example["input_ids"],
                      "answer_start": example["completion_mask"].index(1)})
     return made
@@ -56,7 +56,7 @@ def query_probes(tokenizer, rows: list[dict], k: int, student=None) -> list[dict
     """Probes for on-policy training, which has queries but no reference answers: each query's own text (a
     conversation's last user turn) stands in as the answer. Any fixed tokens do, since both sides score the same
     ones; a query's words are ones the adapter has seen in that context."""
-    from distill.prompts import query_of
+    from distill.render import query_of
 
     return probes(tokenizer, [(row.get("id"), query_of(row), row["text"]) for row in rows[:k]], student)
 

@@ -56,11 +56,13 @@ def agreement(judged: list, strict: list[bool]) -> dict:
 
 def judge_examples(args, prompt, examples: list[dict]) -> dict:
     """--judge_model: each answer graded by the judge (examples gain "judge": True/False/None), the judged pass
-    rate and its agreement with the strict pass."""
+    rate and its agreement with the strict pass; then each judged rule of the prompt, its rubric in place of the
+    judge_rubric (examples' "rules" gain its verdicts), and the per-rule scores again with them."""
     import gc
 
     from transformers import AutoTokenizer
 
+    from distill.metrics import score_rules
     from distill.teacher import sampling_params
 
     gc.collect()
@@ -71,4 +73,11 @@ def judge_examples(args, prompt, examples: list[dict]) -> dict:
                              params)
     for example, verdict in zip(examples, verdicts):
         example["judge"] = verdict
-    return {"judge_model": args.judge_model, **agreement(verdicts, [e["passed"] for e in examples])}
+    questions, answers = [e["text"] for e in examples], [e["answer"] for e in examples]
+    for rule in prompt.rules:
+        if rule.judge:
+            rubric = dataclasses.replace(prompt, judge_rubric=rule.judge)
+            for example, verdict in zip(examples, judge_answers(llm, tokenizer, rubric, questions, answers, params)):
+                example["rules"][rule.id] = verdict
+    return {"judge_model": args.judge_model, **agreement(verdicts, [e["passed"] for e in examples]),
+            **score_rules(prompt.rules, examples)}

@@ -101,16 +101,22 @@ def judge_answers(prompt, questions: list[str], answers: list[str], contract_rea
                   teacher_answers: list[str | None]) -> list[dict]:
     """Per answer: whether the prompt's check passes, why the answer is no answer ("ok" when it is one: the output's
     contract reason, e.g. cut_at_max_tokens, else distill/checks.py's echo / loop / off_topic), the strict verdict
-    (check passed and an answer), and chrF against the teacher's answer (None without one)."""
+    (check passed and an answer), chrF against the teacher's answer (None without one), and {rule id: passed} for
+    each verifiable rule of the prompt, on the answer ("rules") and on the teacher's answer ("teacher_rules")."""
     from distill.checks import non_answer_reason, passes_each
+    from distill.rules import verdicts as rule_verdicts
 
+    own_rules = rule_verdicts(prompt.rules, answers)
+    known = [i for i, teacher in enumerate(teacher_answers) if teacher is not None]
+    teacher_rules = dict(zip(known, rule_verdicts(prompt.rules, [teacher_answers[i] for i in known])))
     verdicts = []
-    for question, answer, check_passed, reason, teacher in zip(
-            questions, answers, passes_each(prompt.check, answers), contract_reasons, teacher_answers):
+    for i, (question, answer, check_passed, reason, teacher) in enumerate(zip(
+            questions, answers, passes_each(prompt.check, answers), contract_reasons, teacher_answers)):
         if reason == "ok":
             reason = non_answer_reason(prompt, question, answer) or "ok"
         verdicts.append({"passed": check_passed and reason == "ok", "check_passed": check_passed, "reason": reason,
-                         "chrf": None if teacher is None else round(sentence_chrf(answer, teacher), 4)})
+                         "chrf": None if teacher is None else round(sentence_chrf(answer, teacher), 4),
+                         "rules": own_rules[i], "teacher_rules": teacher_rules.get(i)})
     return verdicts
 
 
@@ -128,6 +134,7 @@ def score_generative(examples: list[dict], max_failures: int = 5) -> dict:
         "check_pass_rate": sum(e["check_passed"] for e in examples) / n if n else None,
         "n_check_passed": sum(e["check_passed"] for e in examples),
         "non_answers": dict(Counter(e["reason"] for e in examples if e["reason"] != "ok")),
+        "non_answer_rate": sum(e["reason"] != "ok" for e in examples) / n if n else None,
         "agreement_with_teacher_chrf": sum(chrfs) / len(chrfs) if chrfs else None,
         "n_with_teacher": len(chrfs),
         "mean_answer_chars": sum(len(e["answer"]) for e in examples) / n if n else None,
@@ -136,6 +143,40 @@ def score_generative(examples: list[dict], max_failures: int = 5) -> dict:
         "failures": [{"id": e["id"], "text": e["text"], "answer": e["answer"], "reason": e["reason"],
                       "check_passed": e["check_passed"]} for e in examples if not e["passed"]][:max_failures],
     }
+
+
+def score_rules(rules, examples: list[dict], broken_per_rule: int = 3) -> dict:
+    """Per rule of the prompt: its pass rate, and with the teacher's verdicts on the same rows (examples'
+    "teacher_rules") the teacher's rate, the transfer (this model's rate / the teacher's) and the answers the rule
+    lost (the teacher's answer passes, this one fails) and gained; a few broken answers each. Then the all-rules
+    pass rate: an answer passes when it passes every rule scored (IFEval's prompt-level strict). A judged rule is
+    scored only once examples carry its verdicts (--judge_model); a verdict of None (the judge's output broke its
+    contract) leaves the answer out of that rule's rate and fails it in the all-rules rate."""
+    per_rule = {}
+    for rule in rules:
+        scored = [e for e in examples if e.get("rules", {}).get(rule.id) is not None]
+        if not scored:
+            continue
+        passed = sum(e["rules"][rule.id] for e in scored)
+        entry = {"text": rule.text, "verify": rule.verify, "judge": rule.judge,
+                 "baseline_follows": rule.baseline_follows, "n": len(scored), "n_passed": passed,
+                 "pass_rate": passed / len(scored),
+                 "broken": [{"id": e["id"], "text": e["text"], "answer": e["answer"]}
+                            for e in scored if not e["rules"][rule.id]][:broken_per_rule]}
+        pairs = [(e["teacher_rules"][rule.id], e["rules"][rule.id]) for e in scored
+                 if rule.id in (e.get("teacher_rules") or {})]
+        if pairs:
+            teacher_rate = sum(t for t, _ in pairs) / len(pairs)
+            own_rate = sum(own for _, own in pairs) / len(pairs)
+            entry.update(n_with_teacher=len(pairs), teacher_pass_rate=teacher_rate,
+                         transfer=own_rate / teacher_rate if teacher_rate else None,
+                         lost=sum(t and not own for t, own in pairs), gained=sum(own and not t for t, own in pairs))
+        per_rule[rule.id] = entry
+    if not per_rule:
+        return {}
+    all_passed = [all(e.get("rules", {}).get(rule_id) is True for rule_id in per_rule) for e in examples]
+    return {"rules": per_rule, "all_rules_pass_rate": sum(all_passed) / len(examples) if examples else None,
+            "n_all_rules_passed": sum(all_passed)}
 
 
 # ---- cost ---------------------------------------------------------------------------------------------------

@@ -2,39 +2,43 @@
 reads the prompt scores every sampled token; the loss is TRL's generalized JSD on those tokens (beta 1: reverse KL).
 
 TRL's DistillationTrainer gives the teacher the student's own input. Here the teacher's input is the prompt file's
-system prompt, example turns and query template around the same query (a text or a conversation), rendered as stage
-1 renders it, followed by the student's sampled answer. Three teachers:
+system prompt, example turns and query template around the same query (a text or a conversation), rendered by
+distill/render.py in the teacher's own chat template and in the final-answer state the student writes in, followed by
+the student's sampled answer. Three teachers:
   - self (default): the student's base with its adapter disabled, given the prompt: classic context distillation,
     one model in memory;
   - another model in this process (--teacher_model_name_or_path), whose tokenizer must match the student's;
   - a vLLM server (--teacher_server_url, `vllm serve MODEL --max-logprobs K`), scoring with prompt_logprobs.
 
 An in-process teacher is frozen and every row starts with the same prompt, so the prompt's KV cache is computed once
-per run (`PrefixCache`) and a teacher forward costs the query and the answer, not the 2k-token prompt.
+per run (`PrefixCache`) and a teacher forward costs the query and the answer, not the 2k-token prompt. Its forwards run
+in eval mode (`frozen_forward`): under gradient checkpointing a training-mode forward drops the cache.
+
+Every run proves that its teacher reads the prompt (PromptNotRead stops it otherwise; the run record keeps the
+figures): the prompt's cache must hold every prefix token, and at the first step the teacher's log-probabilities of
+the sampled answers with the prompt must differ from the same teacher's without it.
 """
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 
 import torch
 
-from distill.prompts import BARE_STUDENT, StudentSide, TaskPrompt, render_teacher, student_prompt_ids
+from distill import render
+from distill.prompts import BARE_STUDENT, StudentSide, TaskPrompt
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-
-
-def teacher_text(tokenizer, prompt: TaskPrompt, query: str | list[dict]) -> str:
-    """The teacher's input for a query, up to the assistant header. A thinking template that opens <think> in the
-    generation prompt (Qwen3 Thinking-2507) gets an empty think block: the teacher scores a final answer, which is
-    what the student writes."""
-    text = render_teacher(tokenizer, prompt.teacher_messages(query))
-    if text.rstrip().endswith(THINK_OPEN):
-        text = text.rstrip() + f"\n\n{THINK_CLOSE}\n\n"
-    return text
+# The prompt-reading check at the first step: the teacher's mean log-probability of the sampled answer tokens with the
+# prompt must differ from the same teacher's without it by more than this (nats per token, mean absolute difference).
+# A teacher that reads no prompt gives the same figure both ways, up to float noise (~1e-6); a prompt that a model
+# reads moves its answer tokens by tenths of a nat (docs/on-policy.md has the measured figures).
+MIN_PROMPT_EFFECT = 1e-3
+PROMPT_CHECK_ROWS = 4
 
 
-def teacher_ids(tokenizer, prompt: TaskPrompt, query: str | list[dict]) -> list[int]:
-    return tokenizer(teacher_text(tokenizer, prompt, query), add_special_tokens=False).input_ids
+class PromptNotRead(RuntimeError):
+    """The teacher does not read its prompt: the run stops rather than train the student towards its unprompted
+    base. The message names what was measured and the likely cause."""
 
 
 def shared_prefix(tokenizer, prompt: TaskPrompt, queries: list = ()) -> list[int]:
@@ -45,7 +49,8 @@ def shared_prefix(tokenizer, prompt: TaskPrompt, queries: list = ()) -> list[int
     turns go around the query template (an earlier user turn, an assistant turn first) before the template's text."""
     conversations = [query for query in queries if not isinstance(query, str) and (
         len(query) > 1 or query[0]["role"] != "user")]
-    renders = [teacher_ids(tokenizer, prompt, query) for query in ["Alpha?", "7 + 5", *conversations]]
+    renders = [render.teacher_ids(tokenizer, prompt, query, scoring=True)
+               for query in ["Alpha?", "7 + 5", *conversations]]
     length = 0
     while length < min(map(len, renders)) and len({ids[length] for ids in renders}) == 1:
         length += 1
@@ -63,12 +68,27 @@ class TeacherInputs:
     def build(cls, tokenizer, prompt: TaskPrompt, queries: list[str], prefix: list[int]) -> "TeacherInputs":
         suffixes = []
         for query in queries:
-            ids = teacher_ids(tokenizer, prompt, query)
+            ids = render.teacher_ids(tokenizer, prompt, query, scoring=True)
             if ids[: len(prefix)] != prefix:
                 raise ValueError(f"the teacher's input for {query!r} does not start with the prompt's shared tokens; "
                                  f"run with --prompt_cache false")
             suffixes.append(ids[len(prefix):])
         return cls(prefix, suffixes)
+
+
+@contextlib.contextmanager
+def frozen_forward(model):
+    """`model` in eval mode for a teacher forward, each module's own mode restored after. Two reasons, both measured:
+    transformers' GradientCheckpointingLayer sets past_key_values=None when `gradient_checkpointing and training`
+    (TRL's DistillationConfig turns checkpointing on by default), so a self-teacher in the student's training mode
+    silently read no cached prompt; and dropout must not touch the teacher's distribution."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 @dataclass
@@ -80,6 +100,22 @@ class PrefixCache:
     prefix: list[int]
     cache: object = None
     tokens_computed: int = 0
+    cached_length: int | None = None  # what the cache holds once computed: the run record keeps it
+
+    def check(self) -> None:
+        """The computed cache must hold every prefix token, else the teacher would read its query without the prompt
+        (and at positions from 0); PromptNotRead otherwise."""
+        self.cached_length = self.cache.get_seq_length() if self.cache is not None else 0
+        if self.cached_length != len(self.prefix):
+            raise PromptNotRead(
+                f"the teacher's prompt cache holds {self.cached_length} tokens, not the prompt's {len(self.prefix)}: "
+                f"the teacher would read each query without its prompt. A forward in training mode under gradient "
+                f"checkpointing drops past_key_values (transformers' GradientCheckpointingLayer); the teacher must run "
+                f"in eval mode (distill.onpolicy.frozen_forward)")
+
+    def to_dict(self) -> dict:
+        return {"prefix_tokens": len(self.prefix), "cached_tokens": self.cached_length,
+                "passed": self.cached_length == len(self.prefix)}
 
     def for_batch(self, backbone, batch_size: int):
         from transformers import DynamicCache
@@ -89,6 +125,7 @@ class PrefixCache:
             with torch.no_grad():
                 self.cache = backbone(input_ids=ids, past_key_values=DynamicCache(), use_cache=True).past_key_values
             self.tokens_computed += len(self.prefix)
+            self.check()
         cache = copy.deepcopy(self.cache)
         cache.batch_repeat_interleave(batch_size)
         return cache
@@ -140,8 +177,41 @@ def teacher_hidden_states(backbone, suffixes: list[list[int]], completion_ids: t
 # ---- the trainers: TRL's, with the teacher reading the prompt ---------------------------------------------------
 
 
+def answer_logprobs(log_probs: torch.Tensor, ids: list[int]) -> list[float]:
+    """log p of each of `ids` from (len(ids), V) log-probabilities at the positions that predict them."""
+    return log_probs.gather(-1, torch.tensor(ids, device=log_probs.device)[:, None])[:, 0].tolist()
+
+
+def prompt_effect(with_prompt: list[list[float]], without_prompt: list[list[float]]) -> list[float]:
+    """The first step's figures from the teacher's log-probabilities of the same answer tokens read with and without
+    its prompt (per row): [sum with, sum without, sum of |difference|, tokens, rows], summable over processes."""
+    pairs = [(a, b) for row_a, row_b in zip(with_prompt, without_prompt) for a, b in zip(row_a, row_b)]
+    return [sum(a for a, _ in pairs), sum(b for _, b in pairs), sum(abs(a - b) for a, b in pairs), len(pairs),
+            len(with_prompt)]
+
+
+def judge_prompt_effect(totals: list[float]) -> dict:
+    """prompt_effect's totals (over every process) as the run record's figures; PromptNotRead when the mean absolute
+    difference per token is within MIN_PROMPT_EFFECT: the teacher does not read its prompt."""
+    with_sum, without_sum, difference, tokens, rows = totals
+    tokens = max(tokens, 1)
+    figures = {"rows": int(rows), "answer_tokens": int(tokens), "teacher_logprob_with_prompt": with_sum / tokens,
+               "teacher_logprob_without_prompt": without_sum / tokens, "mean_abs_difference": difference / tokens,
+               "threshold": MIN_PROMPT_EFFECT}
+    figures["passed"] = figures["mean_abs_difference"] > MIN_PROMPT_EFFECT
+    if not figures["passed"]:
+        raise PromptNotRead(
+            f"the teacher is not reading its prompt: its log-probabilities of {int(tokens)} sampled answer tokens "
+            f"({int(rows)} rows) are the same with the prompt and without it (mean |difference| "
+            f"{figures['mean_abs_difference']:.2e} nats per token, threshold {MIN_PROMPT_EFFECT:g}). Check that the "
+            f"prompt file has a system prompt or example turns, and that the teacher receives its own input")
+    return figures
+
+
 class PromptedTeacherMixin:
-    """What every teacher needs from a batch: its own input for each row's query. Set by `setup_teacher`."""
+    """What every teacher needs from a batch: its own input for each row's query, and the checks that it reads its
+    prompt (in every run: a prefix cache that holds the whole prefix, and a first-step comparison of the teacher's
+    answer log-probabilities with and without the prompt). Set by `setup_teacher`."""
 
     task_prompt: TaskPrompt
     teacher_prefix: list[int]
@@ -155,14 +225,31 @@ class PromptedTeacherMixin:
         self.teacher_prefix = prefix
         self.prefix_cache = PrefixCache(self.teacher_prefix) if cache else None
         self.spend = TeacherSpend()
+        self.prompt_check = None  # the first step's prompt_effect figures
+
+    def teacher_checks(self) -> dict:
+        """What the run record keeps of the checks that the teacher read its prompt."""
+        return {"prefix_cache": self.prefix_cache.to_dict() if self.prefix_cache else None,
+                "prompt_effect": self.prompt_check}
+
+    def bare_teacher_ids(self, query) -> list[int]:
+        """The teacher's input without its prompt: the query as the bare student reads it, in the teacher's own
+        template, in the same (final-answer) state: what the prompt-effect check compares against."""
+        return render.chat_ids(self.teacher_tokenizer, render.student_messages(query), answer_next=True)
+
+    # Overrides DistillationTrainer._tokenize_prompts, which applies the chat template to the student's messages
+    # itself: they go through distill.render instead, as in stages 2 and 3 (tests/test_render.py), so the student
+    # samples from the very ids it is trained and evaluated on. Every generation path (transformers, vLLM) starts here.
+    def _tokenize_prompts(self, prompts: list):
+        return [render.chat_ids(self._tokenizer, prompt, answer_next=True) for prompt in prompts], None, {}
 
     # Overrides DistillationTrainer._generate_and_score_completions, which builds the batch from the student's
     # samples: the batch also carries each row's teacher input (its "query" column rendered with the prompt),
     # tokenized here because the rows arrive only now.
     def _generate_and_score_completions(self, inputs):
         batch = super()._generate_and_score_completions(inputs)
-        teacher = TeacherInputs.build(self.teacher_tokenizer, self.task_prompt, [row["query"] for row in inputs],
-                                      self.teacher_prefix)
+        queries = [row["query"] for row in inputs]
+        teacher = TeacherInputs.build(self.teacher_tokenizer, self.task_prompt, queries, self.teacher_prefix)
         width = max(len(suffix) for suffix in teacher.suffixes)
         device = batch["completion_ids"].device
         # Left-padded like the student's prompt ids, so TRL's shuffle/split of the batch keeps rows together.
@@ -172,11 +259,32 @@ class PromptedTeacherMixin:
             ids[i, width - len(suffix):] = torch.tensor(suffix, device=device)
             mask[i, width - len(suffix):] = 1
         batch["teacher_suffix_ids"], batch["teacher_suffix_mask"] = ids, mask
+        if self.prompt_check is None:  # the first batch: its first rows' inputs without the prompt, for the check
+            bare = [self.bare_teacher_ids(query) for query in queries]
+            width = max(map(len, bare))
+            batch["bare_teacher_ids"] = torch.tensor([[self._tokenizer.pad_token_id] * (width - len(row)) + row
+                                                      for row in bare], device=device)
+            batch["bare_teacher_mask"] = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in bare],
+                                                      device=device)
         return batch
 
     def teacher_suffixes(self, inputs) -> list[list[int]]:
         return [[i for i, keep in zip(row, mask) if keep] for row, mask in
                 zip(inputs["teacher_suffix_ids"].tolist(), inputs["teacher_suffix_mask"].tolist())]
+
+    def record_prompt_effect(self, with_prompt, without_prompt, device) -> None:
+        """Every process's figures summed (a collective: every process checks at its first step), so all of them stop
+        together or none does."""
+        totals = torch.tensor(prompt_effect(with_prompt, without_prompt), dtype=torch.float64, device=device)
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        self.prompt_check = judge_prompt_effect(totals.tolist())
+
+    def bare_inputs(self, inputs) -> list[list[int]] | None:
+        if "bare_teacher_ids" not in inputs:
+            return None
+        return [[i for i, keep in zip(row, mask) if keep] for row, mask in
+                zip(inputs["bare_teacher_ids"].tolist(), inputs["bare_teacher_mask"].tolist())][:PROMPT_CHECK_ROWS]
 
 
 def in_process_trainer_class():
@@ -187,37 +295,55 @@ def in_process_trainer_class():
         """A teacher in this process: the student's own base (adapter disabled) or another model."""
 
         # Overrides DistillationTrainer._compute_loss, whose teacher reads the student's input ids: ours reads its
-        # own (prompt, example turns, query) before the same completion. The student side and the loss (TRL's chunked
-        # generalized JSD over the lm_head) are TRL's.
+        # own (prompt, example turns, query) before the same completion, in eval mode (frozen_forward). The student
+        # side and the loss (TRL's chunked generalized JSD over the lm_head) are TRL's.
         def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
             completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
             input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
             attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
             student_hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask,
                                                          completion_ids.size(1))
-            teacher = self.teacher_model if self.teacher_model is not None else unwrapped_student
+            teacher = self.accelerator.unwrap_model(
+                self.teacher_model if self.teacher_model is not None else unwrapped_student)
             suffixes = self.teacher_suffixes(inputs)
-            with torch.no_grad(), self.teacher_context(unwrapped_student):
-                backbone = backbone_of(self.accelerator.unwrap_model(teacher))
+            with torch.no_grad(), self.teacher_context(unwrapped_student), frozen_forward(teacher):
+                backbone = backbone_of(teacher)
                 before = self.prefix_cache.tokens_computed if self.prefix_cache else 0
                 teacher_hidden = teacher_hidden_states(backbone, suffixes, completion_ids, completion_mask,
                                                        self.teacher_prefix, self.prefix_cache)
+                bare = self.bare_inputs(inputs)
+                if bare is not None and self.prompt_check is None:
+                    self.check_prompt_effect(teacher, backbone, bare, teacher_hidden, completion_ids, completion_mask)
             self.spend.prefix += (self.prefix_cache.tokens_computed - before) if self.prefix_cache else 0
             self.spend.forwarded += sum(map(len, suffixes)) + int(completion_mask.sum()) + (
                 0 if self.prefix_cache else len(self.teacher_prefix) * len(suffixes))
             self.spend.steps += 1
             student_head = unwrapped_student.get_output_embeddings()
-            teacher_head = self.accelerator.unwrap_model(teacher).get_output_embeddings()
+            teacher_head = teacher.get_output_embeddings()
             loss, entropy_sum, n_valid = _chunked_divergence_loss(
                 student_hidden, teacher_hidden.to(student_hidden.dtype), student_head.weight,
                 teacher_head.weight.to(student_head.weight.device), completion_mask, self.beta,
                 num_items_in_batch=num_items_in_batch, temperature=self.temperature)
             return loss, entropy_sum.detach(), n_valid
 
+        def check_prompt_effect(self, teacher, backbone, bare, teacher_hidden, completion_ids, completion_mask):
+            """The first step's check on its first rows: the teacher's log-probabilities of their sampled answers as
+            training computed them (with the prompt) against a plain forward of the same answers after the bare
+            query. Every process takes part (under FSDP each forward is a collective) and decides on the figures
+            summed over all of them, so all stop together."""
+            head = teacher.get_output_embeddings()
+            with_prompt, without_prompt = [], []
+            for i, bare_ids in enumerate(bare):
+                answer = [t for t, keep in zip(completion_ids[i].tolist(), completion_mask[i].tolist()) if keep]
+                log_t = torch.log_softmax(head(teacher_hidden[i, : len(answer)]).float(), -1)
+                with_prompt.append(answer_logprobs(log_t, answer))
+                ids = torch.tensor([bare_ids + answer], device=completion_ids.device)
+                hidden = backbone(input_ids=ids).last_hidden_state[0, len(bare_ids) - 1: -1]
+                without_prompt.append(answer_logprobs(torch.log_softmax(head(hidden).float(), -1), answer))
+            self.record_prompt_effect(with_prompt, without_prompt, completion_ids.device)
+
         def teacher_context(self, unwrapped_student):
             """The self-teacher is the student's base: its adapter is off while it scores."""
-            import contextlib
-
             if self.teacher_model is None:
                 return unwrapped_student.disable_adapter()
             return contextlib.nullcontext()
@@ -295,6 +421,9 @@ def server_trainer_class():
             }
             self.spend.forwarded += int(teacher_mask.sum()) + int(completion_mask.sum())
             self.spend.steps += 1
+            bare = self.bare_inputs(inputs)
+            if bare is not None and self.prompt_check is None:
+                self.check_server_prompt_effect(suffixes, bare, completion_ids, completion_mask)
             # TRL's loss reads the student's positions from `aligned_prompt_length` (the batch's shortest unpadded
             # prompt), while its completions start at the padded prompt width: TRL places each teacher completion at
             # (its start - aligned_prompt_length), so the start we pass must leave the same gap. Passing the
@@ -302,6 +431,18 @@ def server_trainer_class():
             # differed in length (no gradient at all, or the wrong tokens paired).
             gap = inputs["prompt_ids"].size(1) - aligned_prompt_length
             return super()._get_teacher_token_logprobs_from_server(teacher_inputs, width - gap)
+
+        def check_server_prompt_effect(self, suffixes, bare, completion_ids, completion_mask):
+            """The first step's check on its first rows, asked of the server: the same answers after the teacher's
+            input and after the bare query, scored in one request (the student's tokens, read as prompt_logprobs)."""
+            answers = [[t for t, keep in zip(ids, mask) if keep][:] for ids, mask in
+                       zip(completion_ids.tolist()[: len(bare)], completion_mask.tolist()[: len(bare)])]
+            prompts = [self.teacher_prefix + suffix for suffix in suffixes[: len(bare)]] + bare
+            result = self.teacher_client.get_sequence_logprobs(
+                sequences=[prompt + answer for prompt, answer in zip(prompts, answers + answers)],
+                prompt_lengths=[len(prompt) for prompt in prompts], top_logprobs=1)
+            scored = [[position[0] for position in row] for row in result["actual_logprobs"]]
+            self.record_prompt_effect(scored[: len(bare)], scored[len(bare):], completion_ids.device)
 
     return PromptedServerDistillationTrainer
 
@@ -325,7 +466,7 @@ def student_hidden_states(backbone, tokenizer, queries: list, completions: list[
                           side: StudentSide = BARE_STUDENT):
     """The student's hidden states (no prompt; its own side of the prompt file) predicting each completion token,
     (B, C, H), right-padded."""
-    prompts = student_prompt_ids(tokenizer, queries, side)
+    prompts = [render.student_ids(tokenizer, query, side) for query in queries]
     rows = [p + c for p, c in zip(prompts, completions)]
     width = max(map(len, rows))
     ids = torch.tensor([row + [tokenizer.pad_token_id or 0] * (width - len(row)) for row in rows])
@@ -371,7 +512,7 @@ def drift_from_base(student, base, tokenizer, texts: list[str], batch_size: int 
     total = tokens = 0.0
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
-            rows = student_prompt_ids(tokenizer, texts[start: start + batch_size], side)
+            rows = [render.student_ids(tokenizer, text, side) for text in texts[start: start + batch_size]]
             width = max(map(len, rows))
             ids = torch.tensor([r + [tokenizer.pad_token_id or 0] * (width - len(r)) for r in rows])
             mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])

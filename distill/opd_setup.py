@@ -1,6 +1,7 @@
 """Stage 2b's inputs and checks, all before any weights load, and the trainer they assemble (train_opd_trl.py).
 
     prompt = task_prompt("prompts/in_short.md")                      # a bad prompt file fails here
+    check_settings(script_args, training_args, model_args)           # settings that would skip our teacher
     queries, note = training_queries(script_args)                    # train side of the split only
     tokenizers = check_teacher(script_args, training_args, model_args)   # tokenizer match / server reachable
     trainer = build_trainer(script_args, training_args, model_args, peft_config, prompt, queries.rows, tokenizers)
@@ -12,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from distill.prompts import (conversation, fit_system, load_prompt, merges_system, query_of, student_messages,
-                             takes_system_role)
+from distill.prompts import load_prompt
+from distill.render import (conversation, fit_system, merges_system, query_of, rendering_record, student_messages,
+                            takes_system_role)
 from distill.records import InputError, query_id, read_jsonl, read_queries
 from distill.splits import select
 from distill.training import query_and_answer
@@ -85,32 +87,67 @@ def is_stage1_file(path: Path) -> bool:
     return False
 
 
+def check_settings(script_args, training_args, model_args) -> None:
+    """Settings under which our prompted teacher would not run, refused before any weights load: the self-teacher is
+    the student's base with its LoRA adapter disabled, so it needs an adapter; Liger's kernels (--use_liger_kernel)
+    replace the model's forward and loss with fused ones that never reach our teacher (_compute_loss)."""
+    if training_args.use_liger_kernel:
+        raise InputError("--use_liger_kernel: fused kernels would bypass the prompted teacher's loss "
+                         "(distill/onpolicy.py); stage 2b trains without them")
+    self_teacher = not (script_args.teacher_server_url or training_args.teacher_model_name_or_path)
+    if self_teacher and not model_args.use_peft and not script_args.init_adapter:
+        raise InputError("--use_peft false with the self-teacher: the teacher is the student's base with its LoRA "
+                         "adapter disabled, and a full fine-tune has no adapter to disable. Keep LoRA, or name another "
+                         "teacher (--teacher_model_name_or_path, --teacher_server_url)")
+
+
 @dataclass
 class Tokenizers:
     student: object
-    teacher: object  # the student's, for the self-teacher and a server (whose tokenizer is checked the same way)
+    teacher: object  # the student's for the self-teacher; the teacher's own for another model or a server
 
 
 def check_teacher(script_args, training_args, model_args) -> Tokenizers:
-    """The student's tokenizer, and the teacher's: it must be the same vocabulary (the loss compares distributions
-    token by token), checked from the tokenizer files alone. A server must answer a TCP probe within seconds."""
+    """The student's tokenizer, and the teacher's: its own (it renders the teacher's input in its own chat template)
+    with the same vocabulary (the loss compares distributions token by token), checked from the tokenizer files
+    alone. A server must answer a TCP probe within seconds; its tokenizer is --teacher_tokenizer_name_or_path, else
+    the model the server says it serves."""
     from transformers import AutoTokenizer
 
     student = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
                                             trust_remote_code=training_args.trust_remote_code)
     if script_args.teacher_server_url:
         probe_server(script_args.teacher_server_url)
-        return Tokenizers(student, student)
-    name = training_args.teacher_model_name_or_path
+        flag = "--teacher_tokenizer_name_or_path"
+        name = script_args.teacher_tokenizer_name_or_path or served_model(script_args.teacher_server_url)
+    else:
+        flag, name = "--teacher_model_name_or_path", training_args.teacher_model_name_or_path
     if not name:
         return Tokenizers(student, student)
-    teacher = AutoTokenizer.from_pretrained(name, trust_remote_code=training_args.trust_remote_code)
+    try:
+        teacher = AutoTokenizer.from_pretrained(name, trust_remote_code=training_args.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{flag} {name}: cannot load the teacher's tokenizer ({str(error).splitlines()[0]}); give a "
+                         f"local directory holding it") from None
     difference = tokenizer_difference(student, teacher)
     if difference:
-        raise InputError(f"--teacher_model_name_or_path {name}: its tokenizer is not the student's "
-                         f"({model_args.model_name_or_path}): {difference}. On-policy distillation compares the two "
-                         f"models' next-token distributions token by token, so they must share one vocabulary")
+        raise InputError(f"{flag} {name}: its tokenizer is not the student's ({model_args.model_name_or_path}): "
+                         f"{difference}. On-policy distillation compares the two models' next-token distributions "
+                         f"token by token, so they must share one vocabulary")
     return Tokenizers(student, teacher)
+
+
+def served_model(url: str) -> str:
+    """The model a vLLM server says it serves (GET /v1/models: its `root`, the path or name it was started with)."""
+    from urllib.request import urlopen
+
+    try:
+        with urlopen(f"{url.rstrip('/')}/v1/models", timeout=SERVER_PROBE_SECONDS) as response:
+            model = json.load(response)["data"][0]
+        return model.get("root") or model["id"]
+    except (OSError, ValueError, KeyError, IndexError) as error:
+        raise InputError(f"--teacher_server_url {url}: cannot ask it which model it serves ({error}); pass "
+                         f"--teacher_tokenizer_name_or_path (the teacher's tokenizer, a local dir offline)") from None
 
 
 def tokenizer_difference(student, teacher) -> str | None:
@@ -191,6 +228,7 @@ def build_trainer(script_args, training_args, model_args, peft_config, prompt, r
 
     from distill.onpolicy import in_process_trainer_class, server_trainer_class, shared_prefix
 
+    # "prompt": the student's messages, rendered by distill.render when TRL tokenizes them (_tokenize_prompts).
     dataset = Dataset.from_list([
         {"prompt": fit_system(tokenizers.student, student_messages(query_of(row), prompt.student)),
          "query": conversation(query_of(row))} for row in rows])
@@ -232,8 +270,9 @@ def build_trainer(script_args, training_args, model_args, peft_config, prompt, r
 
 def student_record(prompt, rows: list[dict], tokenizers: Tokenizers) -> dict:
     """For the run record: the student's own side of the prompt file (evaluate.py checks its prompt file against
-    it), and whether a chat template without a system role had a system turn merged into the first user turn (the
-    teacher's always has one)."""
-    merged = not takes_system_role(tokenizers.teacher) or merges_system(
+    it), whether a chat template without a system role had a system turn merged into the first user turn, and how
+    each side's input is rendered (distill.render.rendering_record)."""
+    merged = (bool(prompt.text) and not takes_system_role(tokenizers.teacher)) or merges_system(
         tokenizers.student, (student_messages(query_of(row), prompt.student) for row in rows))
-    return {"student": prompt.student.to_dict(), "system_merged_into_user": merged}
+    return {"student": prompt.student.to_dict(), "system_merged_into_user": merged,
+            "rendering": rendering_record(prompt, query_of(rows[0]), tokenizers.student, tokenizers.teacher)}

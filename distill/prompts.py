@@ -1,4 +1,4 @@
-"""A task prompt file -> its text, label set and answer contract; the teacher's and the student's messages.
+"""A task prompt file -> its text, label set, answer contract and the student's side; it renders nothing (render.py).
 
 A prompt file is Markdown with YAML front matter declaring the task, so another task needs a new file, not code:
 
@@ -14,7 +14,12 @@ A generative (free-form) task declares instead how a whole answer is judged, and
 
     ---
     check: {answer_language: fr}
+    rules:                                        # optional: more rules, each verified or judged (distill/rules.py)
+      - {id: short, text: "At most 30 words", verify: {max_words: 30}}
     ---
+
+The check becomes the task's first rule (id "check"); a file may declare rules without a check. A bad rule fails at
+load with the file and the rule's line (docs/prompt-files.md).
 
 Either kind may declare `example_turns`, a list of {user, assistant} pairs the teacher sees as real chat turns
 between the system prompt and the query (a small model follows a format from such turns, not from the same examples
@@ -23,26 +28,13 @@ besides "does it answer?") and `on_topic` (how strict scoring checks that an ans
 `question_words`, the default, or `none` for a task whose answers need not share the question's words, e.g. a
 translation into another language).
 
-The teacher sees [system: prompt, (user: query_template(example), assistant: answer)..., user:
-query_template(query)]: the prompt and the examples come first so they are a prefix that vLLM's prefix cache computes
-once. The student sees [user: query] only. Both are rendered to text by one
-function, `render`, which training and evaluation share so the student's input is identical in both.
-
 A query is a text or a conversation (records.read_queries: role/content turns, an optional system turn first, ending
-in the user turn to answer; earlier assistant turns are context). How the two sides combine with a conversation:
-  - teacher: one system turn, the prompt file's system prompt, a blank line, then the conversation's own system turn;
-    then the example turns; then the conversation's turns, its last user turn through query_template;
-  - student: the prompt file's student side (below), never its system prompt or example turns: one system turn,
-    `student_system_prompt`, a blank line, then the conversation's own system turn (none if both are absent); then
-    the conversation's turns, its last user turn through `student_template`.
-A text query is the conversation [user: text]. The front matter may declare the student's own side, which stages 2,
+in the user turn to answer; earlier assistant turns are context). What each side reads of the file, and how it is
+rendered with a query, is distill/render.py's. The front matter may declare the student's own side, which stages 2,
 2b and 3 use and the run records store (evaluation refuses a prompt file whose student side is not the adapter's):
 
     student_system_prompt: "Answer in one short sentence."   # a short system prompt the student keeps
     student_template: "Q: {query}\\nA:"                          # the student's last user turn ("{query}" if unset)
-
-A chat template without a system role (it raises on one, or drops it) gets the system text merged into the first
-user turn, a blank line after it (`fit_system`); the run records say so (`system_merged_into_user`).
 """
 
 import hashlib
@@ -54,6 +46,7 @@ from pathlib import Path
 import yaml
 
 from distill import checks
+from distill.rules import Rule, RuleError, parse_rules
 
 DEFAULT_PROMPT = Path(__file__).resolve().parent.parent / "prompts" / "language_identification.md"
 REQUIRED_KEYS = ("labels", "answer_format", "query_template")
@@ -93,10 +86,15 @@ class TaskPrompt:
     judge_rubric: str | None = None  # a generative task's rules, as a judge model is asked to apply them
     on_topic: str = "question_words"  # how strict scoring checks an answer is about its question (distill/checks.py)
     student: StudentSide = BARE_STUDENT  # the student's own system prompt and template
+    rules: tuple[Rule, ...] = ()  # a generative task's rules, its check first (distill/rules.py)
 
     @property
     def is_generative(self) -> bool:
-        return self.check is not None
+        return self.check is not None or bool(self.rules)
+
+    @property
+    def verifiable_rules(self) -> tuple[Rule, ...]:
+        return tuple(rule for rule in self.rules if rule.verifiable)
 
     def stop_sampling(self) -> dict:
         """SamplingParams fields that end an answer where the task says it ends (kept in the answer), so a
@@ -113,101 +111,11 @@ class TaskPrompt:
     def sha256(self) -> str:
         return hashlib.sha256(Path(self.path).read_bytes()).hexdigest()
 
-    def teacher_messages(self, query: str | list[dict]) -> list[dict]:
-        own_system, turns = split_system(conversation(query))
-        messages = [{"role": "system", "content": joined(self.text, own_system)}]
-        for user, assistant in self.example_turns:
-            messages += [{"role": "user", "content": self.query_template.format(query=user)},
-                         {"role": "assistant", "content": assistant}]
-        last = {"role": "user", "content": self.query_template.format(query=turns[-1]["content"])}
-        return messages + turns[:-1] + [last]
-
     def echo_sources(self) -> list[str]:
         """The prompt's own words, which an answer restates instead of answering (distill/checks.py's echo): the
         system prompt, the query template around {query}, and the example turns."""
         return [self.text, *self.query_template.split("{query}"),
                 *(text for turn in self.example_turns for text in turn)]
-
-
-def conversation(query: str | list[dict]) -> list[dict]:
-    """A query's turns: a text is the conversation [user: text]."""
-    return [{"role": "user", "content": query}] if isinstance(query, str) else list(query)
-
-
-def query_of(row: dict) -> str | list[dict]:
-    """An input row's query (records.read_queries): its conversation, or its text."""
-    return row["messages"] if "messages" in row else row["text"]
-
-
-def split_system(turns: list[dict]) -> tuple[str | None, list[dict]]:
-    """(the conversation's own system text or None, its other turns)."""
-    if turns and turns[0]["role"] == "system":
-        return turns[0]["content"], turns[1:]
-    return None, turns
-
-
-def joined(*systems: str | None) -> str:
-    return "\n\n".join(system for system in systems if system)
-
-
-def student_messages(query: str | list[dict], student: StudentSide = BARE_STUDENT) -> list[dict]:
-    own_system, turns = split_system(conversation(query))
-    system = joined(student.system_prompt, own_system)
-    last = {"role": "user", "content": student.template.format(query=turns[-1]["content"])}
-    return [{"role": "system", "content": system}] * bool(system) + turns[:-1] + [last]
-
-
-SYSTEM_PROBE = "<system-role-probe>"
-
-
-def takes_system_role(tokenizer) -> bool:
-    """Whether the chat template renders a system turn; some (Gemma's, older Mistral's) raise on one or drop it."""
-    from jinja2 import TemplateError
-
-    try:
-        text = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROBE},
-                                              {"role": "user", "content": "?"}], tokenize=False)
-    except TemplateError:
-        return False
-    return SYSTEM_PROBE in text
-
-
-def merges_system(tokenizer, chats) -> bool:
-    """Whether `fit_system` moves a system turn into a user turn for any of `chats`: what run records report."""
-    return any(chat[0]["role"] == "system" for chat in chats) and not takes_system_role(tokenizer)
-
-
-def fit_system(tokenizer, messages: list[dict]) -> list[dict]:
-    """`messages` as the chat template takes them: without a system role, the system turn's text goes at the head of
-    the first user turn, a blank line after it."""
-    if not messages or messages[0]["role"] != "system" or takes_system_role(tokenizer):
-        return messages
-    system, turns = messages[0]["content"], [dict(turn) for turn in messages[1:]]
-    first_user = next(turn for turn in turns if turn["role"] == "user")
-    first_user["content"] = joined(system, first_user["content"])
-    return turns
-
-
-def render(tokenizer, messages: list[dict]) -> str:
-    """The model's input text for a chat, up to and including the assistant header.
-
-    enable_thinking=False makes hybrid Qwen3 templates close an empty think block in the prompt, so it is never
-    part of a completion (and never carries loss); templates without the switch ignore it.
-    """
-    return tokenizer.apply_chat_template(fit_system(tokenizer, messages), tokenize=False, add_generation_prompt=True,
-                                         enable_thinking=False)
-
-
-def student_prompt_ids(tokenizer, queries: list, student: StudentSide = BARE_STUDENT) -> list[list[int]]:
-    """The student's input ids: each query (a text or a conversation) with the student's own side, in the chat
-    template, as training renders it."""
-    return [tokenizer(render(tokenizer, student_messages(query, student)), add_special_tokens=False).input_ids
-            for query in queries]
-
-
-def render_teacher(tokenizer, messages: list[dict]) -> str:
-    # The teacher thinks if its template lets it: no enable_thinking switch here.
-    return tokenizer.apply_chat_template(fit_system(tokenizer, messages), tokenize=False, add_generation_prompt=True)
 
 
 def load_prompt(path: str | Path = DEFAULT_PROMPT) -> TaskPrompt:
@@ -218,15 +126,28 @@ def load_prompt(path: str | Path = DEFAULT_PROMPT) -> TaskPrompt:
         raise ValueError(f"{path}: expected YAML front matter between '---' lines at the top")
     meta = yaml.safe_load(match.group(1)) or {}
     text = match.group(2).strip()
-    if "labels" in meta and "check" in meta:
-        raise ValueError(f"{path}: front matter has both 'labels' and 'check'; keep 'labels' (with answer_format) "
-                         f"for a label task, or 'check' alone for a generative task")
-    if "check" in meta:
-        return _generative_task(path, meta, text)
+    generative = "check" in meta or "rules" in meta
+    if "labels" in meta and generative:
+        raise ValueError(f"{path}: front matter has 'labels' and 'check' or 'rules'; keep 'labels' (with "
+                         f"answer_format) for a label task, or 'check' and/or 'rules' for a generative task")
+    if generative:
+        return _generative_task(path, meta, text, front_matter_lines(match.group(1)))
     if "labels" not in meta:
         raise ValueError(f"{path}: front matter needs 'labels' (a label task, with answer_format and "
                          f"query_template) or 'check' (a generative task, e.g. '{GENERATIVE_EXAMPLE}')")
     return _label_task(path, meta, text)
+
+
+def front_matter_lines(front_matter: str) -> dict:
+    """The file's line of each top-level key ({key: line}) and of each item of `rules` ({"rules": [lines]}), so an
+    error names where to look: line 1 of the file is the opening '---'."""
+    root = yaml.compose(front_matter)
+    lines = {}
+    for key, value in (root.value if isinstance(root, yaml.MappingNode) else []):
+        lines[key.value] = key.start_mark.line + 2
+        if key.value == "rules" and isinstance(value, yaml.SequenceNode):
+            lines["rule_items"] = [item.start_mark.line + 2 for item in value.value]
+    return lines
 
 
 def _example_turns(path: Path, meta: dict) -> tuple[tuple[str, str], ...]:
@@ -269,7 +190,21 @@ def _label_task(path: Path, meta: dict, text: str) -> TaskPrompt:
                       example_turns=_example_turns(path, meta), student=_student_side(path, meta))
 
 
-def _generative_task(path: Path, meta: dict, text: str) -> TaskPrompt:
+def _rules(path: Path, meta: dict, lines: dict, check: dict | None) -> tuple[Rule, ...]:
+    """The check (the rule "check") and the declared rules, each checked (a RuleError names its file:line)."""
+    declared = parse_rules(meta["rules"], lines.get("rule_items", [lines.get("rules", 1)]), path) \
+        if "rules" in meta else ()
+    first = (checks.as_rule(check, lines.get("check")),) if check else ()
+    for rule in declared:
+        if first and rule.id == "check":
+            raise RuleError(f"{path}:{rule.line}: rule id 'check' is the front matter's check; name this rule "
+                                  f"otherwise")
+    if not first + declared:
+        raise ValueError(f"{path}:{lines.get('rules', 1)}: rules is empty; declare at least one rule or a check")
+    return first + declared
+
+
+def _generative_task(path: Path, meta: dict, text: str, lines: dict) -> TaskPrompt:
     if "answer_format" in meta:
         raise ValueError(f"{path}: answer_format belongs to label tasks; remove it, a generative task's whole "
                          f"answer is judged by its check")
@@ -277,9 +212,10 @@ def _generative_task(path: Path, meta: dict, text: str) -> TaskPrompt:
     if "{query}" not in query_template:
         raise ValueError(f"{path}: query_template needs '{{query}}' (or leave it out: '{{query}}' is the default)")
     try:
-        check = checks.validate(meta["check"])
+        check = checks.validate(meta["check"]) if "check" in meta else None
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+        raise ValueError(f"{path}:{lines['check']}: {error}") from None
+    task_rules = _rules(path, meta, lines, check)
     stop = meta.get("stop", [])
     if not isinstance(stop, list) or not all(isinstance(item, str) and item for item in stop):
         raise ValueError(f"{path}: stop must be a list of non-empty strings, e.g. stop: [\". \", \"\\n\"]")
@@ -290,4 +226,4 @@ def _generative_task(path: Path, meta: dict, text: str) -> TaskPrompt:
     if rubric is not None and not (isinstance(rubric, str) and rubric.strip()):
         raise ValueError(f"{path}: judge_rubric must be a non-empty string")
     return TaskPrompt(str(path), text, (), None, query_template, check, tuple(stop), _example_turns(path, meta),
-                      rubric, on_topic, _student_side(path, meta))
+                      rubric, on_topic, _student_side(path, meta), task_rules)

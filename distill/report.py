@@ -3,8 +3,11 @@ baselines and the confusion matrix, or a generative task's pass rates), the conf
 run. The numbers themselves come from distill/metrics.py and are saved in the results JSON before any of this runs.
 
     report.show(results, output_file, wandb=True)   # the console report, the PNG beside output_file, a wandb run
+    report.compare(["data/eval_teacher.json", "data/eval_student.json"], png=None, wandb=False)  # models x rules
 """
 
+import json
+import textwrap
 from pathlib import Path
 
 
@@ -62,9 +65,25 @@ def print_generative_report(r):
               f"(judge yes / strict no: {r['judge_yes_strict_no']}, judge no / strict yes: {r['judge_no_strict_yes']})")
     print(f"mean answer: {r['mean_answer_chars']:.1f} characters, {r['mean_answer_tokens']:.1f} tokens; "
           f"{r['empty_answers']} empty")
+    if r.get("rules"):
+        print_rules(r)
     for failure in r["failures"][:3]:
         print(f"failed ({failure['reason']}): {failure['text'][:50]!r} -> {failure['answer'][:80]!r}")
     print_cost(r["cost"])
+
+
+def print_rules(r):
+    """Each rule's pass rate, and beside the teacher's answers its rate, the transfer and the answers lost/gained."""
+    print(f"rules: all pass {fmt(r['all_rules_pass_rate'])} ({r['n_all_rules_passed']} of {r['n']}); strict "
+          f"non-answer rate {fmt(r['non_answer_rate'])}")
+    print(f"  {'rule':24} {'pass':>7} {'teacher':>8} {'transfer':>8} {'lost':>5} {'gained':>6}  what it asks")
+    for rule_id, rule in r["rules"].items():
+        teacher = "teacher_pass_rate" in rule
+        print(f"  {rule_id + ('*' if rule['baseline_follows'] else ''):24} {fmt(rule['pass_rate']):>7} "
+              f"{fmt(rule.get('teacher_pass_rate')):>8} {fmt(rule.get('transfer')):>8} "
+              f"{rule['lost'] if teacher else '-':>5} {rule['gained'] if teacher else '-':>6}  {rule['text']}")
+    if any(rule["baseline_follows"] for rule in r["rules"].values()):
+        print("  * the base model follows this rule without the prompt (the prompt file says baseline_follows)")
 
 
 def print_report(r):
@@ -136,7 +155,7 @@ def plot_confusion(results, path: Path, title: str):
 SUMMARY_KEYS = {
     "label": ("accuracy_vs_gold", "agreement_with_teacher", "parse_rate", "n"),
     "generative": ("strict_pass_rate", "n_strict_passed", "check_pass_rate", "agreement_with_teacher_chrf", "n_with_teacher", "mean_answer_chars",
-                   "mean_answer_tokens", "empty_answers", "n"),
+                   "mean_answer_tokens", "empty_answers", "n", "non_answer_rate"),
 }
 
 
@@ -151,6 +170,9 @@ def log_wandb(full, output_file: Path):
     run.summary.update({k: full[k] for k in SUMMARY_KEYS[full["task"]]})
     run.summary.update({f"cost/{k}": v for k, v in full["cost"].items() if not isinstance(v, dict)})
     if full["task"] == "generative":
+        run.summary.update({f"rules/{rule_id}": rule["pass_rate"] for rule_id, rule in full.get("rules", {}).items()})
+        if full.get("rules"):
+            run.summary["all_rules_pass_rate"] = full["all_rules_pass_rate"]
         columns = ["id", "text", "answer", "passed", "check_passed", "reason", "teacher", "chrf"]
         table = wandb.Table(columns=columns, data=[[e.get(c) for c in columns] for e in full["examples"]])
         run.log({"answers": table})
@@ -170,4 +192,99 @@ def log_wandb(full, output_file: Path):
     for e in full["examples"]:
         table.add_data(e["id"], e["text"], e["gold"], e["prediction"], e["raw"])
     run.log({"predictions": table})
+    run.finish()
+
+
+# ---- several results files side by side: models x rules ------------------------------------------------------
+
+COMPARE_EXTRA = ("all rules", "strict pass")
+
+
+def compare(paths: list[str], png: str | None, wandb: bool) -> Path:
+    """`evaluate.py --compare`: a models x rules table of pass rates from results JSONs (a row per file, named by
+    the file: eval_teacher.json is "teacher"), printed and drawn as a heatmap PNG (`png`, else rules_compare.png
+    beside the first file); logged to wandb as a table and the image with `wandb`. Returns the PNG's path."""
+    models = {}
+    for path in paths:
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
+        if results.get("task") != "generative":
+            raise ValueError(f"{path}: not a generative task's results; --compare shows the rules of generative tasks")
+        models[model_name(Path(path), paths)] = results
+    columns, rows = compare_table(models)
+    titles = print_compare(models, columns, rows)
+    png = Path(png) if png else Path(paths[0]).with_name("rules_compare.png")
+    plot_compare(titles, rows, png)
+    print(f"evaluate: heatmap -> {png}")
+    if wandb:
+        log_compare(columns, rows, png)
+    return png
+
+
+def model_name(path: Path, paths: list[str]) -> str:
+    """The file's stem without 'eval_' (the demo's eval_teacher.json -> teacher); with its folder when two files
+    share a stem."""
+    name = path.stem.removeprefix("eval_")
+    return name if sum(Path(other).stem == path.stem for other in paths) == 1 else f"{path.parent.name}/{name}"
+
+
+def compare_table(models: dict[str, dict]) -> tuple[list[str], list[tuple[str, list]]]:
+    """(column names: every rule id in order of first appearance, then COMPARE_EXTRA; [(model, pass rates)]), a
+    rate None where a model's results lack the rule (e.g. a judged rule scored without --judge_model)."""
+    rule_ids = list(dict.fromkeys(rule_id for results in models.values() for rule_id in results.get("rules", {})))
+    rows = [(name, [results.get("rules", {}).get(rule_id, {}).get("pass_rate") for rule_id in rule_ids]
+             + [results.get("all_rules_pass_rate"), results["strict_pass_rate"]])
+            for name, results in models.items()]
+    return rule_ids + list(COMPARE_EXTRA), rows
+
+
+def print_compare(models: dict[str, dict], columns: list[str], rows: list[tuple[str, list]]) -> list[str]:
+    """Prints the table and its notes; returns the column titles, a rule the base follows marked with *."""
+    follows = {rule_id for results in models.values() for rule_id, rule in results.get("rules", {}).items()
+               if rule["baseline_follows"]}
+    titles = [column + ("*" if column in follows else "") for column in columns]
+    width = max(len(name) for name, _ in rows) + 2
+    print(f"{'':{width}}" + "  ".join(f"{title:>{max(len(title), 6)}}" for title in titles))
+    for name, rates in rows:
+        print(f"{name:{width}}" + "  ".join(f"{fmt(rate):>{max(len(title), 6)}}" for rate, title in zip(rates, titles)))
+    texts = {rule_id: rule["text"] for results in models.values() for rule_id, rule in results.get("rules", {}).items()}
+    some = next(iter(models.values()))
+    notes = ["; ".join(f"{rule_id}: {text}" for rule_id, text in texts.items()),
+             f"n={some['n']} answers per model ({some['split']} split of {some['test_file']}); all rules = every rule "
+             f"passes (IFEval's prompt-level strict); strict pass = the check passes and the answer is an answer"
+             + ("; * the base model follows the rule without the prompt" if follows else "")]
+    print("\n".join(textwrap.fill(note, 118) for note in notes))
+    return titles
+
+
+def plot_compare(columns: list[str], rows: list[tuple[str, list]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    matrix = np.array([[np.nan if rate is None else 100 * rate for rate in rates] for _, rates in rows])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(columns), 1.2 + 0.55 * len(rows)))
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(columns)), columns, rotation=40, ha="right")
+    ax.set_yticks(range(len(rows)), [name for name, _ in rows])
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, "n/a" if np.isnan(value) else f"{value:.0f}", ha="center", va="center", fontsize=8)
+    ax.set_title("pass rate per rule (%); * the base model follows the rule without the prompt", fontsize=10)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def log_compare(columns: list[str], rows: list[tuple[str, list]], png: Path) -> None:
+    import os
+
+    import wandb
+
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "prompt-distillation"), job_type="compare",
+                     name=f"compare-{'-'.join(name for name, _ in rows)}")
+    run.log({"rules_table": wandb.Table(columns=["model", *columns], data=[[name, *rates] for name, rates in rows]),
+             "rules_heatmap": wandb.Image(str(png))})
     run.finish()

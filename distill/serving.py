@@ -240,7 +240,9 @@ def generate(llm, tokenizer, rows, prompt_ids, prompt, args, lora_request) -> Ge
 
     teacher = None
     if args.with_prompt:
-        teacher = Teacher(tokenizer, prompt, llm.model_config.max_model_len, args.constrain_labels)
+        # keep_rule_failures: an evaluation scores every rule on every answer; stage 1 is what rejects
+        teacher = Teacher(tokenizer, prompt, llm.model_config.max_model_len, args.constrain_labels,
+                          keep_rule_failures=True)
     # The task's stop strings hold for every model scored on it (base, teacher, student), so answers compare alike.
     params = sampling_params(llm.get_default_sampling_params(), {"temperature": 0.0}, max_tokens=args.max_tokens,
                              structured_outputs=teacher.constraint() if teacher else None, **prompt.stop_sampling())

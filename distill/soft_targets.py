@@ -35,7 +35,8 @@ from pathlib import Path
 
 from distill.prompts import BARE_STUDENT, StudentSide
 from distill.records import InputError, append_jsonl, read_jsonl, repair_torn_tail
-from distill.training import NO_MASS, kl_from_top_k, query_and_answer, tokenize
+from distill.render import student_example
+from distill.training import NO_MASS, kl_from_top_k, query_and_answer
 
 SIDECAR_SUFFIX = ".logprobs.jsonl"
 
@@ -263,7 +264,7 @@ def heldout_kl(model, tokenizer, rows: list[dict], sidecar: dict[str, dict], sid
     per_token, without = [], 0
     model.eval()
     for row in rows:
-        example = tokenize(tokenizer, *query_and_answer(row, None), side)
+        example = student_example(tokenizer, *query_and_answer(row, None), side)
         found = row_targets(targets, row, tokenizer, example)
         start, top_ids = found["teacher_start"], found["teacher_top_ids"]
         if start < 0 or not top_ids:

@@ -19,10 +19,11 @@ reason and every raw output (create_data.py's docstring has the file formats).
 
 import signal
 import sys
+from collections import Counter
 from contextlib import contextmanager
 
 from distill import defaults, engine, shards
-from distill.prompts import conversation, query_of, takes_system_role
+from distill.render import conversation, query_of, takes_system_role
 from distill.records import InputError, query_id
 from distill.soft_targets import sidecar_line
 from distill.splits import split_of
@@ -32,7 +33,7 @@ from distill.teacher import (SAMPLING_FLAGS, StopRequest, StreamStats, Teacher, 
 
 # Settings that change what the teacher's answers mean: a resumed run, or a shard merged with others, must share them.
 RESUME_KEYS = ("model", "prompt_sha256", "num_samples", "constrain_labels", *SAMPLING_FLAGS, "max_tokens",
-               "save_logprobs", "keep")
+               "save_logprobs", "keep", "keep_rule_failures")
 
 
 # ---- sampling: the model's defaults, then the user's flags ------------------------------------------------------
@@ -76,7 +77,8 @@ def run_settings(args, prompt_sha256: str, model_defaults: dict) -> dict:
     return {"model": args.model, "prompt_sha256": prompt_sha256, "num_samples": args.num_samples,
             "constrain_labels": args.constrain_labels, **sampling, "save_logprobs": args.save_logprobs,
             # None for --keep vote: a run record from before the flag (no "keep") resumes as one
-            "keep": "all" if args.keep == "all" else None}
+            "keep": "all" if args.keep == "all" else None,
+            "keep_rule_failures": args.keep_rule_failures or None}  # the same for a record from before rules
 
 
 def teacher_sampling(llm, args, teacher: Teacher, settings: dict):
@@ -100,7 +102,7 @@ def load_tokenizer(args):
 def build_teacher(args, prompt) -> Teacher:
     """The teacher's rendering and parsing for --model_name (the driver and every Ray replica build the same)."""
     tokenizer, max_model_len = load_tokenizer(args)
-    teacher = Teacher(tokenizer, prompt, max_model_len, args.constrain_labels)
+    teacher = Teacher(tokenizer, prompt, max_model_len, args.constrain_labels, args.keep_rule_failures)
     check_reasoning_parser("--constrain_labels", args.constrain_labels, teacher.expects_reasoning, args)
     return teacher
 
@@ -145,6 +147,8 @@ def answer_row(outcome, save_raw: bool, k: int | None = None) -> dict:
               else {"label": answer, "votes": dict(outcome.votes)})
     if k is not None:
         result.update(sample=k, samples_kept=len(outcome.samples))
+    if samples[0].parsed.broken_rules:  # --keep_rule_failures: the rules this answer breaks
+        result["broken_rules"] = list(samples[0].parsed.broken_rules)
     teacher = {
         **result,
         "invalid_samples": len(outcome.failures),
@@ -161,7 +165,9 @@ def answer_row(outcome, save_raw: bool, k: int | None = None) -> dict:
 
 def rejected_row(outcome) -> dict:
     row = outcome.row
-    failures = [{"reason": s.parsed.reason, "finish_reason": s.finish_reason, "raw": s.text} for s in outcome.failures]
+    failures = [{"reason": s.parsed.reason, "finish_reason": s.finish_reason, "raw": s.text,
+                 **({"broken_rules": list(s.parsed.broken_rules)} if s.parsed.broken_rules else {})}
+                for s in outcome.failures]
     conversation_turns = {"messages": row["messages"]} if "messages" in row else {}
     return {"id": row["id"], "text": row["text"], **conversation_turns, **carried(row), "reason": outcome.reason,
             "failures": failures}
@@ -229,12 +235,25 @@ def finish(args, files, rows, resumed, stats, stopped, *, prompt, queries, teach
                 "selected_train_side": sum(split_of(row) == "train" for row in rows),
                 "written_train_side": sum(split_of(row) == "train" for row in written),
                 "rejected_this_run": stats["rejected"], "reject_reasons_this_run": stats["reject_reasons"],
+                "rules_broken": rules_broken(written, rejected),
                 "written_total": len(written), "rejected_total": len(rejected),
                 "rows_per_query": shards.rows_per_query(written),
                 # queries create_queries.py wrote for a label: how many the teacher gave that label
                 "label_targets": label_target_agreement(written)},
         stream=stats, generation_seconds=stats["seconds"],
         queries_per_second=stats["queries_per_second"] if len(rows) > resumed else None)
+
+
+def rules_broken(written: list[dict], rejected: list[dict]) -> dict:
+    """Per verifiable rule, how many queries the teacher's answers broke it in: rejected (any of a rejected query's
+    samples broke it) and kept (--keep_rule_failures). Read from the files, so a resumed or Ray run counts alike."""
+    counts = {"rejected": Counter(), "kept": Counter()}
+    for row in rejected:
+        counts["rejected"].update({rule for failure in row.get("failures", [])
+                                   for rule in failure.get("broken_rules", ())})
+    for row in written:
+        counts["kept"].update(row.get("teacher", {}).get("broken_rules", ()))  # a row written by hand has none
+    return {kind: dict(counter) for kind, counter in counts.items()}
 
 
 def report(args, files, record: dict, stats: dict, stopped: int | None) -> None:
@@ -255,6 +274,12 @@ def report(args, files, record: dict, stats: dict, stopped: int | None) -> None:
           f"(the train side of the split: {counts['selected_train_side']} of the {counts['selected']} selected, "
           f"--split {args.split}{', first ' + str(args.max_samples) if args.max_samples else ''}); the other "
           f"{counts['written_total'] - counts['written_train_side']} are held out for evaluation")
+    rejected, kept = counts["rules_broken"]["rejected"], counts["rules_broken"]["kept"]
+    by_count = sorted({**rejected, **kept}, key=lambda rule: (-rejected.get(rule, 0) - kept.get(rule, 0), rule))
+    if by_count:
+        print("create_data: teacher answers that broke a rule (queries, all runs): " + ", ".join(
+            f"{rule}: {rejected.get(rule, 0)} rejected" + (f", {kept[rule]} kept" if rule in kept else "")
+            for rule in by_count))
     if counts["label_targets"]:
         targets = counts["label_targets"]
         print(f"create_data: {targets['labelled_as_target']} of {targets['queries']} queries written for a label got it "

@@ -82,7 +82,8 @@ def generative_table(base: dict, teacher: dict, student: dict, extra: dict | Non
              f"topic (distill/checks.py). chrF (0-100) compares each answer with the teacher-with-prompt's answer to "
              f"the same question.",
              "Not answers: " + "; ".join(f"{name} {non_answers(results)}" for name, results, _ in rows) + ".",
-             share_line(teacher["strict_pass_rate"], student["strict_pass_rate"]), *cost_line(student)]
+             share_line(teacher["strict_pass_rate"], student["strict_pass_rate"]),
+             *rule_goal_lines(teacher, {name: results for name, results, _ in rows[2:]}), *cost_line(student)]
     named = {name: results for name, results, _ in rows}
     return "\n".join(lines + [""] + [textwrap.fill(note, NOTE_WIDTH) for note in notes] + [""]
                      + sample_answers(named))
@@ -147,6 +148,26 @@ def share_line(teacher_rate, student_rate) -> str:
     verdict = "met" if share >= GOAL_SHARE_OF_TEACHER else "not met"
     return (f"The distilled student reaches {100 * share:.0f}% of the teacher's strict pass rate ({pct(student_rate)} vs "
             f"{pct(teacher_rate)}); {goal}: {verdict}.")
+
+
+def rule_goal_lines(teacher: dict, students: dict[str, dict]) -> list[str]:
+    """Per student, its share of the teacher's pass rate on each rule the base model does not already follow (the
+    prompt file marks those baseline_follows): the goal holds when every share is at least GOAL_SHARE_OF_TEACHER.
+    `evaluate.py --compare` prints every rule's rates."""
+    goal_rules = [rule_id for rule_id, rule in teacher.get("rules", {}).items() if not rule["baseline_follows"]]
+    lines = []
+    for name, results in students.items():
+        shares = {rule_id: results["rules"][rule_id]["pass_rate"] / teacher["rules"][rule_id]["pass_rate"]
+                  for rule_id in goal_rules
+                  if rule_id in results.get("rules", {}) and teacher["rules"][rule_id]["pass_rate"]}
+        if not shares:
+            continue
+        missed = [rule_id for rule_id, share in shares.items() if share < GOAL_SHARE_OF_TEACHER]
+        lines.append(f"{name[0].upper() + name[1:]}: on each rule the base does not follow, " + ", ".join(
+            f"{rule_id} {100 * share:.0f}%" for rule_id, share in shares.items())
+            + f" of the teacher's pass rate (goal >= {100 * GOAL_SHARE_OF_TEACHER:.0f}% on each): "
+            + ("met." if not missed else f"not met ({', '.join(missed)})."))
+    return lines
 
 
 def n_note(teacher: dict, student: dict) -> str:

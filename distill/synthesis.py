@@ -21,7 +21,8 @@ from itertools import islice
 
 from distill.answers import Parsed, split_reasoning
 from distill.dedup import NearDuplicateIndex
-from distill.prompts import TaskPrompt, render_teacher
+from distill.prompts import TaskPrompt
+from distill.render import chat_ids, chat_text, generates_reasoning
 
 INSTRUCTION = ("Below, between <<< and >>>, are the instructions an AI assistant follows. Write one new message "
                "that a user might send to this assistant: the kind of message these instructions are meant for.")
@@ -87,14 +88,16 @@ class QueryWriter:
     expects_reasoning: bool = field(init=False)
 
     def __post_init__(self):
-        self.expects_reasoning = self.render("x").rstrip().endswith("<think>")
+        self.expects_reasoning = generates_reasoning(self.tokenizer)
+
+    def messages(self, request: str) -> list[dict]:
+        return [{"role": "user", "content": f"{INSTRUCTION}\n\n<<<\n{self.prompt.text}\n>>>\n\n{request}"}]
 
     def render(self, request: str) -> str:
-        content = f"{INSTRUCTION}\n\n<<<\n{self.prompt.text}\n>>>\n\n{request}"
-        return render_teacher(self.tokenizer, [{"role": "user", "content": content}])
+        return chat_text(self.tokenizer, self.messages(request), answer_next=False)
 
     def token_ids(self, request: str) -> list[int]:
-        return self.tokenizer(self.render(request), add_special_tokens=False).input_ids
+        return chat_ids(self.tokenizer, self.messages(request), answer_next=False)
 
     def one_line_constraint(self):
         """vLLM structured outputs: one line of min_chars to max_chars characters, then the end. Keeps a small model

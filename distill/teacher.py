@@ -15,7 +15,7 @@ The stream keeps at most `max_in_flight` requests in the engine, pairs every out
 A query's answer is a label for a label task (the majority of its valid samples' labels), and for a generative
 prompt (a `check` instead of labels) the teacher's whole final answer: with num_samples > 1 the first valid
 sample's, since votes between free texts mean nothing (stage 1's --keep all writes every valid sample instead).
-A query is a row's text or its conversation (distill.prompts.query_of); its text (a conversation's last user turn)
+A query is a row's text or its conversation (distill.render.query_of); its text (a conversation's last user turn)
 is what an answer must be on topic to.
 """
 
@@ -27,7 +27,10 @@ from typing import Callable, Iterable, Iterator
 
 from distill.answers import Parsed, parse_generative, parse_teacher
 from distill.checks import non_answer_reason
-from distill.prompts import TaskPrompt, query_of, render_teacher
+from distill import render
+from distill.prompts import TaskPrompt
+from distill.render import query_of
+from distill.rules import broken
 
 # Sampling fields a user may set; each defaults to the model's generation_config (as vLLM reads it), then vLLM's.
 SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
@@ -89,17 +92,18 @@ class Teacher:
     prompt: TaskPrompt
     max_model_len: int
     constrain_labels: bool = False
+    keep_rule_failures: bool = False  # an answer that breaks a verifiable rule is kept (its row names the rules)
     # Thinking templates (Qwen3 Thinking-2507) open <think> in the prompt: the output then holds only </think>.
     expects_reasoning: bool = field(init=False)
 
     def __post_init__(self):
-        self.expects_reasoning = self.render("x").rstrip().endswith("<think>")
+        self.expects_reasoning = render.generates_reasoning(self.tokenizer)
 
     def render(self, query: str | list[dict]) -> str:
-        return render_teacher(self.tokenizer, self.prompt.teacher_messages(query))
+        return render.teacher_text(self.tokenizer, self.prompt, query)
 
     def token_ids(self, query: str | list[dict]) -> list[int]:
-        return self.tokenizer(self.render(query), add_special_tokens=False).input_ids
+        return render.teacher_ids(self.tokenizer, self.prompt, query)
 
     def constraint(self):
         """vLLM structured outputs over the label set (after the reasoning, with a reasoning parser), or None."""
@@ -111,12 +115,19 @@ class Teacher:
 
     def parse(self, text: str, finish_reason: str | None = None, query: str | None = None) -> Parsed:
         """A label, or a generative answer that is an answer to `query`: one that restates the prompt, loops or is
-        off topic (distill/checks.py) breaks the contract like a cut one, so it is redrawn and at last rejected."""
+        off topic (distill/checks.py) breaks the contract like a cut one, so it is redrawn and at last rejected. So
+        does one that breaks a verifiable rule of the prompt (reason "rule:<the first one's id>"), unless
+        keep_rule_failures keeps it with the ids of the rules it breaks."""
         if not self.prompt.is_generative:
             return parse_teacher(text, self.prompt, self.expects_reasoning, self.constrain_labels)
         parsed = parse_generative(text, finish_reason, self.expects_reasoning)
         reason = parsed.answer and query is not None and non_answer_reason(self.prompt, query, parsed.answer)
-        return Parsed(None, reason, parsed.reasoning_chars) if reason else parsed
+        if reason or parsed.answer is None:
+            return Parsed(None, reason, parsed.reasoning_chars) if reason else parsed
+        rules_broken = tuple(broken(self.prompt.rules, parsed.answer))
+        if rules_broken and not self.keep_rule_failures:
+            return Parsed(None, f"rule:{rules_broken[0]}", parsed.reasoning_chars, rules_broken)
+        return Parsed(parsed.answer, "ok", parsed.reasoning_chars, rules_broken)
 
 
 # ---- one query's outcome ----------------------------------------------------------------------------------------

@@ -3,14 +3,14 @@ nothing of the user's text or the template around it. A conversation's row train
 teacher's new answer); the turns before it, earlier assistant turns included, are the student's prompt, rendered
 with the student's own side of the prompt file (stored in the stage-1 run record beside the file).
 
-We tokenize here rather than let TRL apply the chat template, for two reasons measured on our models: SmolLM2's
-template has no generation markers (TRL's assistant_only_loss raises), and the student's prompt must be rendered
-by the very function evaluation uses (`prompts.render`), default system prompt and empty think block included.
+We tokenize (distill.render.student_example) rather than let TRL apply the chat template, for two reasons measured
+on our models: SmolLM2's template has no generation markers (TRL's assistant_only_loss raises), and the student's
+prompt must be rendered as evaluation renders it, default system prompt and empty think block included.
 """
 
 import json
 
-from distill.prompts import BARE_STUDENT, StudentSide, fit_system, render, student_messages
+from distill.prompts import BARE_STUDENT, StudentSide
 from distill.records import output_paths
 from distill.splits import select
 
@@ -35,33 +35,6 @@ def stage1_student_side(dataset: str) -> StudentSide:
     for rows without one (a hub dataset, a file written by hand, a run from before student sides)."""
     record = output_paths(dataset)[2]
     return StudentSide.from_dict(json.loads(record.read_text()).get("student")) if record.exists() else BARE_STUDENT
-
-
-def completion_text(tokenizer, query, answer: str, student: StudentSide = BARE_STUDENT) -> tuple[str, str]:
-    """(prompt, completion) as the chat template renders them; the completion ends at the end-of-turn token."""
-    messages = student_messages(query, student)
-    prompt = render(tokenizer, messages)
-    full = tokenizer.apply_chat_template(
-        fit_system(tokenizer, messages + [{"role": "assistant", "content": answer}]), tokenize=False,
-        enable_thinking=False)
-    if not full.startswith(prompt):
-        raise ValueError("the chat template renders the prompt differently with and without the answer; "
-                         f"cannot mask it reliably:\n{prompt!r}\nvs\n{full!r}")
-    completion = full[len(prompt):]
-    eos = tokenizer.eos_token
-    # Keep the end-of-turn token (the student must learn to stop), drop the newline the template prints after it.
-    completion = completion[: completion.rindex(eos) + len(eos)] if eos in completion else completion + eos
-    return prompt, completion
-
-
-def tokenize(tokenizer, query, answer: str, student: StudentSide = BARE_STUDENT) -> dict:
-    prompt, completion = completion_text(tokenizer, query, answer, student)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    completion_ids = tokenizer(completion, add_special_tokens=False).input_ids
-    return {
-        "input_ids": prompt_ids + completion_ids,
-        "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids),
-    }
 
 
 def training_rows(rows: list[dict], heldout_fraction: float, seed: int) -> tuple[list[dict], int]:

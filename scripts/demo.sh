@@ -12,7 +12,8 @@
 # student learns its answers without the prompt; on held-out questions the base model without the prompt, the teacher
 # with it and the student without it are scored strictly: the answer must follow the format AND be an answer (not
 # cut, an echo of the prompt, a loop, or off its question's topic: distill/checks.py), with chrF against the
-# teacher's answers. The embedded 135M model follows this format from example turns; it cannot write meaningful
+# teacher's answers; then each rule of the prompt file, per model (evaluate.py --compare: a table, and a heatmap PNG
+# beside the results). The embedded 135M model follows this format from example turns; it cannot write meaningful
 # French, so the French task (PARTS=french, prompts/answer_in_french.md) is kept as an example, not as the demo.
 # Part 2, the GPU recipe's worked example (language ID, 13 labels under a 2,300-token rule book): the teacher labels
 # TRAIN_ROWS train-split rows; a student learns them (and with GOLD_STUDENT=1 a second one the gold labels of the same
@@ -217,6 +218,12 @@ for part in $PARTS; do
     if [ "$ON_POLICY" = 1 ]; then on_policy=(--on_policy "$dir/eval_opd.json"); fi
     "$PYTHON" -m distill.summary --base "$dir/eval_base.json" --teacher "$dir/eval_teacher.json" \
       --student "$dir/eval_distilled.json" "${on_policy[@]}"
+    echo
+    echo "== Each rule of the prompt file: pass rate per model (evaluate.py --compare; the heatmap beside the results)"
+    opd_results=()
+    if [ "$ON_POLICY" = 1 ]; then opd_results=("$dir/eval_opd.json"); fi
+    "$PYTHON" evaluate.py --compare "$dir/eval_base.json" "$dir/eval_teacher.json" "$dir/eval_distilled.json" \
+      "${opd_results[@]}" --output_file "$dir/rules_compare.png" 2>>"$LOG_DIR/compare.log"
   else
     echo "== Language ID: held-out rows, none seen in training"
     gold=()
@@ -233,6 +240,7 @@ Where everything landed:
   $DEMO_DIR/<part>/teacher.jsonl (+ .rejects.jsonl, .run.json)  stage 1: teacher answers, rejects, run record
   models/demo-in_short/, -in_short-opd/, demo-distilled/, demo-gold/  stage 2 (2b): LoRA adapters, distill_run.json
   $DEMO_DIR/<part>/eval_*.json (+ .png for language ID)          stage 3: results with every answer
+  $DEMO_DIR/<part>/rules_compare.png                              the models x rules heatmap (behaviour parts)
   $DEMO_DIR/logs/                                                 each step's full output
   wandb/                                                          offline wandb runs (wandb sync to upload)
 Total: $(( $(date +%s) - started )) s

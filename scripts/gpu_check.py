@@ -19,8 +19,14 @@ Steps, with an estimate of their seconds on one H100 (not measured yet) and thei
   4B, 1 GPU: recipes/tinker.yaml               50    300  micro-batch 64 x 2, padding-free: tokens/s, peak memory
   4B, 1 GPU: the old recipe                    60    300  8 x 16, checkpointing, padded; the same rows per step
   merge 4B adapter                             25    180  the adapter loads and merges on the GPU (bf16)
-  4B on-policy (train_opd_trl.py)              40    240  2 steps x 8 rollouts, self-teacher reading the 2,300-token
-                                                          prompt through its KV cache (distill/onpolicy.py)
+  4B on-policy, opd_4b_server.yaml's settings  40    240  2 steps x 8 rollouts with the recipe's gradient
+                                                          checkpointing and bf16, the self-teacher reading the
+                                                          2,300-token prompt through its KV cache; passes only if
+                                                          the run proved its teacher read the prompt (the cache held
+                                                          the prefix, the first step's log-probabilities moved with
+                                                          the prompt; distill/onpolicy.py)
+  4B on-policy, opd_4b_server.yaml as written  90    420  the vLLM teacher server and colocated vLLM sampling (SKIP
+                                                          without vllm: proven on CPU only, tests/test_recipes.py)
   build 30B-A3B (--moe_layers layers)          35    240  Qwen3-30B-A3B-Instruct-2507's config cut to 4 layers
   30B-A3B cut, FSDP on every GPU               75    360  tinker_30b_fsdp.yaml under accelerate + FSDP2
   merge 30B-A3B adapter                        30    180  attention and expert weights change, the router does not
@@ -31,7 +37,7 @@ Steps, with an estimate of their seconds on one H100 (not measured yet) and thei
   vLLM serves the 30B-A3B cut with LoRA       50    300  PEFT's fused-expert LoRA through vLLM 0.32 (3D layout):
                                                           the fingerprint says whether vLLM applies it
   vLLM serves the 30B-A3B cut merged          60    300  --merge_lora on the MoE
-                                              618 s (10.3 min) in all; --budget_s (720 s) caps a slow run
+                                              708 s (11.8 min) in all; --budget_s (720 s) caps a slow run
 How estimated: ~8 s of imports per process; 8 GB of 4B weights (6 GB for the cut MoE) written or read at ~1-2 GB/s;
 a step of 128 rows x ~88 tokens = 11k tokens at the H100's measured 6,888 tokens/s (tinker.yaml, 3 steps) and
 787 tokens/s (old recipe, 2 steps, ~15 s each); vLLM's engine start in eager mode ~30 s.
@@ -267,32 +273,72 @@ def train_step(name: str, model: str, output: str, recipe: str, flags: list[str]
     return Step(name, command, estimate_s, limit_s, check, needs, one_gpu=not fsdp)
 
 
-def opd_step(needs: tuple) -> Step:
-    """Stage 2b on the 4B shape: the student samples (transformers generate), its own base reading the 2,300-token
-    language-ID prompt grades every token through the prompt's KV cache, 2 optimizer steps of 8 rollouts."""
-    def command(state: dict) -> list[str]:
-        work = state["work"]
-        return [sys.executable, "train_opd_trl.py", "--model_name_or_path", str(work / "qwen3-4b-random"),
-                "--dataset_name", str(work / "teacher.jsonl"), "--prompt_file", "prompts/language_identification.md",
-                "--max_steps", "2", "--per_device_train_batch_size", "8", "--max_completion_length", "32",
-                "--report_to", "none", "--output_dir", str(work / "run-4b-opd"), "--overwrite"]
+OPD_RECIPE = "recipes/opd_4b_server.yaml"
 
+
+def opd_check(output: str):
+    """What a stage-2b run must show, read from its record: finished, with the recipe's gradient checkpointing, finite
+    losses from a first loss clearly above zero (a fresh adapter: the distance to the prompted teacher), and the
+    run's own proofs that its teacher read the prompt (distill/onpolicy.py): the prompt's cache held the whole prefix
+    (an in-process teacher), the first step's log-probabilities moved with the prompt, the teacher's input held the
+    prompt and the student's did not."""
     def check(finished: Finished, state: dict) -> str:
         import math
 
-        record = json.loads((state["work"] / "run-4b-opd" / "distill_run.json").read_text())
+        record = json.loads((state["work"] / output / "distill_run.json").read_text())
         if record["status"] != "finished":
             raise StepFailed(f"run record says {record['status']}: {record.get('error')}")
         losses = [entry["loss"] for entry in record["log_history"] if "loss" in entry]
-        if not losses or not all(math.isfinite(loss) for loss in losses):
+        if not losses or not all(math.isfinite(loss) for loss in losses) or losses[0] <= 1e-3:
             raise StepFailed(f"losses {losses}")
+        if not record["args"]["training"]["gradient_checkpointing"]:
+            raise StepFailed(f"gradient checkpointing is off; {OPD_RECIPE} turns it on")
+        checks, rendering = record["teacher_checks"], record["rendering"]
+        cache, effect = checks["prefix_cache"], checks["prompt_effect"]
+        if (cache and not cache["passed"]) or not effect["passed"]:
+            raise StepFailed(f"the teacher did not read its prompt: {checks}")
+        if not rendering["teacher"]["holds_prompt"] or rendering["student"]["holds_prompt"]:
+            raise StepFailed(f"rendered inputs: {rendering}")
         spend = record["teacher_spend"]
+        cached = f"prompt cache {cache['cached_tokens']} of {cache['prefix_tokens']} tokens; " if cache else ""
         return (f"losses {[round(loss, 4) for loss in losses]}, {record['train_metrics']['train_runtime']:.1f} s, "
-                f"peak {record.get('peak_gpu_memory_gib')} GiB; teacher: {spend['prompt_prefix_tokens']} prompt "
-                f"tokens once, {spend['query_and_answer_tokens']} query+answer tokens")
+                f"peak {record.get('peak_gpu_memory_gib')} GiB; {cached}teacher log-prob with/without the prompt "
+                f"{effect['teacher_logprob_with_prompt']:.3f}/{effect['teacher_logprob_without_prompt']:.3f} "
+                f"(mean |difference| {effect['mean_abs_difference']:.3f}); teacher: {spend['prompt_prefix_tokens']} "
+                f"prompt tokens once, {spend['query_and_answer_tokens']} query+answer tokens")
 
-    return Step("4B on-policy, 1 GPU: self-teacher reading the prompt (train_opd_trl.py)", command, 40, 240, check,
-                needs, one_gpu=True)
+    return check
+
+
+def opd_step(needs: tuple) -> Step:
+    """Stage 2b on the 4B shape with the GPU recipe's settings (gradient checkpointing and bf16, as
+    recipes/opd_4b_server.yaml), the teacher in this process: the student samples (transformers generate; colocated
+    vLLM needs vllm), its own base reading the 2,300-token language-ID prompt grades every token through the prompt's
+    KV cache; 2 optimizer steps of 8 rollouts."""
+    def command(state: dict) -> list[str]:
+        work = state["work"]
+        return [sys.executable, "train_opd_trl.py", "--config", OPD_RECIPE, "--model_name_or_path",
+                str(work / "qwen3-4b-random"), "--dataset_name", str(work / "teacher.jsonl"), "--prompt_file",
+                "prompts/language_identification.md", "--use_vllm", "false", "--max_steps", "2",
+                "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
+                "--max_completion_length", "32", "--report_to", "none", "--output_dir", str(work / "run-4b-opd"),
+                "--overwrite"]
+
+    return Step("4B on-policy, 1 GPU: recipes/opd_4b_server.yaml's settings, self-teacher reading the prompt",
+                command, 40, 240, opd_check("run-4b-opd"), needs, one_gpu=True)
+
+
+def opd_server_step(needs: tuple, vllm_installed: bool) -> Step:
+    """recipes/opd_4b_server.yaml as written: the teacher on a vLLM server (the 4B shape as its own teacher, on the
+    same GPU), the student sampling with colocated vLLM. Needs vllm: without it, SKIP, and the server teacher and
+    colocated sampling stay proven on CPU only (tests/test_recipes.py)."""
+    def command(state: dict) -> list[str]:
+        return [sys.executable, "scripts/gpu_check.py", "--work_dir", str(state["work"]), "--helper", "opd_server"]
+
+    return Step("4B on-policy, 1 GPU: recipes/opd_4b_server.yaml as written (vLLM teacher server, colocated sampling)",
+                command, 90, 420, opd_check("run-4b-opd-server"), needs, one_gpu=True,
+                skip=lambda: None if vllm_installed else "vllm is not installed: the vLLM teacher server and colocated "
+                                                         "sampling NOT PROVEN on this GPU")
 
 
 def read_run(output: Path) -> dict:
@@ -344,6 +390,7 @@ def build_steps(steps: int, old_steps: int, moe_layers: int, vllm_installed: boo
         helper_step("merge 4B adapter (bf16, GPU)", ["merge", "qwen3-4b-random", "run-4b-tinker"],
                     ("4B, 1 GPU: recipes/tinker.yaml",), 25, 180),
         opd_step(("build 4B", "rows")),
+        opd_server_step(("build 4B", "rows"), vllm_installed),
         helper_step(f"build 30B-A3B cut to {moe_layers} layers", ["build", STUDENT_30B, moe, str(moe_layers)], basics,
                     35, 240),
         train_step("30B-A3B cut, FSDP on every GPU: recipes/tinker_30b_fsdp.yaml", moe, "run-30b-fsdp",
@@ -440,7 +487,8 @@ def helper_rows(work: Path) -> dict:
     """The check's tokenizer (saved for the students) and its training rows: the example data's rows with their
     text repeated up to MIN_ROW_TOKENS tokens, and what tinker.yaml's micro_batch_tokens makes of them."""
     from distill.defaults import HELDOUT_FRACTION, SPLIT_SEED
-    from distill.training import micro_batch_for_tokens, tokenize, training_rows
+    from distill.render import student_example
+    from distill.training import micro_batch_for_tokens, training_rows
     from tests.tiny_model import build_tokenizer
 
     tokenizer = build_tokenizer(TOKENIZER_VOCAB)
@@ -450,12 +498,12 @@ def helper_rows(work: Path) -> dict:
     with open(work / "teacher.jsonl", "w", encoding="utf-8") as handle:
         for row in rows:
             query = row["text"]
-            while len(tokenize(tokenizer, query, row["label"])["input_ids"]) < MIN_ROW_TOKENS:
+            while len(student_example(tokenizer, query, row["label"])["input_ids"]) < MIN_ROW_TOKENS:
                 query += " " + row["text"]
             out = {"id": row["id"], "group": row["group"], "label": row["label"],
                    "messages": [{"role": "user", "content": query}, {"role": "assistant", "content": row["label"]}]}
             handle.write(json.dumps(out, ensure_ascii=False) + "\n")
-            lengths.append((row, len(tokenize(tokenizer, query, row["label"])["input_ids"])))
+            lengths.append((row, len(student_example(tokenizer, query, row["label"])["input_ids"])))
     train_ids = {row["id"] for row in training_rows(rows, HELDOUT_FRACTION, SPLIT_SEED)[0]}
     train_lengths = [length for row, length in lengths if row["id"] in train_ids]
     mean = sum(train_lengths) / len(train_lengths)
@@ -513,7 +561,41 @@ def helper_merge(work: Path, base_folder: str, adapter_folder: str, device: str 
                       + ("; router unchanged" if len(must_move) < len(moved) else "")}
 
 
-HELPERS = {"environment": helper_environment, "rows": helper_rows, "build": helper_build, "merge": helper_merge}
+def helper_opd_server(work: Path) -> dict:
+    """Starts the 4B shape as the teacher on a vLLM server on this GPU, runs stage 2b with recipes/opd_4b_server.yaml
+    against it (sizes cut), and stops the server."""
+    import urllib.request
+
+    port = 8765
+    log = open(work / "logs" / "teacher-server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                               str(work / "qwen3-4b-random"), "--port", str(port), "--max-logprobs", "1",
+                               "--gpu-memory-utilization", "0.35", "--max-model-len", "8192", "--enforce-eager"],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None:
+                    raise SystemExit(f"gpu_check: the teacher server exited {server.returncode}")
+                time.sleep(2)
+        subprocess.run([sys.executable, "train_opd_trl.py", "--config", OPD_RECIPE, "--model_name_or_path",
+                        str(work / "qwen3-4b-random"), "--teacher_server_url", f"http://127.0.0.1:{port}",
+                        "--dataset_name", str(work / "teacher.jsonl"), "--prompt_file",
+                        "prompts/language_identification.md", "--vllm_gpu_memory_utilization", "0.2", "--max_steps",
+                        "2", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
+                        "--max_completion_length", "32", "--report_to", "none", "--output_dir",
+                        str(work / "run-4b-opd-server"), "--overwrite"], check=True)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    return {"detail": "stage 2b against the teacher server"}
+
+
+HELPERS = {"environment": helper_environment, "rows": helper_rows, "build": helper_build, "merge": helper_merge,
+           "opd_server": helper_opd_server}
 
 
 def build_parser() -> argparse.ArgumentParser:

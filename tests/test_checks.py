@@ -9,6 +9,7 @@ import pytest
 
 from distill.checks import describe, detected_languages, passes, passes_each, validate
 from distill.prompts import load_prompt
+from distill.render import teacher_messages
 from distill.splits import select
 from tests.conftest import REPO
 
@@ -61,6 +62,15 @@ def test_batch_form_agrees_with_one_at_a_time():
     assert detected_languages(answers) == ["fr", "en", None, "fr"]
 
 
+def test_the_language_rule_is_the_check_s_verifier():
+    from distill.rules import check_verify
+    from distill.rules import passes_each as rule_passes_each
+
+    answers = ["The sky is blue because air scatters blue light.", "Le ciel est bleu parce que l'air disperse la lumière."]
+    assert rule_passes_each(check_verify({"language": "en"}), answers) == [True, False]
+    assert rule_passes_each(check_verify({"language": "fr"}), answers) == passes_each(FRENCH, answers) == [False, True]
+
+
 def test_other_language_codes_work():
     assert passes({"answer_language": "de"}, "Der Himmel ist blau, weil die Luft das blaue Licht stärker streut.")
     assert passes({"answer_language": "EN"}, "The sky is blue because air scatters blue light.")
@@ -91,7 +101,7 @@ def test_describe_names_the_kind_and_value():
 
 
 @pytest.mark.parametrize("check, message", [
-    ({"language": "fr"}, "unknown check kind 'language': the kinds allowed are answer_language, regex"),
+    ({"language": "fr"}, "unknown check kind 'language'; the kinds are answer_language, regex"),
     ({"answer_language": "fr", "regex": "x"}, "exactly one of answer_language, regex"),
     ("fr", "exactly one of answer_language, regex"),
     ({"answer_language": "french"}, "not an ISO 639-1 code"),
@@ -116,7 +126,7 @@ def test_generative_prompt_loads_with_defaults(tmp_path):
     prompt = load_prompt(write_prompt(tmp_path, "free.md", "check: {regex: '^Oui|^Non'}"))
     assert prompt.is_generative and prompt.check == {"regex": "^Oui|^Non"}
     assert prompt.labels == () and prompt.answer_format is None
-    assert prompt.teacher_messages("Il pleut ?") == [
+    assert teacher_messages(prompt, "Il pleut ?") == [
         {"role": "system", "content": "Answer the question."}, {"role": "user", "content": "Il pleut ?"}]
 
 
@@ -127,9 +137,9 @@ def test_label_prompt_is_not_generative():
 
 @pytest.mark.parametrize("front_matter, fix", [
     ("labels: [a, b]\nanswer_format: 'A: {label}'\nquery_template: '{query}'\ncheck: {answer_language: fr}",
-     "has both 'labels' and 'check'; keep 'labels' (with answer_format) for a label task, or 'check' alone"),
+     "has 'labels' and 'check' or 'rules'; keep 'labels' (with answer_format) for a label task, or 'check'"),
     ("query_template: '{query}'", "needs 'labels' (a label task, with answer_format and query_template) or 'check'"),
-    ("check: {language: fr}", "unknown check kind 'language': the kinds allowed are answer_language, regex"),
+    ("check: {language: fr}", "unknown check kind 'language'; the kinds are answer_language, regex"),
     ("check: {regex: '[a-z'}", "regex '[a-z' does not compile: unterminated character set"),
     ("check: {answer_language: xx}", "answer_language 'xx' is not an ISO 639-1 code"),
     ("check: {answer_language: fr}\nanswer_format: 'A: {label}'", "answer_format belongs to label tasks; remove it"),
@@ -139,7 +149,9 @@ def test_bad_generative_prompt_files_name_the_file_and_the_fix(tmp_path, front_m
     path = write_prompt(tmp_path, "bad.md", front_matter)
     with pytest.raises(ValueError) as raised:
         load_prompt(path)
-    assert str(raised.value).startswith(f"{path}: ") and fix in str(raised.value)
+    # a check's own error names its line (the file's line 1 is the opening '---')
+    where = f"{path}:2: " if fix.startswith(("unknown check", "regex", "answer_language")) else f"{path}: "
+    assert str(raised.value).startswith(where) and fix in str(raised.value)
 
 
 # ---- the French prompt and its questions ---------------------------------------------------------------------
@@ -148,7 +160,7 @@ def test_bad_generative_prompt_files_name_the_file_and_the_fix(tmp_path, front_m
 def test_french_prompt_is_a_long_generative_task():
     prompt = load_prompt(FRENCH_PROMPT)
     assert prompt.is_generative and prompt.check == FRENCH
-    user = prompt.teacher_messages("Why is the sky blue?")[-1]["content"]
+    user = teacher_messages(prompt, "Why is the sky blue?")[-1]["content"]
     assert user.startswith("Why is the sky blue?") and passes(FRENCH, prompt.text)
     if not (SMOLLM2 / "tokenizer.json").is_file():
         pytest.skip(f"{SMOLLM2} is absent (make setup builds it)")

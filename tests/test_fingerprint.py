@@ -47,11 +47,11 @@ def made_up_fingerprint(tokenizer, dtype="float32"):
 
 
 def test_probes_hold_the_prompt_then_the_answer_and_end_of_turn(tokenizer):
-    from distill.prompts import render, student_messages
+    from distill.render import student_ids
 
     fingerprint = made_up_fingerprint(tokenizer)
     first = fingerprint["probes"][0]
-    prompt = tokenizer(render(tokenizer, student_messages("Bonjour tout le monde")), add_special_tokens=False).input_ids
+    prompt = student_ids(tokenizer, "Bonjour tout le monde")
     assert first["input_ids"][: first["answer_start"]] == prompt
     assert tokenizer.decode(first["input_ids"][first["answer_start"]:]) == "fr<|im_end|>"
 
@@ -73,7 +73,8 @@ def test_a_template_skew_names_the_first_token_that_differs(tokenizer):
 
 def test_a_conversation_probe_renders_with_the_student_side_it_trained_with(tokenizer):
     from distill.fingerprint import FingerprintMismatch, check_ids, probes
-    from distill.prompts import StudentSide, student_prompt_ids
+    from distill.prompts import StudentSide
+    from distill.render import student_ids
 
     chat = [{"role": "system", "content": "A cooking app."}, {"role": "user", "content": "Can I freeze rice?"},
             {"role": "assistant", "content": "In short: yes."}, {"role": "user", "content": "How long?"}]
@@ -81,9 +82,9 @@ def test_a_conversation_probe_renders_with_the_student_side_it_trained_with(toke
     fingerprint = {"probes": probes(tokenizer, [("c", chat, "A month."), ("t", "Why?", "Because.")], student)}
     queries = [p["query"] for p in fingerprint["probes"]]
     assert queries == [chat, "Why?"]
-    check_ids(fingerprint, student_prompt_ids(tokenizer, queries, student), tokenizer)
+    check_ids(fingerprint, [student_ids(tokenizer, query, student) for query in queries], tokenizer)
     with pytest.raises(FingerprintMismatch, match="probe 'c'"):  # the bare student: another prompt
-        check_ids(fingerprint, student_prompt_ids(tokenizer, queries), tokenizer)
+        check_ids(fingerprint, [student_ids(tokenizer, query) for query in queries], tokenizer)
 
 
 def test_an_engine_that_does_not_stop_on_trainings_end_of_turn_fails(tokenizer):

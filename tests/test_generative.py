@@ -239,7 +239,7 @@ def test_the_generative_student_answers_in_64_tokens_by_default(tiny_model, gene
     import evaluate
     from transformers import AutoTokenizer
 
-    from distill.prompts import render, student_messages
+    from distill.render import student_ids
     from distill.splits import select
 
     started = stop_at_the_engine(monkeypatch)
@@ -248,7 +248,7 @@ def test_the_generative_student_answers_in_64_tokens_by_default(tiny_model, gene
                        "--prompt_file", str(generative_prompt)])
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     rows = select([json.loads(line) for line in GENERAL_QUESTIONS.read_text().splitlines()], "heldout")[:5]
-    longest = max(len(tokenizer(render(tokenizer, student_messages(row["text"])), add_special_tokens=False).input_ids)
+    longest = max(len(student_ids(tokenizer, row["text"]))
                   for row in rows)
     assert started["max_model_len"] == longest + 64
 
@@ -288,7 +288,7 @@ def test_generative_stages_one_two_three(tiny_model, generative_prompt, tmp_path
     from transformers import AutoTokenizer
 
     from distill.splits import select
-    from distill.training import tokenize
+    from distill.render import student_example
 
     model = eager_to_stop(tiny_model, tmp_path / "eager-tiny")
     rows = pick_rows({"space": 8, "physics": 8, "drinks": 6})  # drinks is a held-out group
@@ -321,7 +321,7 @@ def test_generative_stages_one_two_three(tiny_model, generative_prompt, tmp_path
     # stage 2 on the teacher's answers; the loss mask covers exactly the answer and the end-of-turn token
     tokenizer = AutoTokenizer.from_pretrained(model)
     train_row = next(row for row in written if row["group"] != "drinks")
-    encoded = tokenize(tokenizer, train_row["messages"][0]["content"], train_row["messages"][1]["content"])
+    encoded = student_example(tokenizer, train_row["messages"][0]["content"], train_row["messages"][1]["content"])
     answer_ids = [i for i, keep in zip(encoded["input_ids"], encoded["completion_mask"]) if keep]
     assert tokenizer.decode(answer_ids) == train_row["messages"][1]["content"] + "<|im_end|>"
     adapter = tmp_path / "student"

@@ -37,6 +37,23 @@ def write_record(output, micro_batch, accumulation, world_size=1):
     (output / "distill_run.json").write_text(json.dumps(record))
 
 
+def write_opd_record(output, server=False, **changes):
+    """A stage-2b run record as train_opd_trl.py writes it, its teacher checks passed (or as `changes` say)."""
+    output.mkdir(parents=True, exist_ok=True)
+    record = {"status": "finished", "train_metrics": {"train_runtime": 9.0}, "peak_gpu_memory_gib": 30.0,
+              "log_history": [{"loss": 0.4}, {"loss": 0.3}], "args": {"training": {"gradient_checkpointing": True}},
+              "teacher_spend": {"prompt_prefix_tokens": 0 if server else 2300, "query_and_answer_tokens": 1400},
+              "teacher_checks": {"prefix_cache": None if server else {"prefix_tokens": 2300, "cached_tokens": 2300,
+                                                                      "passed": True},
+                                 "prompt_effect": {"teacher_logprob_with_prompt": -1.2,
+                                                   "teacher_logprob_without_prompt": -2.9,
+                                                   "mean_abs_difference": 1.7, "passed": True}},
+              "rendering": {"teacher": {"holds_prompt": True}, "student": {"holds_prompt": False}}}
+    for key, value in changes.items():
+        record[key] = value
+    (output / "distill_run.json").write_text(json.dumps(record))
+
+
 class FakeRunner:
     """Answers each step by name with what its command would have left behind; records the calls."""
 
@@ -57,11 +74,8 @@ def passing_answers():
         return run
 
     def on_policy(work):
-        (work / "run-4b-opd").mkdir(parents=True, exist_ok=True)
-        (work / "run-4b-opd" / "distill_run.json").write_text(json.dumps({
-            "status": "finished", "train_metrics": {"train_runtime": 9.0}, "peak_gpu_memory_gib": 30.0,
-            "log_history": [{"loss": 0.4}, {"loss": 0.3}],
-            "teacher_spend": {"prompt_prefix_tokens": 2300, "query_and_answer_tokens": 1400}}))
+        for output in ("run-4b-opd", "run-4b-opd-server"):
+            write_opd_record(work / output, server=output.endswith("server"))
         return Finished(0, "train: done", "", 40.0)
 
     def served(work):  # every serving step's results JSON, its fingerprint check passed
@@ -101,11 +115,12 @@ def run(tmp_path, answers, vllm_installed=False, budget_s=600):
 def test_every_step_passing_exits_0(tmp_path):
     results, text, code, _, runner = run(tmp_path, passing_answers(), vllm_installed=True)
     assert code == 0 and all(result.status == "PASS" for result in results.values()), text
-    assert "17 passed, 0 failed, 0 skipped" in text and "NOT PROVEN" not in text
+    assert "18 passed, 0 failed, 0 skipped" in text and "NOT PROVEN" not in text
     assert ("largest log-probability difference 0.06 (mean 0.01, tolerance 1) over 24 tokens, the adapter moves them "
             "by up to 3.2;") in results["vLLM serves the 30B-A3B cut adapter with LoRA (evaluate.py)"].detail
-    assert "2300 prompt tokens once" in results["4B on-policy, 1 GPU: self-teacher reading the prompt "
-                                                 "(train_opd_trl.py)"].detail
+    on_policy = results["4B on-policy, 1 GPU: recipes/opd_4b_server.yaml's settings, self-teacher reading the prompt"]
+    assert "2300 prompt tokens once" in on_policy.detail and "prompt cache 2300 of 2300 tokens" in on_policy.detail
+    assert "with/without the prompt -1.200/-2.900" in on_policy.detail
     old = results["4B, 1 GPU: the old recipe (8 x 16, checkpointing, padded)"].detail
     assert "batch 8 x 16 x 1" in old and "tinker.yaml is 1.0x faster" in old
     assert "-> fits" in results["plan: 4B, tinker.yaml on 1 x 80 GiB"].detail
@@ -119,7 +134,10 @@ def test_vllm_absent_is_a_skip_that_the_exit_code_and_summary_report(tmp_path):
     vllm = results["vLLM serves the 4B adapter with LoRA (evaluate.py)"]
     assert vllm.status == "SKIP" and "NOT PROVEN" in vllm.detail
     assert code == gpu_check.SKIP_EXIT == 3
-    assert "13 passed, 0 failed, 4 skipped" in text and "NOT PROVEN (skipped): vLLM serves" in text
+    assert "13 passed, 0 failed, 5 skipped" in text and "NOT PROVEN (skipped): 4B on-policy" in text
+    server = results["4B on-policy, 1 GPU: recipes/opd_4b_server.yaml as written (vLLM teacher server, colocated "
+                     "sampling)"]
+    assert server.status == "SKIP" and "vLLM teacher server and colocated sampling NOT PROVEN" in server.detail
     assert "vLLM" not in " ".join(name for name, _, _ in runner.calls)  # a skipped step never runs
 
 
@@ -136,13 +154,13 @@ def test_a_failure_a_timeout_and_a_skip_each_reach_the_summary_and_exit_code(tmp
     timeout = results["build 4B"]
     assert timeout.status == "FAIL" and "timed out after 240 s" in timeout.detail
     for name in ("4B, 1 GPU: recipes/tinker.yaml", "merge 4B adapter (bf16, GPU)",
-                 "4B on-policy, 1 GPU: self-teacher reading the prompt (train_opd_trl.py)",
+                 "4B on-policy, 1 GPU: recipes/opd_4b_server.yaml's settings, self-teacher reading the prompt",
                  "vLLM serves the 4B adapter with LoRA (evaluate.py)"):
         assert results[name].status == "SKIP"
     assert "needs 'build 4B', which did not pass (FAIL)" in results["4B, 1 GPU: recipes/tinker.yaml"].detail
     # the MoE steps do not need the 4B ones: they still ran and passed
     assert results["merge 30B-A3B adapter (bf16, GPU)"].status == "PASS"
-    assert "7 passed, 2 failed, 8 skipped" in text and "gpu_check: exit 1 (failed)" in text
+    assert "7 passed, 2 failed, 9 skipped" in text and "gpu_check: exit 1 (failed)" in text
     for line in ("FAIL  plan: 30B-A3B on 1 x 80 GiB (must not fit)", "FAIL  build 4B: timed out",
                  "SKIP  vLLM serves the 4B adapter", "NOT PROVEN (skipped): 4B, 1 GPU: recipes/tinker.yaml"):
         assert line in text
@@ -252,3 +270,17 @@ def test_plan_steps_pass_against_the_real_cli(tmp_path):
     assert [result.detail for result in results] == [
         "20.5 GiB per GPU -> fits (1 x 80 GiB, no sharding)", "98.5 GiB per GPU -> DOES NOT FIT (1 x 80 GiB, no "
         "sharding)", "25.4 GiB per GPU -> fits (8 x 80 GiB, FSDP full shard)"]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"teacher_checks": {"prefix_cache": {"prefix_tokens": 2300, "cached_tokens": 0, "passed": False},
+                         "prompt_effect": {"passed": True}}}, "did not read its prompt"),
+    ({"args": {"training": {"gradient_checkpointing": False}}}, "gradient checkpointing is off"),
+    ({"rendering": {"teacher": {"holds_prompt": False}, "student": {"holds_prompt": False}}}, "rendered inputs"),
+    ({"log_history": [{"loss": 0.0}]}, "losses"),
+])
+def test_the_on_policy_step_fails_unless_the_run_proved_its_teacher_read_the_prompt(tmp_path, changes, message):
+    step = gpu_check.opd_step(())
+    write_opd_record(tmp_path / "run-4b-opd", **changes)
+    with pytest.raises(gpu_check.StepFailed, match=message):
+        step.check(Finished(0, "", "", 1.0), {"work": tmp_path})

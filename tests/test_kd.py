@@ -226,7 +226,7 @@ def test_kd_training_on_the_sidecar_changes_the_adapter(logprob_run, tmp_path):
 
 def test_vote_shares_become_a_soft_target_on_the_first_answer_token(tmp_path):
     from distill.soft_targets import find_targets, row_targets
-    from distill.training import tokenize
+    from distill.render import student_example
     from tests.tiny_model import build_tokenizer
 
     tokenizer = build_tokenizer(1024)
@@ -236,7 +236,7 @@ def test_vote_shares_become_a_soft_target_on_the_first_answer_token(tmp_path):
     data.write_text(json.dumps(row) + "\n", encoding="utf-8")
     targets = find_targets(str(data), [row])
     assert targets.source == "vote_shares"
-    example = tokenize(tokenizer, "Bonjour", "fr")
+    example = student_example(tokenizer, "Bonjour", "fr")
     columns = row_targets(targets, row, tokenizer, example)
     first = {label: tokenizer(label, add_special_tokens=False).input_ids[0] for label in ("fr", "en")}
     assert columns["teacher_start"] == example["completion_mask"].index(1)
@@ -274,13 +274,13 @@ def test_heldout_kl_is_zero_on_the_students_own_distribution_and_minus_log_q_for
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distill.soft_targets import heldout_kl
-    from distill.training import tokenize
+    from distill.render import student_example
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     query, answer = "which language is this", "the answer is french"
     row = {"id": "q1", "messages": [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]}
-    example = tokenize(tokenizer, query, answer)
+    example = student_example(tokenizer, query, answer)
     start = example["completion_mask"].index(1)
     answer_ids = example["input_ids"][start:-1]  # the teacher's answer tokens: the completion without end of turn
     with torch.no_grad():
@@ -311,14 +311,14 @@ def test_answer_span_leaves_out_a_kept_stop_newline_so_free_form_answers_get_tar
     from transformers import AutoTokenizer
 
     from distill.soft_targets import answer_span, logprob_targets
-    from distill.training import tokenize
+    from distill.render import student_example
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     answer = "la langue est le francais."
     generated = tokenizer(answer + "\n", add_special_tokens=False).input_ids
     start, end = answer_span(tokenizer, generated, answer)
     assert tokenizer.decode(generated[start:end]) == answer and end < len(generated)
-    example = tokenize(tokenizer, "which language", answer)
+    example = student_example(tokenizer, "which language", answer)
     completion = example["input_ids"][example["completion_mask"].index(1):]
     line = {"answer_token_ids": generated[start:end], "top_ids": [[0]] * (end - start),
             "top_logprobs": [[0.0]] * (end - start)}

@@ -12,19 +12,9 @@ from tests.conftest import run_main
 
 @pytest.fixture(scope="module")
 def tiny_moe(tiny_model, tmp_path_factory):
-    from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from tests.tiny_model import build_tiny_qwen3_moe
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    config = Qwen3MoeConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=4,
-        num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-        max_position_embeddings=1024, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    path = tmp_path_factory.mktemp("moe") / "tiny-qwen3-moe"
-    Qwen3MoeForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return build_tiny_qwen3_moe(tmp_path_factory.mktemp("moe") / "tiny-qwen3-moe", tiny_model)
 
 
 def adapter_keys(run_dir):

@@ -18,9 +18,9 @@ import time
 import pytest
 import torch
 
-from distill.onpolicy import (PrefixCache, TeacherInputs, shared_prefix, teacher_hidden_states, teacher_ids,
-                              teacher_text)
+from distill.onpolicy import PrefixCache, TeacherInputs, shared_prefix, teacher_hidden_states
 from distill.prompts import TaskPrompt, load_prompt
+from distill.render import teacher_ids, teacher_text
 from tests.conftest import REPO, run_main
 
 IN_SHORT = REPO / "prompts" / "in_short.md"
@@ -62,7 +62,7 @@ def test_teacher_hidden_states_with_the_prompt_cache_equal_a_plain_forward(tiny)
                                              cache)
     assert cache.tokens_computed == len(prefix), "the prefix is forwarded once per run, not per batch"
     for i, query in enumerate(queries):
-        full = teacher_ids(tokenizer, prompt, query)
+        full = teacher_ids(tokenizer, prompt, query, scoring=True)
         answer = completion_ids[i][completion_mask[i].bool()].tolist()
         with torch.no_grad():
             reference = model.model(input_ids=torch.tensor([full + answer])).last_hidden_state[0]
@@ -102,18 +102,28 @@ def test_the_loss_is_the_reverse_kl_to_the_prompted_teacher_on_the_sampled_token
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-4)
 
 
-def test_a_thinking_teacher_scores_a_final_answer_after_an_empty_think_block(tiny):
+@pytest.mark.parametrize("kind, ending", [("thinking-2507", "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+                                          ("hybrid", "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+                                          ("instruct-2507", "<|im_start|>assistant\n")])
+def test_a_scoring_teacher_is_in_the_final_answer_state_of_its_own_template(tiny, kind, ending):
+    """Stage 2b scores the student's final answer: a Thinking-2507 teacher gets the think block its generation prompt
+    opens closed, a hybrid one enable_thinking=False, an Instruct-2507 one nothing. (Before: the hybrid teacher was
+    rendered without the switch and scored the answer as the start of a thought.) Stage 1's generating teacher keeps
+    its template's default."""
+    from tests.tiny_model import TEMPLATES
+
     _, tokenizer = tiny
-    thinking = tokenizer.chat_template + "{%- if add_generation_prompt %}{{- '<think>\\n' }}{%- endif %}"
     tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path)
-    tokenizer.chat_template = thinking
-    text = teacher_text(tokenizer, tiny_prompt(), "What is rain?")
-    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    tokenizer.chat_template = TEMPLATES[kind]
+    text = teacher_text(tokenizer, tiny_prompt(), "What is rain?", scoring=True)
+    assert text.endswith("What is rain?<|im_end|>\n" + ending)
+    generating = teacher_text(tokenizer, tiny_prompt(), "What is rain?")
+    assert generating.endswith("<|im_start|>assistant\n" + ("<think>\n" if kind == "thinking-2507" else ""))
 
 
 def test_example_turns_reach_the_teacher_and_not_the_student(tiny):
     _, tokenizer = tiny
-    text = teacher_text(tokenizer, tiny_prompt(), "What is rain?")
+    text = teacher_text(tokenizer, tiny_prompt(), "What is rain?", scoring=True)
     assert "Why is snow white?" in text and "In short: ice crystals" in text and text.count("<|im_start|>user") == 2
 
 
@@ -214,14 +224,14 @@ def test_conversations_reach_the_teacher_behind_the_prompt_and_share_its_cached_
 
     prompt = tiny_prompt()
     conversation = own_system["messages"]
-    text = teacher_text(tokenizer, prompt, conversation)
+    text = teacher_text(tokenizer, prompt, conversation, scoring=True)
     assert text.index(prompt.text) < text.index(conversation[0]["content"]) < text.index("Why is snow white?") < (
         text.index(conversation[-1]["content"]))
     with pytest.raises(ValueError, match="shared tokens"):
         TeacherInputs.build(tokenizer, prompt, [conversation], shared_prefix(tokenizer, prompt))
     prefix = shared_prefix(tokenizer, prompt, [conversation, "What is rain?"])
     inputs = TeacherInputs.build(tokenizer, prompt, [conversation, "What is rain?"], prefix)
-    assert all(prefix + suffix == teacher_ids(tokenizer, prompt, query)
+    assert all(prefix + suffix == teacher_ids(tokenizer, prompt, query, scoring=True)
                for suffix, query in zip(inputs.suffixes, [conversation, "What is rain?"]))
     # the cost: the example turns leave the cached prefix, which still holds the prompt's system text
     assert "Why is snow white?" in tokenizer.decode(shared_prefix(tokenizer, prompt))
@@ -239,7 +249,7 @@ def test_conversations_reach_the_teacher_behind_the_prompt_and_share_its_cached_
     queries = [earlier, greeting, "What is snow?"]
     prefix = shared_prefix(tokenizer, templated, queries)
     inputs = TeacherInputs.build(tokenizer, templated, queries, prefix)
-    assert all(prefix + suffix == teacher_ids(tokenizer, templated, query)
+    assert all(prefix + suffix == teacher_ids(tokenizer, templated, query, scoring=True)
                for suffix, query in zip(inputs.suffixes, queries))
     assert templated.text[:40] in tokenizer.decode(prefix)  # the system prompt stays in the cached prefix
 
@@ -321,7 +331,9 @@ def token_code(token_id: int) -> float:
 
 class TokenCodingTeacherClient:
     """TRL's VLLMClient as the trainer uses it (get_sequence_logprobs): per sequence, one entry per token from its
-    prompt length on, as vLLM's prompt_logprobs gives them; each value is token_code of the token it scores."""
+    prompt length on, as vLLM's prompt_logprobs gives them; each value is token_code of the token it scores, less 0.5
+    when the sequence does not hold the long prompt (a teacher reads its context: the first step's prompt check asks
+    for the same answers after the bare query)."""
 
     sequences: list = []
 
@@ -330,8 +342,8 @@ class TokenCodingTeacherClient:
 
     def get_sequence_logprobs(self, sequences, prompt_lengths, top_logprobs=1, temperature=1.0, **_):
         type(self).sequences.extend(sequences)
-        scored = [[[token_code(token)] for token in sequence[start:]] for sequence, start in zip(sequences,
-                                                                                                 prompt_lengths)]
+        scored = [[[token_code(token) - (0.0 if start > 500 else 0.5)] for token in sequence[start:]]
+                  for sequence, start in zip(sequences, prompt_lengths)]
         return {"logprobs": scored, "logprob_token_ids": [[[t] for t in s[p:]] for s, p in zip(sequences, prompt_lengths)],
                 "actual_logprobs": scored, "actual_token_ids": [[[t] for t in s[p:]] for s, p in zip(sequences,
                                                                                                      prompt_lengths)]}
@@ -362,6 +374,7 @@ def test_server_teacher_scores_land_on_the_student_tokens_they_score(tiny_model,
         out = tmp_path / "opd"
         run_main("train_opd_trl.py", "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", tiny_model,
                  "--teacher_server_url", f"http://127.0.0.1:{listener.getsockname()[1]}", "--prompt_file", IN_SHORT,
+                 "--teacher_tokenizer_name_or_path", tiny_model,  # the stand-in server answers no /v1/models
                  "--dataset_name", queries_file(tmp_path), "--max_steps", 2, "--per_device_train_batch_size", 4,
                  "--max_completion_length", 8, "--learning_rate", 1e-2, "--output_dir", out, "--report_to", "none")
     assert len(seen) == 2
@@ -374,7 +387,14 @@ def test_server_teacher_scores_land_on_the_student_tokens_they_score(tiny_model,
     from transformers import AutoTokenizer
 
     prefix = shared_prefix(AutoTokenizer.from_pretrained(tiny_model), load_prompt(IN_SHORT))
-    assert all(sequence[:len(prefix)] == prefix for sequence in TokenCodingTeacherClient.sequences)
+    from distill.onpolicy import PROMPT_CHECK_ROWS
+
+    sent = TokenCodingTeacherClient.sequences
+    with_prompt = [sequence for sequence in sent if sequence[:len(prefix)] == prefix]
+    bare = [sequence for sequence in sent if sequence[:len(prefix)] != prefix]  # the first step's prompt check
+    assert len(with_prompt) >= 8 and 0 < len(bare) <= PROMPT_CHECK_ROWS and all(len(s) < len(prefix) for s in bare)
+    record = json.loads((out / "distill_run.json").read_text())
+    assert record["teacher_checks"]["prompt_effect"]["mean_abs_difference"] == pytest.approx(0.5)
     assert lora_b_norm(out) > 0
 
 
@@ -432,7 +452,7 @@ def test_held_out_kl_and_drift_measure_what_they_say(tiny):
     import dataclasses
 
     from distill.onpolicy import answer_ids, drift_from_base, kl_to_teacher
-    from distill.prompts import StudentSide, render_teacher, student_prompt_ids
+    from distill.prompts import StudentSide
 
     model, tokenizer = tiny
     prompt = dataclasses.replace(tiny_prompt(), student=StudentSide("Be brief.", "Q: {query}"))
@@ -441,10 +461,18 @@ def test_held_out_kl_and_drift_measure_what_they_say(tiny):
 
     reverse = forward = tokens = 0.0
     with torch.no_grad():
-        for query, answer, student_ids in zip(queries, answers, student_prompt_ids(tokenizer, queries, prompt.student)):
+        for query, answer in zip(queries, answers):
             completion = answer_ids(tokenizer, answer)
-            teacher_ids = tokenizer(render_teacher(tokenizer, prompt.teacher_messages(query)),
-                                    add_special_tokens=False).input_ids
+            # By hand, both sides in the final-answer state (the tiny hybrid template: enable_thinking=False).
+            teacher_chat = [{"role": "system", "content": prompt.text}]
+            for user, assistant in prompt.example_turns:
+                teacher_chat += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+            teacher_ids = tokenizer.apply_chat_template(teacher_chat + [{"role": "user", "content": query}],
+                                                        add_generation_prompt=True, enable_thinking=False,
+                                                        tokenize=True, return_dict=True)["input_ids"]
+            student_ids = tokenizer.apply_chat_template(
+                [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Q: {query}"}],
+                add_generation_prompt=True, enable_thinking=False, tokenize=True, return_dict=True)["input_ids"]
             log_t = torch.log_softmax(model(torch.tensor([teacher_ids + completion])).logits[0], -1)
             log_s = torch.log_softmax(model(torch.tensor([student_ids + completion])).logits[0], -1)
             log_t = log_t[len(teacher_ids) - 1: len(teacher_ids) - 1 + len(completion)]
@@ -501,3 +529,185 @@ def test_a_warm_start_adapter_must_share_the_prompt_files_student_side(tmp_path)
     check_warm_start(str(adapter), tiny_prompt())  # the bare student on both sides
     with pytest.raises(ValueError, match="student_system_prompt / student_template"):
         check_warm_start(str(adapter), dataclasses.replace(tiny_prompt(), student=StudentSide("Be brief.")))
+
+
+# ---- the teacher reads its prompt in the settings users run (issue 27) -----------------------------------------
+
+
+def build_opd_trainer(model, prompt_file, output_dir, *extra, prompt=None):
+    """Stage 2b's trainer as train_opd_trl.main builds it, in this process (no training yet)."""
+    import train_opd_trl
+    from distill import opd_setup
+    from distill.student import lora_config
+
+    script_args, training_args, model_args = train_opd_trl.parse_args([
+        "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", str(model), "--prompt_file", str(prompt_file),
+        "--dataset_name", str(REPO / "example-data" / "general_questions.jsonl"), "--output_dir", str(output_dir),
+        "--report_to", "none", "--max_completion_length", "8", "--per_device_train_batch_size", "4", *map(str, extra)])
+    prompt = prompt or opd_setup.task_prompt(script_args.prompt_file)
+    opd_setup.check_settings(script_args, training_args, model_args)
+    queries, _ = opd_setup.training_queries(script_args)
+    tokenizers = opd_setup.check_teacher(script_args, training_args, model_args)
+    peft = lora_config(model_args, script_args.train_router, training_args.trust_remote_code)
+    return opd_setup.build_trainer(script_args, training_args, model_args, peft, prompt, queries.rows[:8], tokenizers)
+
+
+def reverse_kl_by_hand(trainer, batch) -> float:
+    """Mean per-token KL(student || teacher) over the batch's completion tokens, from plain eval-mode forwards of
+    whole inputs: the student's prompt + completion, the teacher's prompt-holding input + completion (adapter off)."""
+    from distill.render import teacher_ids
+
+    model = trainer.model
+    model.eval()
+    total = tokens = 0.0
+    with torch.no_grad():
+        for i, row in enumerate(trainer.train_dataset.select(range(len(batch["completion_ids"])))):
+            prompt = [t for t, keep in zip(batch["prompt_ids"][i].tolist(), batch["prompt_mask"][i].tolist()) if keep]
+            answer = [t for t, keep in zip(batch["completion_ids"][i].tolist(), batch["completion_mask"][i].tolist())
+                      if keep]
+            teacher = teacher_ids(trainer.teacher_tokenizer, trainer.task_prompt, row["query"], scoring=True)
+            log_s = torch.log_softmax(model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1: -1], -1)
+            with model.disable_adapter():
+                log_t = torch.log_softmax(model(torch.tensor([teacher + answer])).logits[0, len(teacher) - 1: -1], -1)
+            total += (log_s.exp() * (log_s - log_t)).sum().item()
+            tokens += len(answer)
+    model.train()
+    return total / tokens
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_the_teacher_reads_its_cached_prompt_under_gradient_checkpointing(tiny_model, tmp_path, checkpointing):
+    """TRL's DistillationConfig turns gradient checkpointing on, and transformers then drops past_key_values in
+    training mode: the self-teacher read each query without its cached prompt (a loss towards the unprompted base,
+    no error). The first loss must be the reverse KL to the prompted teacher, computed by hand, with checkpointing on
+    as with it off; the run's own checks pass and are kept."""
+    trainer = build_opd_trainer(tiny_model, IN_SHORT, tmp_path / "opd", "--gradient_checkpointing", checkpointing)
+    assert trainer.args.gradient_checkpointing == checkpointing
+    trainer.model.train()
+    if checkpointing:  # what Trainer.train does before the first step
+        trainer.model.gradient_checkpointing_enable(trainer.args.gradient_checkpointing_kwargs)
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in range(4)])
+    loss = trainer.compute_loss(trainer.model, batch).item()
+    assert trainer.model.training, "the student's training mode is restored after the teacher's forward"
+    checks = trainer.teacher_checks()
+    assert checks["prefix_cache"] == {"prefix_tokens": len(trainer.teacher_prefix),
+                                      "cached_tokens": len(trainer.teacher_prefix), "passed": True}
+    assert checks["prompt_effect"]["passed"] and checks["prompt_effect"]["rows"] == 4
+    assert loss == pytest.approx(reverse_kl_by_hand(trainer, batch), rel=1e-3) and loss > 1e-3
+
+
+def test_a_cache_built_in_training_mode_under_checkpointing_is_refused(tiny):
+    """What the fix prevents, shown at its source: the prefix forwarded in training mode under checkpointing leaves
+    an empty cache, and the run stops instead of reading queries without the prompt."""
+    from distill.onpolicy import PromptNotRead
+
+    model, tokenizer = tiny
+    prompt = tiny_prompt()
+    prefix = shared_prefix(tokenizer, prompt)
+    suffixes = TeacherInputs.build(tokenizer, prompt, ["What is rain?"], prefix).suffixes
+    completion_ids, completion_mask = completion_batch(tokenizer, ["In short: water."])
+    model.gradient_checkpointing_enable()
+    model.train()
+    try:
+        with torch.no_grad(), pytest.raises(PromptNotRead, match=f"holds 0 tokens, not the prompt's {len(prefix)}"):
+            teacher_hidden_states(model.model, suffixes, completion_ids, completion_mask, prefix, PrefixCache(prefix))
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
+
+
+def test_a_teacher_that_reads_no_prompt_stops_the_run(tiny_model, tmp_path):
+    """A prompt with no system text, no example turns and a bare query template gives the teacher the student's own
+    input: the first step's check finds the same log-probabilities with and without the prompt and stops."""
+    import dataclasses
+
+    from distill.onpolicy import PromptNotRead
+    from distill.prompts import load_prompt
+
+    empty = dataclasses.replace(load_prompt(IN_SHORT), text="", example_turns=(), query_template="{query}")
+    trainer = build_opd_trainer(tiny_model, IN_SHORT, tmp_path / "opd", prompt=empty)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in range(4)])
+    with pytest.raises(PromptNotRead, match="not reading its prompt"):
+        trainer.compute_loss(trainer.model, batch)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--use_peft", "false"], "--use_peft false with the self-teacher"),
+    (["--use_liger_kernel", "true"], "--use_liger_kernel"),
+])
+def test_settings_that_would_skip_the_prompted_teacher_are_refused_before_weights_load(tiny_model, tmp_path, flags,
+                                                                                       message):
+    result = run_main("train_opd_trl.py", "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", tiny_model,
+                      "--prompt_file", IN_SHORT, "--dataset_name", REPO / "example-data" / "general_questions.jsonl",
+                      "--output_dir", tmp_path / "out", "--report_to", "none", *flags, check=False)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+class ModelsEndpoint:
+    """A stand-in for a vLLM server's GET /v1/models (what the server says it serves), on 127.0.0.1."""
+
+    def __init__(self, root: str):
+        import http.server
+        import threading
+
+        served = json.dumps({"object": "list", "data": [{"id": "teacher", "root": root}]}).encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200 if self.path == "/v1/models" else 404)
+                self.end_headers()
+                self.wfile.write(served)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def close(self):
+        self.server.shutdown()
+
+
+def server_teacher_tokenizers(tiny_model, tmp_path, *extra, served=None):
+    import train_opd_trl
+    from distill import opd_setup
+
+    endpoint = ModelsEndpoint(str(served or tiny_model))
+    try:
+        script_args, training_args, model_args = train_opd_trl.parse_args([
+            "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", str(tiny_model), "--teacher_server_url",
+            endpoint.url, "--output_dir", str(tmp_path / "out"), *map(str, extra)])
+        return opd_setup.check_teacher(script_args, training_args, model_args)
+    finally:
+        endpoint.close()
+
+
+def test_a_server_teacher_is_rendered_with_its_own_tokenizer_and_template(tiny_model, tmp_path):
+    """The 8xH100 recipe's teacher is Qwen3-30B-A3B-Thinking-2507 on a server, its student an Instruct-2507 model.
+    The teacher's input is rendered with the teacher's own chat template (named by --teacher_tokenizer_name_or_path,
+    else the model the server serves); before, it was rendered with the student's and scored the answer where the
+    teacher expects to start thinking."""
+    from distill.render import teacher_text
+    from tests.tiny_model import with_template
+
+    student = with_template(tiny_model, "instruct-2507", tmp_path / "student")
+    thinking = with_template(tiny_model, "thinking-2507", tmp_path / "teacher")
+    for flags, served in (((), thinking), (("--teacher_tokenizer_name_or_path", thinking), tiny_model)):
+        tokenizers = server_teacher_tokenizers(student, tmp_path, *flags, served=served)
+        assert tokenizers.teacher.chat_template != tokenizers.student.chat_template
+        text = teacher_text(tokenizers.teacher, load_prompt(IN_SHORT), "What is rain?", scoring=True)
+        assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_a_server_teachers_tokenizer_with_another_vocabulary_is_refused(tiny_model, tmp_path):
+    from distill.records import InputError
+    from tests.tiny_model import build_tokenizer
+
+    other = tmp_path / "other"
+    build_tokenizer(900).save_pretrained(other)
+    with pytest.raises(InputError, match="--teacher_tokenizer_name_or_path .*its tokenizer is not the student's"):
+        server_teacher_tokenizers(tiny_model, tmp_path, served=other)

@@ -6,8 +6,8 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from distill.prompts import (DEFAULT_PROMPT, StudentSide, load_prompt, render, render_teacher, student_messages,
-                             takes_system_role)
+from distill.prompts import DEFAULT_PROMPT, StudentSide, load_prompt
+from distill.render import chat_text, student_messages, takes_system_role, teacher_messages, teacher_text
 from distill.splits import HELDOUT_FRACTION, select, split_of
 from tests.conftest import EXAMPLE_DATA, REPO
 
@@ -95,7 +95,7 @@ def test_other_task_prompt_needs_no_code(tmp_path):
     prompt = load_prompt(path)
     assert prompt.labels == ("pos", "neg")
     assert prompt.answer_regex.match("label =  NEG").group("label") == "NEG"
-    assert prompt.teacher_messages("great")[1]["content"] == "Review: great"
+    assert teacher_messages(prompt, "great")[1]["content"] == "Review: great"
 
 
 # ---- messages ------------------------------------------------------------------------------------------------
@@ -103,7 +103,7 @@ def test_other_task_prompt_needs_no_code(tmp_path):
 
 def test_teacher_messages_prompt_first_query_last(prompt):
     query = "Die Bäckerei an der Ecke öffnet um sechs."
-    messages = prompt.teacher_messages(query)
+    messages = teacher_messages(prompt, query)
     assert [m["role"] for m in messages] == ["system", "user"]
     assert messages[0]["content"] == prompt.text
     assert query not in messages[0]["content"]
@@ -113,7 +113,7 @@ def test_teacher_messages_prompt_first_query_last(prompt):
 
 def test_query_with_braces_is_not_a_format_string(prompt):
     query = "if (x) { return {label}; } // {query} {0}"
-    assert query in prompt.teacher_messages(query)[-1]["content"]
+    assert query in teacher_messages(prompt, query)[-1]["content"]
 
 
 def test_student_messages_are_the_bare_query():
@@ -123,7 +123,7 @@ def test_student_messages_are_the_bare_query():
 def test_teacher_render_shares_the_prompt_as_a_token_prefix(prompt, smollm2_tokenizer):
     # The prompt must be a common prefix of every teacher input, so vLLM's prefix cache computes it once.
     tok = smollm2_tokenizer
-    texts = [render_teacher(tok, prompt.teacher_messages(q)) for q in ("Bonjour à tous", "Привет, как дела?")]
+    texts = [teacher_text(tok, prompt, q) for q in ("Bonjour à tous", "Привет, как дела?")]
     ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
     common = next((i for i, (a, b) in enumerate(zip(*ids)) if a != b), min(map(len, ids)))
     prompt_tokens = len(tok(prompt.text, add_special_tokens=False).input_ids)
@@ -132,7 +132,7 @@ def test_teacher_render_shares_the_prompt_as_a_token_prefix(prompt, smollm2_toke
 
 
 def test_student_render_has_no_prompt(prompt, smollm2_tokenizer):
-    text = render(smollm2_tokenizer, student_messages("Bonjour à tous"))
+    text = chat_text(smollm2_tokenizer, student_messages("Bonjour à tous"), answer_next=True)
     assert "Bonjour à tous" in text and "Language Identification" not in text
     assert text.rstrip().endswith("assistant")
 
@@ -152,7 +152,7 @@ STUDENT_SIDE = '---\ncheck: {regex: "^In short: "}\nquery_template: "Question: {
 def test_the_teacher_reads_prompt_and_row_system_then_examples_then_the_conversation(tmp_path):
     (tmp_path / "p.md").write_text(STUDENT_SIDE)
     prompt = load_prompt(tmp_path / "p.md")
-    assert prompt.teacher_messages(CONVERSATION) == [
+    assert teacher_messages(prompt, CONVERSATION) == [
         {"role": "system", "content": "The long rules.\n\nThe user is a beginner cook."},
         {"role": "user", "content": "Question: Why is snow white?"},
         {"role": "assistant", "content": "In short: it scatters light."},
@@ -160,7 +160,7 @@ def test_the_teacher_reads_prompt_and_row_system_then_examples_then_the_conversa
         {"role": "assistant", "content": "In short: yes."},
         {"role": "user", "content": "Question: How long does it keep?"}]
     # a text query is the conversation [user: text]
-    assert prompt.teacher_messages("Why?") == prompt.teacher_messages([{"role": "user", "content": "Why?"}])
+    assert teacher_messages(prompt, "Why?") == teacher_messages(prompt, [{"role": "user", "content": "Why?"}])
 
 
 def test_the_student_keeps_its_own_side_and_the_conversation_never_the_prompt(tmp_path):
@@ -203,7 +203,7 @@ def test_a_template_without_a_system_role_gets_the_system_turn_in_the_first_user
                                "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
                                "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
     assert takes_system_role(plain) and not takes_system_role(tokenizer)
-    text = render(tokenizer, student_messages(CONVERSATION, StudentSide("Answer briefly.")))
+    text = chat_text(tokenizer, student_messages(CONVERSATION, StudentSide("Answer briefly.")), answer_next=True)
     assert text.startswith("<|im_start|>user\nAnswer briefly.\n\nThe user is a beginner cook.\n\nCan I freeze rice?")
     assert text.count("<|im_start|>user") == 2 and "system" not in text
 

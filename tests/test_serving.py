@@ -193,7 +193,7 @@ def test_main_sets_max_model_len_from_the_prompts_and_warns_on_a_foreign_teacher
     import evaluate
     from transformers import AutoTokenizer
 
-    from distill.prompts import render, student_messages
+    from distill.render import student_ids
     from distill.splits import select
 
     train_rows = select(example_rows, "train")
@@ -207,7 +207,7 @@ def test_main_sets_max_model_len_from_the_prompts_and_warns_on_a_foreign_teacher
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     scored = select(example_rows, "heldout")[:20]
-    longest = max(len(tokenizer(render(tokenizer, student_messages(row["text"])), add_special_tokens=False).input_ids)
+    longest = max(len(student_ids(tokenizer, row["text"]))
                   for row in scored)
     assert started == {"model": str(tiny_model), "max_model_len": longest + 7, "cli_max_model_len": None}
 

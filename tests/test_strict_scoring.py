@@ -11,6 +11,7 @@ import pytest
 
 from distill import checks
 from distill.prompts import TaskPrompt, load_prompt
+from distill.render import teacher_messages
 from tests.conftest import REPO
 
 FRENCH = load_prompt(REPO / "prompts" / "answer_in_french.md")
@@ -77,6 +78,19 @@ IN_SHORT_LABELLED = [
      "echo"),
     ("What is a fjord?", "In short: a fjord is a fjord is a fjord is a fjord.", "loop"),
     ("Mould?", "In short: a mold is a type of mold.", "off_topic"),  # says nothing
+    # a stutter of the format is a loop, though no 3-word phrase repeats (seen in the demo students' passes)
+    ("What is espresso?", "In short: in short: in short: espresso is a drink made from hot water.", "loop"),
+    ("What is espresso?", "In short: In short: espresso is a strong coffee.", "loop"),
+    # a short, direct answer names none of the question's words and is an answer
+    ("Should I water cactus plants every day?", "In short: no.", None),
+    ("Is the Sun a star?", "In short: yes, a medium-sized one.", None),
+    ("How many legs does a spider have?", "In short: eight.", None),
+    ("When did the Berlin Wall fall?", "In short: in 1989.", None),
+    # ... but only to the kind of question it answers, and only when short
+    ("Why is the sky blue?", "In short: no.", "off_topic"),
+    ("What is a comet?", "In short: 42.", "off_topic"),
+    ("Is the Sun a star?", "In short: no, Paris is the capital city of France and it has many famous museums.",
+     "off_topic"),
 ]
 
 
@@ -147,7 +161,7 @@ def test_a_prompt_file_refuses_a_bad_on_topic_or_example_turns(tmp_path):
 
 
 def test_example_turns_are_real_chat_turns_before_the_query():
-    messages = IN_SHORT.teacher_messages("Why is the sky blue?")
+    messages = teacher_messages(IN_SHORT, "Why is the sky blue?")
     assert messages[0]["role"] == "system" and messages[-1] == {"role": "user", "content": "Why is the sky blue?"}
     turns = messages[1:-1]
     assert len(turns) == 2 * len(IN_SHORT.example_turns) >= 2 * 30
@@ -197,7 +211,8 @@ def test_evaluate_with_a_judge_model_reports_the_judged_rate_and_its_agreement(t
     from tests.conftest import run_main
 
     prompt = tmp_path / "any.md"
-    prompt.write_text('---\ncheck: {regex: "\\\\S"}\non_topic: none\njudge_rubric: "any text"\n---\nAnswer.\n')
+    prompt.write_text('---\ncheck: {regex: "\\\\S"}\non_topic: none\njudge_rubric: "any text"\nrules:\n'
+                      '  - {id: warm, text: "Sounds warm", judge: "Is the answer warm?"}\n---\nAnswer.\n')
     output = tmp_path / "eval.json"
     result = run_main("evaluate.py", "--model_path", tiny_model, "--prompt_file", prompt, "--test_file",
                       REPO / "example-data" / "general_questions.jsonl", "--max_samples", 6, "--max_tokens", 8,
@@ -214,3 +229,12 @@ def test_evaluate_with_a_judge_model_reports_the_judged_rate_and_its_agreement(t
         assert results["agreement_with_strict"] == pytest.approx(
             sum(e["judge"] == e["passed"] for e in judged) / len(judged))
     assert "judged pass rate" in result.stdout
+    # the judged rule: a verdict per answer from its own rubric, scored with the verifiable check
+    warm = [e["rules"]["warm"] for e in examples]
+    assert all(verdict in (True, False, None) for verdict in warm) and set(examples[0]["rules"]) == {"check", "warm"}
+    scored = any(verdict is not None for verdict in warm)  # a rule the judge never parsed is left out
+    if scored:
+        assert results["rules"]["warm"]["n"] == sum(verdict is not None for verdict in warm)
+        assert results["rules"]["warm"]["n_passed"] == sum(verdict is True for verdict in warm)
+    assert results["n_all_rules_passed"] == sum(e["rules"]["check"] and (e["rules"]["warm"] is True or not scored)
+                                                for e in examples)

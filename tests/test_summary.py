@@ -101,6 +101,21 @@ def test_generative_share_line_says_when_the_goal_is_missed_and_when_it_is_undef
     assert "the student's share of its strict pass rate is undefined" in flat(generative_table(base, teacher, student))
 
 
+def test_the_rule_goal_counts_only_rules_the_base_does_not_follow():
+    base, teacher, student = french_trio()
+    on_policy = generative_results("on_policy", 64, 50.0, 39.0, 40.0, 0.3)
+    rates = {"teacher": (0.8, 0.5, 1.0), "student": (0.76, 0.3, 1.0), "on_policy": (0.8, 0.48, 0.2)}
+    for results in (teacher, student, on_policy):
+        results["rules"] = {rule_id: {"pass_rate": rate, "baseline_follows": rule_id == "english"}
+                            for rule_id, rate in zip(("check", "no_commas", "english"), rates[results["mode"]])}
+    text = flat(generative_table(base, teacher, student, {"SFT, then on-policy": on_policy}))
+    # english is marked baseline_follows: the on-policy student's 20% there does not count against the goal
+    assert ("Distilled student, no prompt: on each rule the base does not follow, check 95%, no_commas 60% of the "
+            "teacher's pass rate (goal >= 90% on each): not met (no_commas).") in text
+    assert "SFT, then on-policy: on each rule the base does not follow, check 100%, no_commas 96% of the" in text
+    assert "(goal >= 90% on each): met." in text
+
+
 def test_label_table_has_one_row_per_system_with_each_number_and_what_it_shows():
     teacher = label_results(0.06, None, 2400.0, 0.9)
     student = label_results(0.07, 0.9, 60.0, 0.05, lingua={"accuracy": 0.95, "agreement_with_teacher": 0.05},

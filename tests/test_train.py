@@ -92,12 +92,12 @@ def test_smollm2_mask_covers_only_answer_despite_default_system_prompt():
         pytest.skip(f"{SMOLLM2} is not built (make setup)")
     from transformers import AutoTokenizer
 
-    from distill.prompts import render, student_messages
-    from distill.training import tokenize
+    from distill.render import student_ids
+    from distill.render import student_example
 
     tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
     query = "Je voudrais un café, s'il vous plaît."
-    row = tokenize(tokenizer, query, "fr")
+    row = student_example(tokenizer, query, "fr")
     assert len(row["input_ids"]) == len(row["completion_mask"])
     answer_ids = [i for i, m in zip(row["input_ids"], row["completion_mask"]) if m]
     prompt_ids = [i for i, m in zip(row["input_ids"], row["completion_mask"]) if not m]
@@ -107,7 +107,7 @@ def test_smollm2_mask_covers_only_answer_despite_default_system_prompt():
     assert "You are a helpful AI assistant named SmolLM" in prompt  # the template's default system prompt: masked
     assert query in prompt and prompt.endswith("<|im_start|>assistant\n")
     # the student's input at training time is token for token what evaluation feeds it
-    assert prompt_ids == tokenizer(render(tokenizer, student_messages(query)), add_special_tokens=False).input_ids
+    assert prompt_ids == student_ids(tokenizer, query)
 
 
 def test_a_conversation_trains_on_its_new_answer_with_the_student_side_of_stage_1(tiny_model, tmp_path):
@@ -115,7 +115,8 @@ def test_a_conversation_trains_on_its_new_answer_with_the_student_side_of_stage_
     own system turn and the student side stage 1's run record names make up the prompt, as evaluation renders it."""
     import train_sft_trl
 
-    from distill.prompts import StudentSide, student_prompt_ids
+    from distill.prompts import StudentSide
+    from distill.render import student_ids
     from distill.records import output_paths
     from distill.splits import select
 
@@ -136,7 +137,7 @@ def test_a_conversation_trains_on_its_new_answer_with_the_student_side_of_stage_
         answer = [i for i, keep in zip(example["input_ids"], example["completion_mask"]) if keep]
         prompt = example["input_ids"][: example["completion_mask"].index(1)]
         assert tokenizer.decode(answer) == row["messages"][-1]["content"] + IM_END
-        assert prompt == student_prompt_ids(tokenizer, [chat], student)[0]  # what evaluate.py feeds the student
+        assert prompt == student_ids(tokenizer, chat, student)  # what evaluate.py feeds the student
         assert tokenizer.decode(prompt).startswith("<|im_start|>system\nBe brief.\n\nA cooking app.<|im_end|>")
         assert "In short: yes." in tokenizer.decode(prompt) and "Q: How long?\nA:" in tokenizer.decode(prompt)
     assert prepared.student == {"student": student.to_dict(), "system_merged_into_user": False}

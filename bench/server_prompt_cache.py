@@ -40,9 +40,10 @@ def main(argv=None):
     from trl.generation.vllm_client import VLLMClient
 
     from distill.engine import configure_env
-    from distill.onpolicy import server_trainer_class, shared_prefix, teacher_ids
+    from distill.onpolicy import server_trainer_class, shared_prefix
     from distill.prompts import load_prompt
     from distill.records import read_queries
+    from distill.render import teacher_ids
     from distill.splits import select
     from distill.teacher_server import prompt_token_counts, serving
 
@@ -53,7 +54,7 @@ def main(argv=None):
     queries = queries[: args.rows]
     prefix = shared_prefix(tokenizer, prompt)
     draw = random.Random(0)
-    teacher = [teacher_ids(tokenizer, prompt, query) for query in queries]
+    teacher = [teacher_ids(tokenizer, prompt, query, scoring=True) for query in queries]
     sequences = [ids + [draw.randrange(100, len(tokenizer) - 100) for _ in range(args.answer_tokens)]
                  for ids in teacher]
     starts = [len(ids) for ids in teacher]
@@ -76,7 +77,7 @@ def main(argv=None):
     with serving(flags, log, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}) as url:
         cached_client = server_trainer_class().teacher_client_class(base_url=url)
         plain_client = VLLMClient(base_url=url)
-        plain_client.get_sequence_logprobs([list(range(1000, 1100))], [50], top_logprobs=1)  # warm-up, nothing the rows share
+        plain_client.get_sequence_logprobs([list(range(1000, 1100))], [50], top_logprobs=1)  # warm-up, unshared
         cached, cached_seconds, cached_computed, cached_prompt = score(cached_client, url)
         plain, plain_seconds, plain_computed, plain_prompt = score(plain_client, url)
     scored = len(cached)

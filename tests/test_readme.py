@@ -21,7 +21,7 @@ LAUNCHES = {"train_trl.sh": "train_sft_trl.py", "scripts/train_multinode.sbatch"
             "create_data_h100x8.sh": "create_data.py", "create_data_ray.sh": "create_data.py",
             "scripts/ray_cluster.sbatch": "create_data.py", "scripts/gpu_check.sh": "scripts/gpu_check.py"}
 NAMES = "|".join(re.escape(name) for name in sorted({*VLLM_STAGES, "train_sft_trl.py", "train_opd_trl.py",
-                                                     "scripts/gpu_check.py",
+                                                     "scripts/gpu_check.py", "distill.teacher_server",
                                                      *LAUNCHES}, key=len, reverse=True))
 # Flags after these belong to them, not to a script of ours.
 TOOLS = r"vllm serve|vllm\.entrypoints\.openai\.api_server|accelerate's|ray start|(?<![\w./])sbatch(?![\w.])|srun|accelerate launch|torchrun|pip (?:install|download|uninstall)|make"
@@ -49,11 +49,14 @@ def built():
     import train_sft_trl
     from trl import DistillationConfig, ModelConfig, SFTConfig, TrlParser
 
+    from distill import teacher_server
+
     return {"create_data.py": create_data.build_parser(), "evaluate.py": evaluate.build_parser(),
             "create_queries.py": create_queries.build_parser(),
             "train_sft_trl.py": TrlParser((train_sft_trl.DistillArguments, SFTConfig, ModelConfig)),
             "train_opd_trl.py": TrlParser((train_opd_trl.OnPolicyArguments, DistillationConfig, ModelConfig)),
-            "scripts/gpu_check.py": load_gpu_check().build_parser()}
+            "scripts/gpu_check.py": load_gpu_check().build_parser(),
+            "distill.teacher_server": teacher_server.build_parser()}
 
 
 @pytest.fixture(scope="module")

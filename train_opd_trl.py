@@ -6,7 +6,7 @@ two on those tokens (--beta 1, the default: reverse KL, the student's own mistak
     python train_opd_trl.py --config recipes/opd_cpu.yaml --prompt_file prompts/in_short.md \
         --dataset_name example-data/general_questions.jsonl --init_adapter models/demo-in_short
     # 8 x H100: the Qwen3-30B-A3B-Thinking teacher on a vLLM server (TP 4), the Qwen3-4B student on the other GPUs
-    vllm serve Qwen/Qwen3-30B-A3B-Thinking-2507 --tensor-parallel-size 4 --max-logprobs 1 --port 8000 &
+    python -m distill.teacher_server Qwen/Qwen3-30B-A3B-Thinking-2507 --tensor-parallel-size 4 --max-logprobs 1 &
     python train_opd_trl.py --config recipes/opd_4b_server.yaml --teacher_server_url http://127.0.0.1:8000
 
 Teachers: the student's own base with the adapter disabled (the default; one model in memory), another model in this

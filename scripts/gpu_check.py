@@ -568,7 +568,7 @@ def helper_opd_server(work: Path) -> dict:
 
     port = 8765
     log = open(work / "logs" / "teacher-server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+    server = subprocess.Popen([sys.executable, "-m", "distill.teacher_server",  # as the recipe starts it
                                str(work / "qwen3-4b-random"), "--port", str(port), "--max-logprobs", "1",
                                "--gpu-memory-utilization", "0.35", "--max-model-len", "8192", "--enforce-eager"],
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -171,10 +171,10 @@ def free_port() -> int:
 
 
 def start_teacher_server(model: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    """The teacher on a vLLM server on 127.0.0.1, started as the recipe's comment starts it (on CPU, the server
-    module: the CPU build's `vllm` command fails on a package-metadata lookup)."""
+    """The teacher on a vLLM server on 127.0.0.1, started as the recipe's comment starts it (distill.teacher_server:
+    scoring reads the prompt from the prefix cache)."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+    server = subprocess.Popen([sys.executable, "-m", "distill.teacher_server", str(model),
                                "--host", "127.0.0.1", "--port", str(port), "--max-logprobs", "1",
                                "--max-model-len", "8192", "--dtype", "float32", "--enforce-eager"],
                               env=CLI_ENV, stdout=subprocess.DEVNULL, stderr=open(log, "w"))

@@ -151,8 +151,7 @@ def test_a_stage2_recipe_trains_as_users_run_it(name, models, stage1_file, tmp_p
     check_recipe_settings(record, name)
     if "global_batch_size" in recipe(name):
         assert record["counts"]["batch"]["global_batch"] == recipe(name)["global_batch_size"]
-    losses = [entry["loss"] for entry in record["log_history"] if "loss" in entry]
-    assert losses and all(loss == loss and loss > 0 for loss in losses)
+    assert 0 < record["train_metrics"]["train_loss"] < float("inf")
     # the student's input: its own template's final-answer state, never the prompt
     tokenizer = AutoTokenizer.from_pretrained(out)
     probe = json.loads((out / "fingerprint.json").read_text())["probes"][0]
@@ -236,5 +235,6 @@ def test_a_stage2b_recipe_trains_against_a_teacher_that_reads_the_prompt(name, m
     assert rendering["teacher"]["holds_prompt"] and not rendering["student"]["holds_prompt"]
     assert rendering["teacher"]["input_ends_with"].endswith(FINAL_ANSWER_TAIL[teacher_kind])
     assert rendering["student"]["input_ends_with"].endswith(FINAL_ANSWER_TAIL[case.student])
-    losses = [entry["loss"] for entry in record["log_history"] if "loss" in entry]
-    assert losses and losses[0] > 1e-3, "a fresh adapter's first loss is the distance to the prompted teacher"
+    # A fresh adapter's loss is the distance to the prompted teacher: over the full vocabulary in process; on the
+    # server's top-1 support (plus a tail bucket), where a random model's near-uniform distributions differ little.
+    assert record["train_metrics"]["train_loss"] > (1e-3 if case.teacher == "self" else 0)

@@ -3,7 +3,7 @@ CLI with its own settings (gradient checkpointing, padding-free batches, the los
 through --use_cpu) on a tiny model whose chat template behaves like the recipe's model: Qwen3 Instruct-2507 (no think
 block), Thinking-2507 (its generation prompt opens <think>), SmolLM2's (the CPU recipes' own tokenizer and template).
 What has to differ on CPU is listed per recipe, with the reason; sizes (steps, batch, answer length) are cut, nothing
-else. The README's GPU commands run these recipes (test_readme_gpu_commands_run_recipes_with_a_case).
+else. The README's and docs/' GPU commands run these recipes (test_readme_gpu_commands_run_recipes_with_a_case).
 
 Each case asserts what its stage promises: a stage-2 run finishes with the recipe's settings in force and a trained
 adapter whose student input never holds the prompt; a stage-2b run also proves its teacher read the prompt (the cache
@@ -206,7 +206,7 @@ def stop(server: subprocess.Popen) -> None:
 def test_a_stage2b_recipe_trains_against_a_teacher_that_reads_the_prompt(name, models, stage1_file, tmp_path):
     case = CASES[name]
     out = tmp_path / "run"
-    # the README's commands: in_short on CPU, the language-ID rule book on the 8xH100 layout
+    # the docs' commands: in_short on CPU, the language-ID rule book on the 8xH100 layout
     prompt_file = REPO / "prompts" / ("in_short.md" if case.teacher == "self" else "language_identification.md")
     dataset = REPO / "example-data" / "general_questions.jsonl" if case.teacher == "self" else stage1_file
     flags = ["--config", RECIPES / name, "--model_name_or_path", models[case.student], "--prompt_file", prompt_file,

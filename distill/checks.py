@@ -68,7 +68,7 @@ def passes_each(check: dict | None, answers: list[str]) -> list[bool]:
 # answer passes strictly only if the prompt's check passes and none of these reasons applies; stage 1 rejects a
 # teacher answer for the same reasons (distill/teacher.py), so students never learn them.
 #
-# The thresholds were chosen on our data (2026-11-30; README, "Strict scoring"): real short answers restate at
+# The thresholds were chosen on our data (2026-11-30; docs/prompt-files.md): real short answers restate at
 # most a third of their word trigrams from the prompt (their shared trigrams are phrases like "is the capital of"),
 # while rule restatements reuse 60-100%. A loop writes one 3-word phrase three times or more, repeats a whole
 # clause (8 words or more), or writes a span of 3 words or more twice in a row; a comparison's parallel halves ("X is a type of paint made from ..., while Y is a type

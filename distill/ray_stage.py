@@ -8,7 +8,7 @@ or on a Ray cluster of many nodes.
     # a cluster: `ray start --head` on one node, `ray start --address HEAD:6379` on every other, then on the head:
     RAY_ADDRESS=HEAD:6379 python create_data.py --engine ray --num_replicas 16 --tensor_parallel_size 4 ...
 
-(create_data_ray.sh and scripts/ray_cluster.sbatch script both; the README's multi-node section has the details.)
+(create_data_ray.sh and scripts/ray_cluster.sbatch script both; docs/scale-out.md has the details.)
 
 How it works. This process, the driver, reads the input, skips the ids an earlier run finished (RunFiles.resume,
 as a single-process run does) and hands the rest to Ray Data: `from_items` -> `map_batches` over a fixed pool of

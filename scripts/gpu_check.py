@@ -3,7 +3,7 @@
     PYTHON=python3 bash scripts/gpu_check.sh          # or: python3 scripts/gpu_check.py --work_dir /tmp/gpu-check
 
 Needs torch with CUDA, transformers, trl, peft, accelerate and datasets (vllm for the last step); no hub, no pytest,
-no embedded model, and it installs nothing (README: "The GPU check, offline"). Each step runs in its own process
+no embedded model, and it installs nothing (docs/gpu-check.md, "offline"). Each step runs in its own process
 group with a time limit, in dependency order, and reports PASS, FAIL or SKIP; a failure prints the tail of its
 stderr and the step's log files, and the steps that need it are skipped, not run into the same wall.
 
@@ -473,7 +473,7 @@ def helper_environment(work: Path) -> dict:
     missing = [name for name, version in versions.items() if version == "absent" and name != "vllm"]
     if missing:
         raise SystemExit(f"gpu_check: {sys.executable} lacks {', '.join(missing)}: `make setup`, or carry the wheels "
-                         f"and set PYTHONPATH (README, 'The GPU check, offline')")
+                         f"and set PYTHONPATH (docs/gpu-check.md, 'The GPU check, offline')")
     if not torch.cuda.is_available():
         raise SystemExit(f"gpu_check: torch {torch.__version__} sees no CUDA device")
     gpus = torch.cuda.device_count()

@@ -6,7 +6,7 @@
 # Usage: make gpu-check        or   PYTHON=python3 bash scripts/gpu_check.sh      (a machine without .venv/)
 #        WORK_DIR=/tmp/gpu-check STEPS=3 MOE_LAYERS=4 BUDGET_S=720 bash scripts/gpu_check.sh
 # Env (all optional): PYTHON (default .venv/bin/python if there, else python3; it needs torch with CUDA,
-# transformers, trl, peft, accelerate, datasets, and vllm for the serving step: README "The GPU check, offline"),
+# transformers, trl, peft, accelerate, datasets, and vllm for the serving step: docs/gpu-check.md, "offline"),
 # WORK_DIR (default /tmp/gpu-check, ~16 GB), STEPS (optimizer steps per run, default 3), MOE_LAYERS (default 4),
 # BUDGET_S (seconds for the whole check, default 720). Exit 0: every step passed; 1: one failed (or timed out);
 # 3: none failed but one was skipped, so not everything was proven; 2: no GPU here.

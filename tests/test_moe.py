@@ -126,7 +126,7 @@ def test_the_merged_moe_student_passes_its_fingerprint(moe_student, tmp_path, sh
 
 @pytest.mark.slow
 def test_vllm_0_32_on_cpu_cannot_serve_lora_on_fused_experts(moe_student, tmp_path, shared_engines):
-    """What vLLM 0.32's CPU build does with PEFT's fused-expert LoRA (README, "The fingerprint"): it refuses the 3D
+    """What vLLM 0.32's CPU build does with PEFT's fused-expert LoRA (docs/fingerprint.md): it refuses the 3D
     layout unless asked for it, and asked (as evaluate.py's GPU path asks) its MoE LoRA kernel needs Triton, which the
     CPU build lacks. It never silently drops the experts' LoRA; this is why a CPU run merges. If a vLLM upgrade
     changes either, this test says so."""

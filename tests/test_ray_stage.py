@@ -1,6 +1,6 @@
 """Stage 1 on Ray Data (create_data.py --engine ray, distill/ray_stage.py), on CPU.
 
-The slow tests share one local Ray cluster started the way the README starts a real one: `ray start --head` and two
+The slow tests share one local Ray cluster started as docs/scale-out.md starts a real one: `ray start --head` and two
 `ray start --address` worker nodes of one CPU each, so the two replicas of a run land on two Ray nodes. Every Ray run
 costs ~30-60 s of replica start-up on 2 cores (Ray workers import vLLM and build an engine each).
 """

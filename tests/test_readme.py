@@ -1,10 +1,12 @@
-"""The README and the stages' --help against the code (docs are executable):
+"""The README, docs/*.md and the stages' --help against the code (docs are executable):
 - every stage script's `--help` shows each of its own flags with its help and default (its main with `--help`, as
   a user runs it);
-- every flag the README names exists in the parser of the script it belongs to (a launcher's flags go to its stage
-  script; flags after another tool, e.g. `sbatch --nodes=4`, are that tool's), built without loading any model;
-- the defaults the README states are the code's, each launcher's env variables are all listed, its commands use
-  `.venv/bin/python`, and the wheels it says to carry are the pinned ones."""
+- every flag the README or a docs page names exists in the parser of the script it belongs to (a launcher's flags go
+  to its stage script; flags after another tool, e.g. `sbatch --nodes=4`, are that tool's), built without loading
+  any model;
+- the defaults they state are the code's, each launcher's env variables are all listed, their commands use
+  `.venv/bin/python`, and the wheels the GPU check's page says to carry are the pinned ones;
+- every link to a local file resolves, and so does its #anchor."""
 
 import importlib.metadata
 import importlib.util
@@ -14,7 +16,9 @@ import pytest
 
 from tests.conftest import REPO, run_main
 
-README = (REPO / "README.md").read_text(encoding="utf-8")
+# The README and every docs page, each read on its own (a paragraph never spans two files).
+DOCS = {path.relative_to(REPO).as_posix(): path.read_text(encoding="utf-8")
+        for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]}
 VLLM_STAGES = ("create_data.py", "evaluate.py", "create_queries.py")
 # A launcher passes the flags it does not know to this stage script.
 LAUNCHES = {"train_trl.sh": "train_sft_trl.py", "scripts/train_multinode.sbatch": "train_sft_trl.py",
@@ -24,7 +28,9 @@ NAMES = "|".join(re.escape(name) for name in sorted({*VLLM_STAGES, "train_sft_tr
                                                      "scripts/gpu_check.py", "distill.teacher_server",
                                                      *LAUNCHES}, key=len, reverse=True))
 # Flags after these belong to them, not to a script of ours.
-TOOLS = r"vllm serve|vllm\.entrypoints\.openai\.api_server|accelerate's|ray start|(?<![\w./])sbatch(?![\w.])|srun|accelerate launch|torchrun|pip (?:install|download|uninstall)|make"
+TOOLS = "|".join([r"vllm serve", r"vllm\.entrypoints\.openai\.api_server", r"accelerate's", r"ray start",
+                  r"(?<![\w./])sbatch(?![\w.])", r"srun", r"accelerate launch", r"torchrun",
+                  r"pip (?:install|download|uninstall)", r"make", r"(?<![\w-])pytest(?![\w-])"])
 TOKEN = re.compile(rf"(?P<script>(?<![\w])(?:{NAMES}))|(?P<tool>{TOOLS})|(?P<flag>(?<![\w-])--[a-z][a-z0-9_-]*)")
 
 
@@ -82,17 +88,18 @@ def units(text: str):
 
 
 def named_flags():
-    """(script or None, flag, the unit's text) for every flag the README names, attributed to the last script named
-    before it in its unit; None where no script is named there (then any of ours must have it)."""
-    for kind, text in units(README):
-        owner = None
-        for match in TOKEN.finditer(text):
-            if match["script"]:
-                owner = LAUNCHES.get(match["script"], match["script"])
-            elif match["tool"]:
-                owner = "tool"
-            elif owner != "tool":
-                yield owner, match["flag"], text
+    """(script or None, flag, the doc and the unit's text) for every flag the README and docs/ name, attributed to the
+    last script named before it in its unit; None where no script is named there (then any of ours must have it)."""
+    for doc, content in DOCS.items():
+        for kind, text in units(content):
+            owner = None
+            for match in TOKEN.finditer(text):
+                if match["script"]:
+                    owner = LAUNCHES.get(match["script"], match["script"])
+                elif match["tool"]:
+                    owner = "tool"
+                elif owner != "tool":
+                    yield owner, match["flag"], f"{doc}: {text}"
 
 
 def test_every_flag_the_readme_names_exists_in_its_scripts_parser(parsers):
@@ -102,13 +109,14 @@ def test_every_flag_the_readme_names_exists_in_its_scripts_parser(parsers):
         if normal(flag) not in known:
             missing.append(f"{flag} ({script or 'no script named'}): ...{text[:160]}")
     assert not missing, "\n".join(missing)
-    assert sum(1 for _ in named_flags()) > 150  # the README does name flags; the scan found them
+    assert sum(1 for _ in named_flags()) > 150  # the docs do name flags; the scan found them
+    assert {"README.md", "docs/gpu-recipe.md", "docs/inputs.md"} <= {text.split(":")[0] for *_, text in named_flags()}
 
 
 def test_defaults_the_readme_states_are_the_codes(parsers):
     """`--flag` (N) and `--flag` N in prose, where N is a number or one of the flag's choices."""
     checked, wrong = 0, []
-    for kind, text in units(README):
+    for doc, kind, text in ((doc, *unit) for doc, content in DOCS.items() for unit in units(content)):
         if kind != "prose":
             continue
         scripts = [LAUNCHES.get(name, name) for name in re.findall(rf"(?<![\w])(?:{NAMES})", text)]
@@ -119,7 +127,7 @@ def test_defaults_the_readme_states_are_the_codes(parsers):
                     continue
                 checked += 1
                 if str(action.default) != value and not (value[0].isdigit() and float(action.default) == float(value)):
-                    wrong.append(f"{script} {flag}: README says {value}, the code {action.default!r}")
+                    wrong.append(f"{script} {flag}: {doc} says {value}, the code {action.default!r}")
     assert not wrong, "\n".join(wrong)
     assert checked >= 6
 
@@ -128,27 +136,59 @@ def test_launchers_env_variables_are_all_listed():
     for launcher in LAUNCHES:
         script = (REPO / launcher).read_text()
         names = {name for name in re.findall(r"\$\{([A-Z][A-Z0-9_]*):[-=]", script) if not name.startswith("SLURM_")}
-        start = README.index(f"`{launcher}`: ")
-        others = [README.find(f"`{other}`", start + 1) for other in LAUNCHES if other != launcher]
-        end = min([at for at in others if at > 0] + [README.find("\n- ", start), README.find("\n\n", start)])
-        listed = set(re.findall(r"`([A-Z][A-Z0-9_]*)`", README[start:end]))
-        assert names <= listed, f"{launcher} reads {sorted(names - listed)}, which the README's list lacks"
+        lists = [(doc, text) for doc, text in DOCS.items() if f"`{launcher}`: " in text]
+        assert lists, f"no page lists {launcher}'s env variables (`{launcher}`: env ...)"
+        doc, text = lists[0]
+        start = text.index(f"`{launcher}`: ")
+        others = [text.find(f"`{other}`", start + 1) for other in LAUNCHES if other != launcher]
+        ends = [text.find("\n- ", start), text.find("\n\n", start)]
+        end = min([at for at in others + ends if at > 0] + [len(text)])
+        listed = set(re.findall(r"`([A-Z][A-Z0-9_]*)`", text[start:end]))
+        assert names <= listed, f"{launcher} reads {sorted(names - listed)}, which the list in {doc} lacks"
 
 
 def test_readme_commands_use_the_venv_python():
-    bare = re.findall(r"(?m)(?:^|[\s;&|(`])(python3? +[\w/.-]+\.py)\b", README)
-    assert not bare, f"bare python commands (use .venv/bin/python): {bare}"
+    bare = {doc: re.findall(r"(?m)(?:^|[\s;&|(`])(python3? +[\w/.-]+\.py)\b", text) for doc, text in DOCS.items()}
+    assert not any(bare.values()), f"bare python commands (use .venv/bin/python): {bare}"
 
 
 def test_wheels_to_carry_are_the_pinned_versions():
     pins = dict(re.findall(r"^([\w-]+)==([\w.+]+)", (REPO / "requirements.txt").read_text(), flags=re.M))
-    section = README.split("### The GPU check, offline")[1]
+    section = DOCS["docs/gpu-check.md"].split("\n## The GPU check, offline\n")[1]
     section = section[: re.search(r"\n##+ ", section).start()]
     carried = dict(re.findall(r"\b([\w-]+)==([\d.]+)", section))
     assert {"trl", "peft", "transformers", "datasets"} <= set(carried)
     for name, version in carried.items():
         expected = pins.get(name) or importlib.metadata.version(name)  # datasets' own needs: the versions here
-        assert version == expected, f"README carries {name}=={version}, requirements/installed say {expected}"
+        assert version == expected, f"the page carries {name}=={version}, requirements/installed say {expected}"
+
+
+def anchors(text: str) -> set[str]:
+    """The #anchors GitHub gives a page's headings (outside code blocks): lower case, punctuation dropped, spaces
+    to hyphens."""
+    prose = "".join(re.split(r"^```.*?^```", text, flags=re.M | re.S))
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+ (.+)$", prose, flags=re.M)}
+
+
+def test_links_to_local_files_resolve():
+    """Every `[text](path)` and `[text](path#anchor)` outside code blocks in the README and docs/ names a file that
+    exists (relative to the page) and, for a Markdown file, one of its headings."""
+    checked, broken = 0, []
+    for doc, text in DOCS.items():
+        prose = "".join(re.split(r"^```.*?^```", text, flags=re.M | re.S))
+        for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            file = (REPO / doc).parent / path if path else REPO / doc
+            checked += 1
+            if not file.resolve().is_file():
+                broken.append(f"{doc}: ({target}): no such file")
+            elif anchor and file.suffix == ".md" and anchor not in anchors(file.read_text(encoding="utf-8")):
+                broken.append(f"{doc}: ({target}): no heading with that anchor in {path or doc}")
+    assert not broken, "\n".join(broken)
+    assert checked > 30  # the README and the pages do link to each other
 
 
 @pytest.mark.parametrize("script", [*VLLM_STAGES, "train_sft_trl.py"])

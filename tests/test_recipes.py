@@ -3,7 +3,7 @@ CLI with its own settings (gradient checkpointing, padding-free batches, the los
 through --use_cpu) on a tiny model whose chat template behaves like the recipe's model: Qwen3 Instruct-2507 (no think
 block), Thinking-2507 (its generation prompt opens <think>), SmolLM2's (the CPU recipes' own tokenizer and template).
 What has to differ on CPU is listed per recipe, with the reason; sizes (steps, batch, answer length) are cut, nothing
-else. The README's GPU commands run these recipes (test_readme_gpu_commands_run_recipes_with_a_case).
+else. The README's and docs/' GPU commands run these recipes (test_readme_gpu_commands_run_recipes_with_a_case).
 
 Each case asserts what its stage promises: a stage-2 run finishes with the recipe's settings in force and a trained
 adapter whose student input never holds the prompt; a stage-2b run also proves its teacher read the prompt (the cache
@@ -151,8 +151,7 @@ def test_a_stage2_recipe_trains_as_users_run_it(name, models, stage1_file, tmp_p
     check_recipe_settings(record, name)
     if "global_batch_size" in recipe(name):
         assert record["counts"]["batch"]["global_batch"] == recipe(name)["global_batch_size"]
-    losses = [entry["loss"] for entry in record["log_history"] if "loss" in entry]
-    assert losses and all(loss == loss and loss > 0 for loss in losses)
+    assert 0 < record["train_metrics"]["train_loss"] < float("inf")
     # the student's input: its own template's final-answer state, never the prompt
     tokenizer = AutoTokenizer.from_pretrained(out)
     probe = json.loads((out / "fingerprint.json").read_text())["probes"][0]
@@ -207,7 +206,7 @@ def stop(server: subprocess.Popen) -> None:
 def test_a_stage2b_recipe_trains_against_a_teacher_that_reads_the_prompt(name, models, stage1_file, tmp_path):
     case = CASES[name]
     out = tmp_path / "run"
-    # the README's commands: in_short on CPU, the language-ID rule book on the 8xH100 layout
+    # the docs' commands: in_short on CPU, the language-ID rule book on the 8xH100 layout
     prompt_file = REPO / "prompts" / ("in_short.md" if case.teacher == "self" else "language_identification.md")
     dataset = REPO / "example-data" / "general_questions.jsonl" if case.teacher == "self" else stage1_file
     flags = ["--config", RECIPES / name, "--model_name_or_path", models[case.student], "--prompt_file", prompt_file,
@@ -236,5 +235,6 @@ def test_a_stage2b_recipe_trains_against_a_teacher_that_reads_the_prompt(name, m
     assert rendering["teacher"]["holds_prompt"] and not rendering["student"]["holds_prompt"]
     assert rendering["teacher"]["input_ends_with"].endswith(FINAL_ANSWER_TAIL[teacher_kind])
     assert rendering["student"]["input_ends_with"].endswith(FINAL_ANSWER_TAIL[case.student])
-    losses = [entry["loss"] for entry in record["log_history"] if "loss" in entry]
-    assert losses and losses[0] > 1e-3, "a fresh adapter's first loss is the distance to the prompted teacher"
+    # A fresh adapter's loss is the distance to the prompted teacher: over the full vocabulary in process; on the
+    # server's top-1 support (plus a tail bucket), where a random model's near-uniform distributions differ little.
+    assert record["train_metrics"]["train_loss"] > (1e-3 if case.teacher == "self" else 0)

@@ -72,12 +72,12 @@ def prompt_cache_scheduler(vllm_config, **kwargs):
     class PromptCacheScheduler(base):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
-            kinds = {type(group.kv_cache_spec).__name__ for group in self.kv_cache_config.kv_cache_groups}
+            kinds = {type(group.kv_cache_spec) for group in self.kv_cache_config.kv_cache_groups}
             # A shorter hit is a valid hit only where each block's KV depends on the tokens before it alone.
-            if not kinds <= {FullAttentionSpec.__name__, MLAAttentionSpec.__name__}:
+            if not kinds <= {FullAttentionSpec, MLAAttentionSpec}:
                 raise ValueError(f"distill.teacher_server shortens prefix-cache hits, which is valid for full "
-                                 f"attention only; this model's KV cache has {sorted(kinds)}: serve it with "
-                                 f"`vllm serve` (scoring then skips the prefix cache)")
+                                 f"attention only; this model's KV cache has {sorted(k.__name__ for k in kinds)}: "
+                                 f"serve it with `vllm serve` (scoring then skips the prefix cache)")
             if self.connector is not None:
                 raise ValueError("distill.teacher_server caps the local prefix-cache hit only: drop "
                                  "--kv-transfer-config (an external KV hit would hide answer positions)")

@@ -11,7 +11,8 @@ two on those tokens (--beta 1, the default: reverse KL, the student's own mistak
 
 Teachers: the student's own base with the adapter disabled (the default; one model in memory), another model in this
 process (--teacher_model_name_or_path; its tokenizer must be the student's, checked before any weights load), or a
-vLLM server (--teacher_server_url; `vllm serve MODEL --max-logprobs K`, scoring with prompt_logprobs; reachability is
+vLLM server (--teacher_server_url; `python -m distill.teacher_server MODEL --max-logprobs 1` scores with prompt_logprobs
+and reads the prompt from its prefix cache, `vllm serve` recomputes it per request; reachability is
 checked first; the teacher's input is rendered with its own tokenizer and chat template, --teacher_tokenizer_name_or_path
 or the model the server serves). The teacher sees the prompt file's system prompt, example turns and query template
 (distill/render.py), in the final-answer state the student writes in (a thinking teacher gets an empty think block, a
@@ -60,7 +61,8 @@ class OnPolicyArguments(StudentRunArguments):
     dataset_split: str = field(default="train", metadata={"help": "split of a dataset dir or hub dataset"})
     prompt_file: str = field(default=str(DEFAULT_PROMPT), metadata={"help": "the prompt the teacher reads"})
     teacher_server_url: str | None = field(default=None, metadata={
-        "help": "a vLLM server of the teacher (vllm serve MODEL --max-logprobs K), e.g. http://127.0.0.1:8000"})
+        "help": "a vLLM server of the teacher (python -m distill.teacher_server MODEL --max-logprobs 1), e.g. "
+                "http://127.0.0.1:8000"})
     teacher_tokenizer_name_or_path: str | None = field(default=None, metadata={
         "help": "a server teacher's tokenizer and chat template (a local dir offline; unset: the model the server "
                 "says it serves); its vocabulary must be the student's"})

@@ -8,7 +8,8 @@ the student's sampled answer. Three teachers:
   - self (default): the student's base with its adapter disabled, given the prompt: classic context distillation,
     one model in memory;
   - another model in this process (--teacher_model_name_or_path), whose tokenizer must match the student's;
-  - a vLLM server (--teacher_server_url, `vllm serve MODEL --max-logprobs K`), scoring with prompt_logprobs.
+  - a vLLM server (--teacher_server_url; `python -m distill.teacher_server MODEL --max-logprobs 1`, which reads the
+    prompt from its prefix cache, or `vllm serve`), scoring with prompt_logprobs.
 
 An in-process teacher is frozen and every row starts with the same prompt, so the prompt's KV cache is computed once
 per run (`PrefixCache`) and a teacher forward costs the query and the answer, not the 2k-token prompt. Its forwards run

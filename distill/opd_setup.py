@@ -171,7 +171,7 @@ def probe_server(url: str) -> None:
         socket.create_connection((parsed.hostname, port), timeout=SERVER_PROBE_SECONDS).close()
     except OSError as error:
         raise InputError(f"--teacher_server_url {url}: unreachable ({error}); start it with "
-                         f"`vllm serve MODEL --max-logprobs K --port {port}`") from None
+                         f"`python -m distill.teacher_server MODEL --max-logprobs 1 --port {port}` (or `vllm serve`)") from None
 
 
 def probe_server_in(argv: list[str]) -> None:

@@ -13,9 +13,11 @@ prompt plus --max_tokens. Scores the held-out side of the group split train_sft_
 report says those rows were trained on.
 
 Before anything is scored, the served model must reproduce the adapter's fingerprint.json (written by training,
-distill/fingerprint.py): the probes' prompts rendered here must be training's ids, and the engine's log-probabilities
-of their answer tokens training's within a dtype tolerance; else it stops naming the cause and the fix.
---skip_fingerprint scores anyway (the results JSON records it); an adapter without a fingerprint gets a warning.
+distill/fingerprint.py, docs/fingerprint.md): the probes' prompts rendered here must be training's ids, and each
+probe's mean answer log-probability in the engine training's, within a tolerance set by a noise floor measured at
+training; else it stops naming the cause and the fix. A fingerprint whose adapter moves no probe beyond that
+tolerance (a dropped adapter would pass) is refused unless --allow_inconclusive. --skip_fingerprint scores anyway
+(the results JSON records either); an adapter without a fingerprint gets a warning.
 
 --teacher_file takes stage 1's JSONL or a results JSON of a --with_prompt run (which also yields the cost ratio).
 A --test_file of conversations (a messages column) is answered at its last user turn; the student reads the turns
@@ -102,6 +104,9 @@ def build_parser():
     parser.add_argument("--skip-fingerprint", action="store_true",
                         help="score without checking that the served model reproduces the adapter's fingerprint.json "
                              "(the results JSON records the skip)")
+    parser.add_argument("--allow-inconclusive", action="store_true",
+                        help="score an adapter whose fingerprint cannot tell it from its base model (it moves no "
+                             "probe beyond the tolerance), with a warning; the results JSON records it")
     parser.add_argument("--merge-lora", action="store_true",
                         help="on GPU, serve the adapter merged into its base (bf16) instead of through vLLM's LoRA "
                              "support (on CPU merging is the default)")
@@ -236,23 +241,25 @@ def context_length(args, served, prompt_ids, trained) -> int:
 
 
 def trained_fingerprint(args, tokenizer, student=BARE_STUDENT) -> dict | None:
-    """The model's fingerprint.json, after checking that this evaluation renders its probes' prompts to the ids
-    training did; None when skipped or absent (an adapter trained before fingerprints: a warning)."""
-    trained = None if args.skip_fingerprint else fingerprint.load(args.model_path)
+    """The model's fingerprint.json, after checking that it can tell the adapter from its base (else refused unless
+    --allow_inconclusive) and that this evaluation renders its probes' prompts to the ids training did; None when
+    skipped or absent (an adapter trained before fingerprints: a warning)."""
+    try:
+        trained = None if args.skip_fingerprint else fingerprint.load(args.model_path)
+        if trained:
+            fingerprint.check_conclusive(trained, args.allow_inconclusive)
+            fingerprint.check_ids(trained, [student_ids(tokenizer, p["query"], student) for p in trained["probes"]],
+                                  tokenizer)
+    except fingerprint.FingerprintMismatch as error:
+        sys.exit(f"error: {error}")
     if trained is None and not args.skip_fingerprint and serving.is_adapter(Path(args.model_path)):
         print(f"evaluate: warning: {args.model_path} has no {fingerprint.FINGERPRINT} (trained before fingerprints): "
               f"cannot check that the served model is the trained student", file=sys.stderr)
-    if trained:
-        try:
-            fingerprint.check_ids(trained, [student_ids(tokenizer, p["query"], student) for p in trained["probes"]],
-                                  tokenizer)
-        except fingerprint.FingerprintMismatch as error:
-            sys.exit(f"error: {error}")
     return trained
 
 
 def check_served(args, llm, served, trained) -> fingerprint.FingerprintCheck:
-    """The served engine's log-probabilities of the probes' answer tokens against training's, through the path that
+    """The served engine's mean log-probability of each probe's answer against training's, through the path that
     will score (vLLM LoRA or merged); stops the run on a mismatch, before any row is scored."""
     if trained is None:
         return fingerprint.FingerprintCheck("skipped" if args.skip_fingerprint else "absent")
@@ -260,7 +267,7 @@ def check_served(args, llm, served, trained) -> fingerprint.FingerprintCheck:
     try:
         fingerprint.check_stop(trained, fingerprint.served_stop_ids(llm), llm.get_tokenizer())
         check = fingerprint.compare(trained, fingerprint.served_logprobs(llm, trained, served.lora_request()),
-                                    served_dtype, served.mismatch_advice)
+                                    served_dtype, served.mismatch_advice, args.allow_inconclusive)
     except fingerprint.FingerprintMismatch as error:
         sys.exit(f"error: {error}\n(--skip_fingerprint scores anyway)")
     fingerprint.show(check)

@@ -31,8 +31,8 @@ example turns before them). Held-out groups never train. --init_adapter warm-sta
 Every DistillationConfig flag of TRL (--beta, --max_completion_length, --temperature, --use_vllm, --vllm_mode, ...)
 and every ModelConfig flag is a flag here; --config X.yaml sets defaults that flags override. The output dir gets the
 adapter, tokenizer, distill_run.json (config, command line, git revision, teacher, losses, teacher tokens spent) and
-fingerprint.json (--fingerprint_probes training queries, each its own stand-in answer, scored by the trained model:
-distill/fingerprint.py), and evaluate.py scores it unchanged.
+fingerprint.json (--fingerprint_probes training queries, each with the trained model's own greedy answer, scored by
+it: distill/fingerprint.py), and evaluate.py scores it unchanged.
 """
 
 import sys

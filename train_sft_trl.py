@@ -32,8 +32,8 @@ distill_run.json, where evaluate.py checks its prompt file against it.
 Rows whose group (or id) falls on the held-out side of the split that evaluate.py uses never reach the trainer.
 The output dir (default models/<run name>) gets the adapter, the tokenizer, distill_run.json (resolved config,
 command line, git revision, rows used and dropped, train metrics) and fingerprint.json: the trained model's
-log-probabilities of the first --fingerprint_probes training rows' answers, which evaluate.py checks the served model
-against (distill/fingerprint.py).
+log-probabilities of the first --fingerprint_probes training rows' answers and of its own greedy answers to them,
+which evaluate.py checks the served model against (distill/fingerprint.py).
 """
 
 import os

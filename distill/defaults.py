@@ -51,8 +51,8 @@ class StudentRunArguments:
         "help": "GiB per GPU to plan for (default: the visible GPU's; 80, an H100, on a machine without one)"})
     ignore_memory_plan: bool = field(default=False, metadata={"help": "train even if the memory plan does not fit"})
     fingerprint_probes: int = field(default=8, metadata={
-        "help": "training rows the trained model scores into <output_dir>/fingerprint.json, which evaluate.py checks "
-                "the served model against (0: none)"})
+        "help": "training rows whose queries the trained model answers greedily and scores into "
+                "<output_dir>/fingerprint.json, which evaluate.py checks the served model against (0: none)"})
 
     def __post_init__(self):
         if self.fingerprint_probes < 0:

@@ -1,17 +1,23 @@
 """The trained student's fingerprint: what evaluate.py proves about the model it serves before it scores anything.
 
-At the end of training (stages 2 and 2b) the trained model, still in memory, scores k probe rows of its training set
-(--fingerprint_probes, default 8) and writes <output_dir>/fingerprint.json: each probe's query, its rendered token
-ids (prompt + answer + end of turn) and the student's log-probability of every answer token. Under FSDP every rank
-joins the forwards (the parameters are gathered layer by layer) and rank 0 writes.
+At the end of training (stages 2 and 2b) the trained model, still in memory, writes <output_dir>/fingerprint.json
+(docs/fingerprint.md). Its probes are --fingerprint_probes (default 8) training queries, each with the student's own
+greedy answer (up to GREEDY_TOKENS tokens, cut after the end-of-turn token), and in stage 2 each also with its
+training answer. On-policy training changes exactly what the student answers, so a dropped adapter moves its own
+greedy answers most. For each probe the file keeps the rendered token ids (prompt + answer), the student's
+log-probability of every answer token with the adapter and without it (its base), and their means. A noise floor is
+measured on the same model: each probe's mean answer log-probability computed in fp32 and in bf16 (see `record`);
+the tolerance is FLOOR_MULTIPLE x the largest such difference + MIN_TOLERANCE. Under FSDP every rank runs the same
+forwards (each is a collective) and rank 0 writes.
 
-evaluate.py then (1) renders each probe's query through its own path, with the tokenizer it serves with: the ids
-must equal the recorded prompt, else the template or tokenizer changed since training (the first differing token
-is named); (2) checks that the engine stops on the end-of-turn token training ended answers with; (3) asks the
-serving engine for the same answer tokens' log-probabilities (vLLM prompt_logprobs) through the path it will score
-with (vLLM's LoRA support or a merged copy): the largest difference must stay within a tolerance set by the coarser
-of the two dtypes. A dropped or mis-loaded adapter (vLLM on fused MoE experts), a different base, a stale merge all
-show up here, before any row is scored.
+evaluate.py then (1) refuses a fingerprint whose adapter moves no probe's mean beyond the tolerance (a dropped
+adapter would pass: "inconclusive") unless --allow_inconclusive; (2) renders each probe's query through its own
+path, with the tokenizer it serves with: the ids must equal the recorded prompt, else the template or tokenizer
+changed since training (the first differing token is named); (3) checks that the engine stops on the end-of-turn token
+training ended answers with; (4) asks the serving engine for the same answer tokens' log-probabilities (vLLM
+prompt_logprobs) through the path it will score with (vLLM's LoRA support or a merged copy): every probe's mean must
+stay within the tolerance of training's. A dropped, half-loaded or mis-loaded adapter (vLLM on fused MoE experts), a
+different base, a stale merge all show up here, before any row is scored.
 """
 
 import json
@@ -21,14 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FINGERPRINT = "fingerprint.json"
-# Largest |log p_train - log p_served| over the probes' answer tokens that still counts as the same model. fp32:
-# HF and vLLM (CPU, fp32) measured 5e-7 apart on the tiny test students, dense and MoE, LoRA and merged, and 3.7e-5
-# on SmolLM2-135M; 1e-3 leaves room for other kernels, while the tests' 2-step adapter moves its answer tokens by 0.05.
-# bf16: SmolLM2-135M in transformers and in vLLM (CPU, both bf16) measured 0.29 apart at most (mean 0.06) over 128
-# answer tokens; a trained adapter moves its answer tokens by nats. 1.0 is a first setting for GPU kernels and deeper
-# models, to be measured by make gpu-check. The fingerprint also holds the base's log-probabilities (adapter off):
-# an adapter that moves them by less than the tolerance is reported as an inconclusive check.
-TOLERANCE = {"float32": 1e-3, "bfloat16": 1.0, "float16": 1.0}
+VERSION = 2  # 1 (before 2026-12-07): the largest per-token difference against a fixed dtype tolerance, no floor
+GREEDY_TOKENS = 32  # the student's own answer to a probe query: enough tokens for its effect to add up, few forwards
+# tolerance = FLOOR_MULTIPLE x noise floor + MIN_TOLERANCE, in nats of a probe's mean answer log-probability.
+# The floor is fp32 against bf16 in one implementation; training against serving stacks two implementations'
+# roundings (and a bf16 merge of the adapter), hence the multiple: vLLM's CPU engine in bf16 came 0.3 to 1.6 floors
+# from fp32 training (SmolLM2-135M, floor 0.060; the tiny test models, 0.0012 to 0.0018; in fp32, 5e-7 to 6e-6).
+# The minimum covers a floor measured near zero. Figures: docs/fingerprint.md (2026-12-07, CPU).
+FLOOR_MULTIPLE = 4.0
+MIN_TOLERANCE = 0.01
 
 
 class FingerprintMismatch(ValueError):
@@ -39,26 +46,28 @@ class FingerprintMismatch(ValueError):
 
 
 def probes(tokenizer, rows: list[tuple], student=None) -> list[dict]:
-    """(id, query, answer) rows -> probes: the query (a text or a conversation), its answer, and the ids training's
-    tokenizing gives them (distill.training: the student's prompt, with its own side, the answer, the end of turn)."""
+    """(id, query, answer) rows -> probes: the query (a text or a conversation), its training answer, and the ids
+    training's tokenizing gives them (distill.training: the student's prompt, with its own side, the answer, the end
+    of turn). `record` adds the student's own greedy answer to each query."""
     from distill.prompts import BARE_STUDENT
     from distill.render import student_example
 
     made = []
     for row_id, query, answer in rows:
         example = student_example(tokenizer, query, answer, student or BARE_STUDENT)
-        made.append({"id": row_id, "query": query, "answer": answer, "input_ids": example["input_ids"],
-                     "answer_start": example["completion_mask"].index(1)})
+        made.append({"id": row_id, "query": query, "answer": answer, "source": "training",
+                     "input_ids": example["input_ids"], "answer_start": example["completion_mask"].index(1),
+                     "end_of_turn": example["input_ids"][-1]})
     return made
 
 
 def query_probes(tokenizer, rows: list[dict], k: int, student=None) -> list[dict]:
-    """Probes for on-policy training, which has queries but no reference answers: each query's own text (a
-    conversation's last user turn) stands in as the answer. Any fixed tokens do, since both sides score the same
-    ones; a query's words are ones the adapter has seen in that context."""
+    """Probe prompts for on-policy training, which has queries but no reference answers: the first k queries (a
+    conversation's at its last user turn) without an answer; `record` gives each the student's own greedy answer."""
     from distill.render import query_of
 
-    return probes(tokenizer, [(row.get("id"), query_of(row), row["text"]) for row in rows[:k]], student)
+    made = probes(tokenizer, [(row.get("id"), query_of(row), "") for row in rows[:k]], student)
+    return [{**p, "answer": None, "source": None, "input_ids": p["input_ids"][: p["answer_start"]]} for p in made]
 
 
 def answer_logprobs(model, input_ids: list[int], answer_start: int, device) -> list[float]:
@@ -67,37 +76,139 @@ def answer_logprobs(model, input_ids: list[int], answer_start: int, device) -> l
 
     ids = torch.tensor([input_ids], device=device)
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, answer_start - 1: -1].float()
+        logits = model(input_ids=ids, use_cache=False).logits[0, answer_start - 1: -1].float()
     return logits.log_softmax(-1).gather(-1, ids[0, answer_start:, None])[:, 0].tolist()
 
 
+def greedy_answers(model, prompts: list[list[int]], end_of_turn: int, device) -> list[list[int]]:
+    """The model's greedy answer to each prompt, all in one batch (left-padded, with the attention mask and the
+    positions HF's generate would give): GREEDY_TOKENS forwards (the prompts, then one token a step on the KV cache),
+    each answer then cut after its first end-of-turn token. No step is skipped once every answer has ended, so every
+    rank runs the same number of forwards, as FSDP needs (each forward is a collective)."""
+    import torch
+
+    width = max(map(len, prompts))
+    ids = torch.tensor([[end_of_turn] * (width - len(p)) + p for p in prompts], device=device)  # pads: masked
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    cache, steps = None, []
+    with torch.no_grad():
+        for _ in range(GREEDY_TOKENS):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+            # output_router_logits: an MoE whose config asks for them (TRL turns them on for the aux loss) would
+            # compute that loss against a mask of every cached token for the new token's router logits, and fail;
+            # a dense model ignores the argument
+            output = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                           use_cache=True, output_router_logits=False)
+            cache, ids = output.past_key_values, output.logits[:, -1].argmax(-1, keepdim=True)
+            steps.append(ids)
+            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+    answers = torch.cat(steps, dim=1).tolist()
+    return [answer[: answer.index(end_of_turn) + 1] if end_of_turn in answer else answer for answer in answers]
+
+
+def float32_linears():
+    """A context in which every F.linear (each weight matmul: attention and MLP projections, LoRA, the LM head)
+    computes in fp32 with autocast off, whatever dtype the weights are in: the fp32 side of the noise floor for a
+    model trained in bf16 weights or under bf16 autocast, without an fp32 copy of the model (one weight is upcast
+    at a time). A TorchFunctionMode, PyTorch's hook for changing how its functions compute within a context.
+    Attention scores and fused MoE experts (not F.linear) compute as training does."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class Float32Linears(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is not torch.nn.functional.linear:
+                return func(*args, **kwargs)
+            x, weight, *rest = args
+            bias = rest[0] if rest else kwargs.get("bias")
+            with torch.autocast(x.device.type, enabled=False):
+                return func(x.float(), weight.float(), None if bias is None else bias.float())
+
+    return Float32Linears()
+
+
+def scored_in(model, probe_rows: list[dict], precision: str, device) -> list[list[float]]:
+    """Every probe's answer log-probabilities with its forward computed in fp32 ("float32": float32_linears) or in
+    bf16 ("bfloat16": torch.autocast, as accelerate's bf16 mixed precision runs it)."""
+    import torch
+
+    context = (float32_linears() if precision == "float32"
+               else torch.autocast(torch.device(device).type, dtype=torch.bfloat16))
+    with context:
+        return [answer_logprobs(model, p["input_ids"], p["answer_start"], device) for p in probe_rows]
+
+
+def greedy_probes(model, probe_rows: list[dict], device, tokenizer=None) -> list[dict]:
+    """Each probe's prompt with the model's own greedy answer (decoded by `tokenizer`, for people reading the file;
+    "ended": it stopped at the end of turn, not at GREEDY_TOKENS)."""
+    prompts = [p["input_ids"][: p["answer_start"]] for p in probe_rows]
+    answers = greedy_answers(model, prompts, probe_rows[0]["end_of_turn"], device)
+    return [{**p, "answer": tokenizer.decode(answer, skip_special_tokens=True) if tokenizer else None,
+             "source": "greedy", "ended": answer[-1] == p["end_of_turn"], "input_ids": prompt + answer}
+            for p, prompt, answer in zip(probe_rows, prompts, answers)]
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def tolerance_for(noise_floor: float) -> float:
+    return FLOOR_MULTIPLE * noise_floor + MIN_TOLERANCE
+
+
 def record(model, probe_rows: list[dict], output_dir: str, device, is_main_process: bool,
-           compute_dtype: str | None = None, peft_model=None) -> dict | None:
-    """Scores the probes with `model` and writes FINGERPRINT into output_dir (main process only); returns a summary
-    for the run record (None with no probes). Every process must call it: under FSDP each forward is a collective,
-    which gathers the sharded parameters layer by layer. compute_dtype: what the forward computes in when that is
-    not the parameters' dtype (mixed precision); it sets the tolerance evaluation allows. peft_model (the PeftModel
-    inside `model`): the probes are scored once more with the adapter disabled, so evaluation can tell whether the
-    adapter moves them by more than the tolerance, i.e. whether the check could tell a dropped adapter at all."""
+           compute_dtype: str | None = None, peft_model=None, tokenizer=None) -> dict | None:
+    """Answers each probe's query greedily with `model`, scores every probe, measures the noise floor and writes
+    FINGERPRINT into output_dir (main process only); returns a summary for the run record (None with no probes).
+    Every process must call it: under FSDP each forward is a collective, which gathers the sharded parameters layer
+    by layer. Probes with a training answer are kept beside the greedy ones.
+
+    The probes' recorded log-probabilities are the model's as training computes them: in its parameters' dtype, or
+    compute_dtype under mixed precision. The noise floor is the largest difference of a probe's mean answer
+    log-probability between fp32 and bf16, the same model, the same ids: the recorded scores are one side, the
+    other is scored again (recorded in fp32: under bf16 autocast; in bf16 or fp16: with float32_linears).
+    peft_model (the PeftModel inside `model`): the probes are scored once more with the adapter disabled, so
+    evaluation can tell whether the adapter moves them beyond the tolerance, i.e. whether the check could tell a
+    dropped adapter at all. tokenizer: decodes the greedy answers."""
     if not probe_rows:
         return None
+    dtype = compute_dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
+    other = "bfloat16" if dtype == "float32" else "float32"  # the noise floor's other side
     was_training = model.training
     model.eval()  # no dropout: the served model scores deterministically
     try:
-        scored = [{**p, "logprobs": answer_logprobs(model, p["input_ids"], p["answer_start"], device)}
-                  for p in probe_rows]
+        kept = [p for p in probe_rows if p["answer"] is not None] + greedy_probes(model, probe_rows, device, tokenizer)
+        scored = [{**p, "logprobs": answer_logprobs(model, p["input_ids"], p["answer_start"], device)} for p in kept]
+        for p, logprobs in zip(scored, scored_in(model, kept, other, device)):
+            p[f"{other}_mean"] = mean(logprobs)
         if peft_model is not None:
             with peft_model.disable_adapter():
                 for p in scored:
                     p["base_logprobs"] = answer_logprobs(model, p["input_ids"], p["answer_start"], device)
+                    p["base_mean"] = mean(p["base_logprobs"])
     finally:
         model.train(was_training)
-    dtype = compute_dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
+    for p in scored:
+        p["mean"] = mean(p["logprobs"])
+    noise_floor = max(abs(p["mean"] - p[f"{other}_mean"]) for p in scored)
+    fingerprint = {"version": VERSION, "dtype": dtype, "greedy_tokens": GREEDY_TOKENS, "noise_floor": noise_floor,
+                   "noise_floor_method": f"the largest |mean answer log-probability as trained ({dtype}) - in "
+                                         f"{other} ({other}_mean)| over the probes",
+                   "tolerance": tolerance_for(noise_floor),
+                   "tolerance_rule": f"{FLOOR_MULTIPLE:g} x noise_floor + {MIN_TOLERANCE:g}", "probes": scored}
+    effect = adapter_effect(fingerprint)
     if is_main_process:
-        fingerprint = {"dtype": dtype, "probes": scored}
         (Path(output_dir) / FINGERPRINT).write_text(json.dumps(fingerprint, ensure_ascii=False, indent=1))
-    return {"file": FINGERPRINT, "probes": len(scored), "dtype": dtype,
-            "answer_tokens": sum(len(p["logprobs"]) for p in scored)}
+        if effect is not None and effect <= fingerprint["tolerance"]:
+            print(f"fingerprint: warning: the adapter moves its probes' mean answer log-probability by at most "
+                  f"{effect:.3g}, within the tolerance {fingerprint['tolerance']:.3g}: evaluate.py cannot tell it from "
+                  f"its base and refuses it unless --allow_inconclusive (train longer or at a higher learning rate)",
+                  file=sys.stderr)
+    return {"file": FINGERPRINT, "probes": len(scored), "greedy_probes": len(probe_rows), "dtype": dtype,
+            "answer_tokens": sum(len(p["logprobs"]) for p in scored), "noise_floor": noise_floor,
+            "tolerance": fingerprint["tolerance"], "adapter_effect": effect,
+            "conclusive": None if effect is None else effect > fingerprint["tolerance"]}
 
 
 def record_trained(trainer, probe_rows: list[dict], output_dir: str) -> dict | None:
@@ -110,32 +221,67 @@ def record_trained(trainer, probe_rows: list[dict], output_dir: str) -> dict | N
     compute_dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(str(accelerator.mixed_precision))
     unwrapped = accelerator.unwrap_model(trainer.model_wrapped)
     return record(trainer.model_wrapped, probe_rows, output_dir, accelerator.device, accelerator.is_main_process,
-                  compute_dtype, unwrapped if isinstance(unwrapped, PeftModel) else None)
+                  compute_dtype, unwrapped if isinstance(unwrapped, PeftModel) else None, trainer.processing_class)
 
 
 # ---- evaluation: check -------------------------------------------------------------------------------------------
 
 
 def load(model_path: Path) -> dict | None:
+    """The model's fingerprint.json, None if it has none; FingerprintMismatch if it predates the noise floor."""
     path = Path(model_path) / FINGERPRINT
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    if not path.exists():
+        return None
+    fingerprint = json.loads(path.read_text(encoding="utf-8"))
+    if fingerprint.get("version", 1) < VERSION:
+        raise FingerprintMismatch(
+            f"fingerprint: {path} was written before version {VERSION} (per-probe means against a noise floor "
+            f"measured at training, the student's own greedy answers as probes): train the adapter again, or pass "
+            f"--skip_fingerprint")
+    return fingerprint
 
 
 @dataclass
 class FingerprintCheck:
-    """What the check found; goes into the results JSON."""
+    """What the check found; goes into the results JSON. The differences are per probe: |mean answer log-probability
+    served - trained| (and with the adapter - without it), in nats."""
 
     status: str  # passed | skipped (--skip_fingerprint) | absent (no fingerprint.json)
     probes: int = 0
     answer_tokens: int = 0
-    max_abs_diff: float | None = None
-    mean_abs_diff: float | None = None
-    tolerance: float | None = None
+    max_abs_diff: float | None = None  # the largest probe's difference, served vs trained
+    mean_abs_diff: float | None = None  # over the probes
+    tolerance: float | None = None  # from training's noise floor: FLOOR_MULTIPLE x noise_floor + MIN_TOLERANCE
+    noise_floor: float | None = None
     trained_dtype: str | None = None
     served_dtype: str | None = None
-    adapter_effect: float | None = None  # how far the adapter moves the answer tokens from its base (largest)
+    adapter_effect: float | None = None  # how far the adapter moves a probe's mean from its base (the largest)
     conclusive: bool | None = None  # adapter_effect beyond the tolerance: a dropped adapter would have failed
-    per_probe_max_abs_diff: list[float] = field(default_factory=list)
+    allow_inconclusive: bool = False  # --allow_inconclusive: an inconclusive check let the run score anyway
+    per_probe_abs_diff: list[float] = field(default_factory=list)
+
+
+def adapter_effect(fingerprint: dict) -> float | None:
+    """The largest |mean with the adapter - mean of its base| over the probes; None without base scores (a model
+    trained without an adapter has no base to fall back to)."""
+    if not all("base_mean" in p for p in fingerprint["probes"]):
+        return None
+    return max(abs(p["mean"] - p["base_mean"]) for p in fingerprint["probes"])
+
+
+def check_conclusive(fingerprint: dict, allow_inconclusive: bool) -> None:
+    """Raises FingerprintMismatch when the adapter moves no probe beyond the tolerance (a dropped adapter would pass
+    the check), unless allow_inconclusive, which warns instead."""
+    effect = adapter_effect(fingerprint)
+    if effect is None or effect > fingerprint["tolerance"]:
+        return
+    message = (f"fingerprint: inconclusive: the adapter moves its probes' mean answer log-probability by at most "
+               f"{effect:.3g}, within the tolerance {fingerprint['tolerance']:.3g} (noise floor "
+               f"{fingerprint['noise_floor']:.3g}): served without its adapter, the model would pass the check")
+    if not allow_inconclusive:
+        raise FingerprintMismatch(f"{message}. Train longer or at a higher learning rate, or pass "
+                                  f"--allow_inconclusive to score anyway (the results JSON records it)")
+    print(f"evaluate: warning: {message}; scoring anyway (--allow_inconclusive)", file=sys.stderr)
 
 
 def check_ids(fingerprint: dict, rendered_prompts: list[list[int]], tokenizer) -> None:
@@ -169,7 +315,7 @@ def served_stop_ids(llm) -> set[int]:
 def check_stop(fingerprint: dict, stop_ids: set[int], tokenizer) -> None:
     """Raises FingerprintMismatch unless the engine stops on the end-of-turn token training ended every answer with
     (else the student never stops: every answer runs into --max_tokens)."""
-    ends = {p["input_ids"][-1] for p in fingerprint["probes"]}
+    ends = {p["end_of_turn"] for p in fingerprint["probes"]}
     missing = sorted(ends - stop_ids)
     if missing:
         raise FingerprintMismatch(
@@ -199,38 +345,32 @@ def served_logprobs(llm, fingerprint: dict, lora_request) -> list[list[float]]:
             for output, p in zip(outputs, fingerprint["probes"])]
 
 
-def tolerance(trained_dtype: str, served_dtype: str) -> float:
-    return max(TOLERANCE[trained_dtype], TOLERANCE[served_dtype])
-
-
-def compare(fingerprint: dict, served: list[list[float]], served_dtype: str, mismatch_advice: str) -> FingerprintCheck:
-    """The largest difference between training's and the served model's answer log-probabilities; raises
-    FingerprintMismatch (with `mismatch_advice`, the serving path's likely cause and fix) beyond the tolerance."""
-    diffs = [[abs(a - b) for a, b in zip(p["logprobs"], lps)] for p, lps in zip(fingerprint["probes"], served)]
-    flat = [d for probe_diffs in diffs for d in probe_diffs]
-    limit = tolerance(fingerprint["dtype"], served_dtype)
-    check = FingerprintCheck("passed", len(diffs), len(flat), max(flat), sum(flat) / len(flat), limit,
-                             fingerprint["dtype"], served_dtype, per_probe_max_abs_diff=[max(d) for d in diffs])
-    if all("base_logprobs" in p for p in fingerprint["probes"]):
-        check.adapter_effect = max(abs(a - b) for p in fingerprint["probes"]
-                                   for a, b in zip(p["logprobs"], p["base_logprobs"]))
-        check.conclusive = check.adapter_effect > limit
-    if not all(map(math.isfinite, flat)) or check.max_abs_diff > limit:  # max() skips a NaN that is not first
-        worst = max(range(len(diffs)), key=lambda i: check.per_probe_max_abs_diff[i])
+def compare(fingerprint: dict, served: list[list[float]], served_dtype: str, mismatch_advice: str,
+            allow_inconclusive: bool = False) -> FingerprintCheck:
+    """Each probe's mean answer log-probability served against training's; raises FingerprintMismatch (with
+    `mismatch_advice`, the serving path's likely cause and fix) when any is beyond the tolerance."""
+    probes = fingerprint["probes"]
+    diffs = [abs(p["mean"] - mean(lps)) for p, lps in zip(probes, served)]
+    limit = fingerprint["tolerance"]
+    effect = adapter_effect(fingerprint)
+    check = FingerprintCheck("passed", len(diffs), sum(map(len, served)), max(diffs), mean(diffs), limit,
+                             fingerprint["noise_floor"], fingerprint["dtype"], served_dtype, effect,
+                             None if effect is None else effect > limit, allow_inconclusive, diffs)
+    if not all(map(math.isfinite, diffs)) or check.max_abs_diff > limit:  # max() skips a NaN that is not first
+        worst = max(range(len(diffs)), key=lambda i: diffs[i] if math.isfinite(diffs[i]) else math.inf)
         raise FingerprintMismatch(
-            f"fingerprint: the served model is not the trained student: its answer log-probabilities differ from "
-            f"training's by up to {check.max_abs_diff:.4g} (mean {check.mean_abs_diff:.4g}) over {len(flat)} tokens "
-            f"of {len(diffs)} probes, worst probe {fingerprint['probes'][worst]['id']!r}; tolerance {limit:g} "
-            f"({fingerprint['dtype']} trained, {served_dtype} served). {mismatch_advice}")
+            f"fingerprint: the served model is not the trained student: its mean answer log-probability differs "
+            f"from training's by up to {check.max_abs_diff:.4g} (mean {check.mean_abs_diff:.4g}) over "
+            f"{len(diffs)} probes, worst probe {probes[worst]['id']!r} ({probes[worst]['source']} answer); "
+            f"tolerance {limit:.3g} ({FLOOR_MULTIPLE:g} x the noise floor {check.noise_floor:.3g} + "
+            f"{MIN_TOLERANCE:g}; {fingerprint['dtype']} trained, {served_dtype} served). {mismatch_advice}")
     return check
 
 
 def show(check: FingerprintCheck) -> None:
-    """The passed check's figures on stdout; a warning on stderr when they cannot tell the adapter from its base."""
-    print(f"evaluate: fingerprint passed: {check.probes} probes, {check.answer_tokens} answer tokens, largest "
-          f"log-probability difference {check.max_abs_diff:.3g} (mean {check.mean_abs_diff:.3g}), tolerance "
-          f"{check.tolerance:g} ({check.trained_dtype} trained, {check.served_dtype} served)"
+    """The passed check's figures on stdout."""
+    print(f"evaluate: fingerprint passed: {check.probes} probes, {check.answer_tokens} answer tokens, mean answer "
+          f"log-probability within {check.max_abs_diff:.3g} of training's (mean {check.mean_abs_diff:.3g}), "
+          f"tolerance {check.tolerance:.3g} (noise floor {check.noise_floor:.3g}; {check.trained_dtype} trained, "
+          f"{check.served_dtype} served)"
           + (f"; the adapter moves them by up to {check.adapter_effect:.3g}" if check.conclusive is not None else ""))
-    if check.conclusive is False:
-        print(f"evaluate: warning: the adapter moves its probes' answer tokens by at most {check.adapter_effect:.3g}, "
-              f"within the tolerance: the check cannot tell this adapter from its base model", file=sys.stderr)

@@ -420,6 +420,7 @@ def serve_step(shape: str, run: str, merged: bool, rows: int, estimate_s: int, v
         return [sys.executable, "evaluate.py", "--model_path", str(state["work"] / run), "--max_samples", str(rows),
                 "--output_file", str(state["work"] / output), "--no_lingua", "--quiet", "--latency_requests", "2",
                 "--report_to", "none", "--gpu_memory_utilization", "0.5", *(["--merge_lora"] if merged else []),
+                "--allow_inconclusive",  # an inconclusive fingerprint still has figures: the detail says INCONCLUSIVE
                 "--enforce-eager"]  # eager: torch.compile and graph capture would cost a minute here and prove no more
 
     def check(finished: Finished, state: dict) -> str:

@@ -120,8 +120,10 @@ def test_the_merged_moe_student_passes_its_fingerprint(moe_student, tmp_path, sh
     result = evaluate_moe(moe_student, tmp_path / "merged.json")
     assert result.returncode == 0, result.stderr[-3000:]
     check = json.loads((tmp_path / "merged.json").read_text())["fingerprint"]
-    assert check["status"] == "passed" and check["max_abs_diff"] < check["tolerance"] == 1e-3
-    print(f"MoE merged, fp32 on CPU: largest difference {check['max_abs_diff']:.3g}")
+    assert check["status"] == "passed" and check["max_abs_diff"] < check["tolerance"] / 100
+    print(f"MoE merged, fp32 on CPU: largest difference {check['max_abs_diff']:.3g}, noise floor "
+          f"{check['noise_floor']:.3g}, tolerance {check['tolerance']:.3g}, adapter effect "
+          f"{check['adapter_effect']:.3g}")
 
 
 @pytest.mark.slow

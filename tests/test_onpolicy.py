@@ -291,15 +291,15 @@ def test_the_cli_trains_a_student_against_an_in_process_teacher(tiny_model, tmp_
     assert record["counts"]["heldout_rows_dropped"] > 0
     assert lora_b_norm(out) > 0, "LoRA B starts at zero: training must have moved it"
     assert "train_opd:" in result.stdout
-    # the fingerprint: 8 training queries, each its own stand-in answer, scored by the adapter as saved
+    # the fingerprint: 8 training queries, each with the student's own greedy answer, scored by the adapter as saved
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from distill.fingerprint import answer_logprobs
 
     fingerprint = json.loads((out / "fingerprint.json").read_text())
-    assert record["fingerprint"]["probes"] == len(fingerprint["probes"]) == 8
-    assert all(probe["answer"] == probe["query"] for probe in fingerprint["probes"])
+    assert record["fingerprint"]["probes"] == record["fingerprint"]["greedy_probes"] == len(fingerprint["probes"]) == 8
+    assert all(probe["source"] == "greedy" and probe["answer"] is not None for probe in fingerprint["probes"])
     assert all(probe["base_logprobs"] != probe["logprobs"] for probe in fingerprint["probes"])  # the adapter moved
     student = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), out)
     student.eval()

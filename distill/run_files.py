@@ -8,7 +8,9 @@ resume, append and merge them only through this class, so they do it the same wa
     with files.appender() as append:
         append([{"row": ..., "sidecar": ...}, {"reject": ...}])  # one write and fsync per file, sidecar lines first
 
-Resuming refuses a run record made with other settings (the keys a stage names: what its answers mean), cuts a
+Resuming refuses a run record made with other settings (the keys a stage names: what its answers mean), and a
+finished row whose input (its `input_sha256`: the rendered teacher input and the prompt file) is not the input now,
+e.g. a query edited under the same id (rows from before the hash resume unchecked, with a note); it cuts a
 last line torn by a crash (and, under --keep all, the rest of that query's rows), and keeps rows and sidecar lines only in pairs: a row whose sidecar line is missing, or a
 sidecar line without its row, is dropped and its query asked again. --overwrite deletes all four files instead.
 `merge` builds one output from a multi-instance run's shards when together they hold every selected id exactly
@@ -16,11 +18,13 @@ once and were all made, to the end, with the same settings.
 """
 
 import json
+from collections.abc import Callable
 from contextlib import contextmanager
 from glob import glob
 from pathlib import Path
 
-from distill.records import InputError, RunRecord, append_jsonl, output_paths, read_jsonl, repair_torn_tail
+from distill.records import (InputError, RunRecord, append_jsonl, output_paths, query_id, read_jsonl,
+                             repair_torn_tail)
 from distill.shards import coverage_errors
 from distill.soft_targets import SIDECAR_SUFFIX, read_sidecar, sidecar_path, sync_sidecar
 
@@ -69,9 +73,11 @@ class RunFiles:
         """Writes the run record (how the run was started, and `results`); returns it."""
         return self.run.finish(self.record_path, **results)
 
-    def resume(self, settings: dict, overwrite: bool) -> tuple[list[dict], list[dict]]:
+    def resume(self, settings: dict, overwrite: bool,
+               input_sha256: Callable[[str], str | None] | None = None) -> tuple[list[dict], list[dict]]:
         """(written rows, rejected rows) that earlier runs of the same command finished, after the repairs above;
-        none with `overwrite`, which deletes the files. InputError when the earlier run had other settings."""
+        none with `overwrite`, which deletes the files. InputError when the earlier run had other settings, or when
+        `input_sha256` (query id -> the hash of its input now, None for an id not selected) differs from a row's."""
         self.out.parent.mkdir(parents=True, exist_ok=True)
         if overwrite:
             for path in (self.out, self.rejects, self.record_path, self.sidecar):
@@ -97,7 +103,29 @@ class RunFiles:
             for what, ids in sync_sidecar(self.out, self.sidecar).items():
                 if ids:
                     print(f"resume: {len(ids)} {what.replace('_', ' ')} dropped, to be asked again: {', '.join(ids[:5])}")
-        return self.written(), self.rejected()
+        written, rejected = self.written(), self.rejected()
+        if input_sha256:
+            self.check_inputs(written, rejected, input_sha256)
+        return written, rejected
+
+    def check_inputs(self, written: list[dict], rejected: list[dict], input_sha256) -> None:
+        """InputError naming the first finished row whose stored input hash is not its input's now; rows without one
+        (written before hashes) are counted in a note."""
+        unchecked, changed = 0, []
+        for path, rows in ((self.out, written), (self.rejects, rejected)):
+            for number, row in enumerate(rows, start=1):
+                stored = row.get("teacher", {}).get("input_sha256") if path == self.out else row.get("input_sha256")
+                if stored is None:
+                    unchecked += 1
+                elif (now := input_sha256(query_id(row))) is not None and now != stored:
+                    changed.append(f"{path}:{number} (id {row['id']})")
+        if changed:
+            raise InputError(f"{len(changed)} finished rows were asked with another input than this run gives their "
+                             f"id (the query's text or turns, or the prompt as rendered), first {changed[0]}; pass "
+                             f"--overwrite to start over, or give the edited queries new ids")
+        if unchecked:
+            print(f"resume: {unchecked} finished rows carry no input hash (written before stage 1 stored one): their "
+                  f"input is not checked against this run's")
 
     @contextmanager
     def appender(self):

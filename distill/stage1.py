@@ -154,6 +154,7 @@ def answer_row(outcome, save_raw: bool, k: int | None = None) -> dict:
         "invalid_samples": len(outcome.failures),
         "finish_reasons": [sample.finish_reason for sample in samples],
         "reasoning_chars": [sample.parsed.reasoning_chars for sample in samples],
+        **input_hash(outcome),
     }
     if save_raw:  # with --keep all, the failed samples' raw outputs go with the first row only
         teacher["raw"] = [sample.text for sample in samples + (outcome.failures if not k else [])]
@@ -170,7 +171,19 @@ def rejected_row(outcome) -> dict:
                 for s in outcome.failures]
     conversation_turns = {"messages": row["messages"]} if "messages" in row else {}
     return {"id": row["id"], "text": row["text"], **conversation_turns, **carried(row), "reason": outcome.reason,
-            "failures": failures}
+            "failures": failures, **input_hash(outcome)}
+
+
+def input_hash(outcome) -> dict:
+    """The query's input hash, which a resume compares with the input then (RunFiles.resume, `current_inputs`)."""
+    return {"input_sha256": outcome.input_sha256} if outcome.input_sha256 else {}
+
+
+def current_inputs(teacher: Teacher, rows: list[dict]):
+    """query id -> Teacher.input_sha256 of that query as the input and prompt file give it now (None for an id
+    this run did not select), rendered only when a resume asks: RunFiles.resume's `input_sha256`."""
+    by_id = {row["id"]: row for row in rows}
+    return lambda query: teacher.input_sha256(query_of(by_id[query])) if query in by_id else None
 
 
 # ---- writing them as they come ----------------------------------------------------------------------------------

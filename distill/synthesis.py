@@ -76,7 +76,7 @@ def parse_query(output: str, finish_reason: str | None, expects_reasoning: bool 
 
 @dataclass
 class QueryWriter:
-    """The Teacher interface that `distill.teacher.stream` uses (token_ids, parse, prompt, max_model_len), for
+    """The Teacher interface that `distill.teacher.stream` uses (encode, parse, prompt, max_model_len), for
     requests that ask for a query instead of an answer. A request row's "text" is only its varying part; the
     instruction and the task prompt are added here, so rejects files do not repeat the prompt."""
 
@@ -96,8 +96,9 @@ class QueryWriter:
     def render(self, request: str) -> str:
         return chat_text(self.tokenizer, self.messages(request), answer_next=False)
 
-    def token_ids(self, request: str) -> list[int]:
-        return chat_ids(self.tokenizer, self.messages(request), answer_next=False)
+    def encode(self, request: str) -> tuple[list[int], None]:
+        """The request's ids, and no input hash: a written query answers no input row for a resume to compare."""
+        return chat_ids(self.tokenizer, self.messages(request), answer_next=False), None
 
     def one_line_constraint(self):
         """vLLM structured outputs: one line of min_chars to max_chars characters, then the end. Keeps a small model

@@ -19,10 +19,12 @@ A query is a row's text or its conversation (distill.render.query_of); its text 
 is what an answer must be on topic to.
 """
 
+import hashlib
 import time
 from collections import Counter
 from copy import copy
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Iterable, Iterator
 
 from distill.answers import Parsed, parse_generative, parse_teacher
@@ -103,7 +105,25 @@ class Teacher:
         return render.teacher_text(self.tokenizer, self.prompt, query)
 
     def token_ids(self, query: str | list[dict]) -> list[int]:
-        return render.teacher_ids(self.tokenizer, self.prompt, query)
+        return self.encode(query)[0]
+
+    def encode(self, query: str | list[dict]) -> tuple[list[int], str]:
+        """The query's input ids and its input_sha256, from one rendering (the stream admits every query this way)."""
+        rendered = self.render(query)
+        return render.token_ids(self.tokenizer, rendered), self.sha256_of(rendered)
+
+    def input_sha256(self, query: str | list[dict]) -> str:
+        """What the teacher is asked for `query`: the hash of its rendered input and of the prompt file (whose labels,
+        check and stop strings the rendering does not all show). Stage 1 stores it in every finished row, and a resume
+        refuses a row whose input now hashes otherwise (distill/run_files.py)."""
+        return self.sha256_of(self.render(query))
+
+    def sha256_of(self, rendered: str) -> str:
+        return hashlib.sha256(f"{self.prompt_sha256}\n{rendered}".encode()).hexdigest()
+
+    @cached_property
+    def prompt_sha256(self) -> str:
+        return self.prompt.sha256  # the file read once, not once per query
 
     def constraint(self):
         """vLLM structured outputs over the label set (after the reasoning, with a reasoning parser), or None."""
@@ -153,6 +173,7 @@ class Outcome:
     failures: list[Sample] = field(default_factory=list)  # samples that broke the answer contract
     too_long: bool = False
     generative: bool = False  # free text: the first valid sample is the answer, not a vote
+    input_sha256: str | None = None  # Teacher.input_sha256 of its query, which stage 1 stores for resume to compare
 
     @property
     def votes(self) -> Counter:
@@ -315,16 +336,17 @@ def stream(engine, teacher: Teacher, rows: Iterable[dict], params, *, num_sample
             if row is None:
                 exhausted = True
                 break
-            token_ids = teacher.token_ids(query_of(row))
+            token_ids, input_sha256 = teacher.encode(query_of(row))
             generative = teacher.prompt.is_generative
             if len(token_ids) >= teacher.max_model_len:
-                outcome = Outcome(row, too_long=True, generative=generative)
+                outcome = Outcome(row, too_long=True, generative=generative, input_sha256=input_sha256)
                 stats.add_outcome(outcome)
                 yield outcome
                 continue
             job_params = copy(params)  # the answer budget is what the context has left after this prompt
             job_params.max_tokens = min(params.max_tokens, teacher.max_model_len - len(token_ids))
-            job = _Job(Outcome(row, generative=generative), token_ids, job_params, retries_left=max_retries)
+            job = _Job(Outcome(row, generative=generative, input_sha256=input_sha256), token_ids, job_params,
+                       retries_left=max_retries)
             for _ in range(num_samples):
                 submit(job)
         if stop() or not owners:

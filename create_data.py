@@ -48,8 +48,9 @@ interchangeable.
 import argparse
 import sys
 
-from distill import engine, ray_stage, shards, stage1
+from distill import engine, input_checks, ray_stage, shards, stage1
 from distill.defaults import TEACHER_MAX_TOKENS, TEACHER_MODEL
+from distill.input_checks import positive_int
 from distill.prompts import DEFAULT_PROMPT, load_prompt
 from distill.records import InputError, RunRecord, query_id, read_queries
 from distill.run_files import RunFiles
@@ -84,7 +85,7 @@ def build_parser():
     parser.add_argument("--keep", choices=["vote", "all"], default="vote",
                         help="vote: one row per query; all: a generative task writes every valid answer as a row "
                              "<id>#<k> in the query's group (a label task keeps its majority vote)")
-    parser.add_argument("--max-samples", type=int,
+    parser.add_argument("--max-samples", type=positive_int,
                         help="use only the first N selected queries (before sharding); without --split they come from "
                              "the train side, so that training can use every one")
     parser.add_argument("--split", choices=["all", "train", "heldout"],
@@ -146,17 +147,18 @@ def main(argv=None):
     if args.merge_shards:
         return merge(args, files, rows, settings)
     rows = shards.select_shard(rows, args.shard_index, args.num_shards)
-    try:
-        done = {query_id(row) for part in files.resume(settings, args.overwrite) for row in part}
+    try:  # the teacher's rendering, no weights: a resumed row whose input changed is refused
+        teacher = stage1.build_teacher(args, prompt)
+        finished = files.resume(settings, args.overwrite, stage1.current_inputs(teacher, rows))
     except InputError as error:
         sys.exit(f"error: {error}")
+    done = {query_id(row) for part in finished for row in part}
     todo = [row for row in rows if row["id"] not in done]
     print(f"create_data: {len(rows)} queries ({queries.empty} empty and {queries.duplicates} duplicate lines skipped; "
           f"--split {args.split}, {sum(split_of(row) == 'train' for row in rows)} of them on the train side), "
           f"{len(rows) - len(todo)} done by an earlier run, {len(todo)} to go")
 
     try:
-        teacher = stage1.build_teacher(args, prompt)
         if args.engine == "ray" and todo:  # a cluster unreachable or too small fails now, before the record says running
             ray_stage.connect(args)
     except (InputError, ray_stage.ClusterError) as error:
@@ -181,8 +183,10 @@ def read_inputs(args):
     """The prompt, the input's queries, the selected rows and the model's sampling defaults: everything that can fail
     on bad input or flags fails here, before any model loads."""
     try:
+        input_checks.check_writable("--output_file", args.output_file)
         prompt = load_prompt(args.prompt_file)
         queries = read_queries(args.input_file, args.text_field, args.dataset_split, args.messages_field)
+        input_checks.require_rows(args.input_file, queries)
     except (InputError, ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     if args.keep == "all" and not prompt.is_generative:
@@ -196,7 +200,10 @@ def read_inputs(args):
         sys.exit(f"error: no queries of {args.input_file} on the {args.split} side of the split; --split all takes "
                  f"every one")
     try:
+        input_checks.check_model("--model_name", args.model)
         model_defaults = model_sampling_defaults(args)
+    except InputError as error:
+        sys.exit(f"error: {error}")
     except (ValueError, OSError) as error:
         sys.exit(f"error: --model_name {args.model}: cannot read its config ({error})")
     return prompt, queries, rows, model_defaults

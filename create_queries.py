@@ -39,7 +39,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from distill import engine, stage1
+from distill import engine, input_checks, stage1
 from distill.dedup import NEAR_DUPLICATE_THRESHOLD, NearDuplicateIndex
 from distill.defaults import QUERY_MAX_TOKENS, REASONING_QUERY_MAX_TOKENS, TEACHER_MODEL, max_tokens
 from distill.prompts import load_prompt
@@ -160,6 +160,7 @@ def main(argv=None):
     files = RunFiles(args.output_file, RunRecord("create_queries", vars(args)), RESUME_KEYS)
     # Everything that can fail on bad input or flags fails here, before the engine starts.
     try:
+        input_checks.check_writable("--output_file", args.output_file)
         prompt = load_prompt(args.prompt_file)
         topics = read_topics(args)
         seeds = [row["text"] for row in read_queries(args.seed_examples).rows] if args.seed_examples else []

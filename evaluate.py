@@ -46,10 +46,12 @@ teacher's) and the answers it lost and gained. --compare draws several results f
 
 import dataclasses
 import sys
+from collections import Counter
 from pathlib import Path
 
-from distill import defaults, engine, fingerprint, report, serving
+from distill import defaults, engine, fingerprint, input_checks, report, serving
 from distill.defaults import STUDENT_MAX_TOKENS, TEACHER_MAX_TOKENS, wandb_enabled
+from distill.input_checks import positive_int
 from distill.judge import judge_examples
 from distill.metrics import cost, cost_ratio
 from distill.prompts import BARE_STUDENT, DEFAULT_PROMPT, load_prompt
@@ -71,13 +73,16 @@ def build_parser():
     parser.add_argument("--messages-field", default="messages", help="the conversation column, as create_data.py's")
     parser.add_argument("--dataset-split", default="train", help="the split of a dataset dir or datasets name")
     parser.add_argument("--label-field", default="label", help="gold label column (rows without one: no accuracy)")
+    parser.add_argument("--ignore-unknown-labels", action="store_true",
+                        help="drop (and count) rows whose gold label is outside the prompt's label set instead of "
+                             "refusing the test file")
     parser.add_argument("--split", choices=["heldout", "train", "all"], default="heldout",
                         help="which side of the group split to score (train/all: rows the adapter trained on)")
     parser.add_argument("--heldout-fraction", type=float, default=HELDOUT_FRACTION,
                         help="share of groups held out; must be the adapter's (from its distill_run.json)")
     parser.add_argument("--split-seed", type=int, default=SPLIT_SEED,
                         help="seed of the group split; must be the adapter's")
-    parser.add_argument("--max-samples", type=int, help="score only the first N rows of the split")
+    parser.add_argument("--max-samples", type=positive_int, help="score only the first N rows of the split")
     parser.add_argument("--output-file", help="results JSON (unset: <model_path>/eval_<split>.json); with --compare "
                                               "the heatmap PNG (unset: rules_compare.png beside the first FILE)")
     parser.add_argument("--compare", nargs="+", metavar="FILE",
@@ -88,6 +93,9 @@ def build_parser():
                         help="evaluate a teacher/base model given the prompt, parsed exactly as stage 1 parses")
     parser.add_argument("--constrain-labels", action="store_true", help="with --with_prompt: as create_data.py's")
     parser.add_argument("--teacher-file", help="stage-1 JSONL or a --with_prompt results JSON: adds agreement")
+    parser.add_argument("--teacher-min-share", type=float, default=1.0,
+                        help="share of the rows scored that --teacher_file must answer (an answer that broke the "
+                             "contract counts), else it is refused as made for other rows")
     parser.add_argument("--max-tokens", type=int,
                         help="unset: 16 for the student on a label task, 64 on a generative task, 8192 with "
                              "--with_prompt")
@@ -124,6 +132,8 @@ def parse_args(argv=None):
     args.model_path = args.model_path or (None if args.compare else newest_adapter())
     if args.constrain_labels and not args.with_prompt:
         parser.error("--constrain_labels applies to --with_prompt runs; the student is scored on what it writes")
+    if not 0 <= args.teacher_min_share <= 1:
+        parser.error(f"--teacher_min_share {args.teacher_min_share}: give a share between 0 and 1")
     return args
 
 
@@ -139,8 +149,8 @@ def main(argv=None):
     if args.compare:
         return compare(args)
     record = RunRecord("evaluate", vars(args))
-    prompt, rows, teacher_of, teacher_cost = read_inputs(args)
-    split_check = check_split(args, prompt, rows, teacher_of)
+    prompt, rows, teacher_of, teacher_cost, dropped_labels = read_inputs(args)
+    split_check = check_split(args, prompt, rows)
     tokenizer, prompt_ids, system_merged = render_prompts(args, prompt, rows)
     trained = trained_fingerprint(args, tokenizer, prompt.student)  # a template skew stops here, before the engine
     served = serve(args)
@@ -174,7 +184,8 @@ def main(argv=None):
             "split_check": dataclasses.asdict(split_check), "fingerprint": dataclasses.asdict(fingerprint_check),
             "test_file": args.test_file, "split": args.split, "system_merged_into_user": system_merged,
             "student": None if args.with_prompt else prompt.student.to_dict(),
-            "gold_field": args.label_field, "teacher_file": args.teacher_file, **results, "examples": examples}
+            "gold_field": args.label_field, "unknown_gold_labels_dropped": dict(dropped_labels),
+            "teacher_file": args.teacher_file, **results, "examples": examples}
     record.finish(output_file, **full)
     report.show(full, output_file, wandb=args.report_to == "wandb")
 
@@ -188,11 +199,18 @@ def compare(args) -> None:
 
 
 def read_inputs(args):
-    """The task prompt, the rows to score, the teacher's answers by id and its cost (if any); bad input and flags
-    fail here, before any model loads."""
+    """The task prompt, the rows to score, the teacher's answers by id and its cost (if any), and the gold labels
+    outside the label set that --ignore_unknown_labels dropped; bad input and flags fail here, before any model
+    loads."""
     try:
+        input_checks.check_model("--model_path", args.model_path, "a training run's output dir (an adapter), a model "
+                                 "directory or a hub id")
+        if args.base_model:
+            input_checks.check_model("--base_model", args.base_model)
+        input_checks.check_writable("--output_file", args.output_file or Path(args.model_path) / "eval.json")
         prompt = load_prompt(args.prompt_file)
         queries = read_queries(args.test_file, args.text_field, args.dataset_split, args.messages_field)
+        input_checks.require_rows(args.test_file, queries)
         teacher_of, teacher_cost = load_teacher_answers(args.teacher_file) if args.teacher_file else ({}, None)
     except (InputError, ValueError, OSError, KeyError) as error:
         sys.exit(f"error: {error}")
@@ -205,12 +223,25 @@ def read_inputs(args):
     rows = select(queries.rows, args.split, args.heldout_fraction, args.split_seed)[: args.max_samples]
     if not rows:
         sys.exit(f"error: no rows of {args.test_file} on the {args.split} split")
-    return prompt, rows, teacher_of, teacher_cost
+    try:
+        rows, dropped = (rows, Counter()) if prompt.is_generative else input_checks.gold_labels(
+            rows, queries.places, prompt.labels, args.label_field, args.ignore_unknown_labels)
+        if dropped:
+            print(f"evaluate: --ignore_unknown_labels: {dropped.total()} rows dropped, their gold {args.label_field} "
+                  f"outside the label set ({', '.join(f'{label}: {n}' for label, n in dropped.items())}); "
+                  f"{len(rows)} scored", file=sys.stderr)
+        if not rows:
+            raise InputError(f"{args.test_file}: every row scored has a gold {args.label_field} outside the label set")
+        if args.teacher_file:
+            input_checks.check_teacher_coverage(args.teacher_file, rows, args.teacher_min_share)
+    except (InputError, ValueError, OSError, KeyError) as error:
+        sys.exit(f"error: {error}")
+    return prompt, rows, teacher_of, teacher_cost, dropped
 
 
-def check_split(args, prompt, rows, teacher_of) -> serving.SplitCheck:
+def check_split(args, prompt, rows) -> serving.SplitCheck:
     """The rows' split and the prompt file's student side against the adapter's run record (a mismatch stops the
-    run); warns when the teacher file shares no id with the rows scored."""
+    run)."""
     try:
         split_check = serving.check_split(Path(args.model_path), args.split, args.heldout_fraction, args.split_seed)
         if not args.with_prompt:
@@ -219,9 +250,6 @@ def check_split(args, prompt, rows, teacher_of) -> serving.SplitCheck:
         sys.exit(f"error: {error}")
     for note in split_check.notes:
         print(f"evaluate: {note}", file=sys.stderr)
-    if args.teacher_file and not serving.shares_ids(teacher_of, rows):
-        print(f"evaluate: warning: {args.teacher_file} shares no id with the {len(rows)} rows of the {args.split} "
-              f"split scored: no agreement with the teacher to report", file=sys.stderr)
     return split_check
 
 

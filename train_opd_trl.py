@@ -75,6 +75,8 @@ class OnPolicyArguments(StudentRunArguments):
 def parse_args(argv=None):
     from trl import DistillationConfig, ModelConfig, TrlParser
 
+    from distill.student import parse_recipe
+
     parser = TrlParser((OnPolicyArguments, DistillationConfig, ModelConfig), allow_abbrev=False)
     gpu = on_gpu()
     parser.set_defaults(
@@ -90,7 +92,7 @@ def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--plan_only" in argv and not gpu:
         argv += ["--bf16", "false"]
-    script_args, training_args, model_args = parser.parse_args_and_config(argv)
+    script_args, training_args, model_args = parse_recipe(parser, argv)
     if script_args.teacher_server_url and training_args.teacher_model_name_or_path:
         parser.error("--teacher_server_url and --teacher_model_name_or_path name two teachers; keep one")
     if script_args.teacher_server_url and training_args.beta not in (0.0, 1.0):

@@ -46,8 +46,8 @@ from distill.checkpoint import save_adapter
 from distill.defaults import StudentRunArguments, wandb_enabled
 from distill.engine import on_gpu
 from distill.records import TRAIN_RUN_RECORD as RUN_RECORD
-from distill.records import InputError, RunRecord, load_dataset_rows, read_jsonl
-from distill.student import WandbConfigCallback, finish_record, lora_config, plan_memory, stop_or_clear
+from distill.records import InputError, RunRecord, load_dataset_rows, read_jsonl, row_place
+from distill.student import WandbConfigCallback, finish_record, lora_config, parse_recipe, plan_memory, stop_or_clear
 
 DEFAULT_STUDENT = "Qwen/Qwen3-4B-Instruct-2507"
 
@@ -95,7 +95,7 @@ def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--plan_only" in argv and not gpu:
         argv += ["--bf16", "false"]  # a plan needs no GPU, but TrainingArguments refuses a bf16 recipe without one
-    script_args, training_args, model_args = parser.parse_args_and_config(argv)
+    script_args, training_args, model_args = parse_recipe(parser, argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
     if script_args.micro_batch_tokens and not script_args.global_batch_size:
         parser.error("--micro_batch_tokens sizes micro-batches within --global_batch_size; set both")
@@ -140,10 +140,10 @@ def load_rows(script_args) -> list[dict]:
         rows = list(load_dataset_rows(script_args.dataset_name, script_args.dataset_split))
     field_name = script_args.messages_field
     if field_name != "messages":  # distill.training reads `messages`
-        missing = next((number for number, row in enumerate(rows, 1) if field_name not in row), None)
+        missing = next((row for row in rows if field_name not in row), None)
         if missing:
-            raise SystemExit(f"error: {script_args.dataset_name}: row {missing} has no '{field_name}' column "
-                             f"(--messages_field)")
+            raise SystemExit(f"error: {row_place(script_args.dataset_name, rows, missing)}: no '{field_name}' column "
+                             f"(--messages_field names the column of turns)")
         rows = [{**row, "messages": row[field_name]} for row in rows]
     return rows
 
@@ -171,6 +171,9 @@ def prepare(script_args, training_args, model_args) -> TrainingData:
     from distill.training import query_and_answer, stage1_student_side, training_rows
 
     rows = load_rows(script_args)
+    if not rows:
+        raise InputError(f"{script_args.dataset_name}: empty, no rows to train on; give a stage-1 output with rows "
+                         f"(--dataset_name)")
     train, dropped = training_rows(rows, script_args.heldout_fraction, script_args.split_seed)
     if script_args.max_train_rows:
         train = train[: script_args.max_train_rows]
@@ -183,15 +186,16 @@ def prepare(script_args, training_args, model_args) -> TrainingData:
         check_tokenizer(targets, tokenizer, model_args.model_name_or_path)
     student = stage1_student_side(script_args.dataset_name)
     examples, queries = [], []
-    for number, row in enumerate(train, start=1):
+    for row in train:
         try:
             queries.append(query_and_answer(row, script_args.answer_field))
             examples.append(student_example(tokenizer, *queries[-1], student))
         except (KeyError, IndexError, StopIteration, TypeError) as error:
-            raise InputError(f"{script_args.dataset_name}: row {row.get('id', number)} lacks a user turn or "
-                             f"its answer ({error!r})") from None
+            raise InputError(f"{row_place(script_args.dataset_name, rows, row)}: row {row.get('id')} lacks a user "
+                             f"turn or its answer ({error!r})") from None
         except ValueError as error:  # turns in the wrong order, or a chat template that cannot be masked
-            raise InputError(f"{script_args.dataset_name}: row {row.get('id', number)}: {error}") from None
+            raise InputError(f"{row_place(script_args.dataset_name, rows, row)}: row {row.get('id')}: {error}") \
+                from None
     counts = {"rows_in_file": len(rows), "heldout_rows_dropped": dropped, "rows_used": len(train),
               "answer_source": script_args.answer_field or "assistant turn (teacher)",
               "batch": size_micro_batches(script_args, training_args, examples)}

@@ -66,3 +66,33 @@ def check_adapter(output_dir: str | Path, expected_tensors: int) -> dict:
     return {"adapter_tensors": len(weights), "adapter_parameters": sum(t.numel() for t in weights.values()),
             "peft_type": str(config.peft_type), "adapter_bytes": weights_path.stat().st_size,
             "max_abs_lora_b": max((t.abs().max().item() for n, t in weights.items() if "lora_B" in n), default=math.nan)}
+
+
+def untrained_reason(adapter_dir: str | Path | None, state, init_adapter: str | None = None) -> str | None:
+    """Why a run that ended trained nothing, or None: it took no optimizer step (fewer rows than one batch), every
+    logged step had learning rate 0, or its saved adapter (`adapter_dir`; None for a full model, whose weights are
+    not compared) is still what it started from: every LoRA B zero (PEFT's initialisation, under which the adapter
+    adds nothing) or, warm-started, --init_adapter's tensors. `state` is the Trainer's (global_step, log_history)."""
+    import torch
+    from safetensors.torch import load_file
+
+    if state.global_step == 0:
+        return ("it took 0 optimizer steps: the training rows do not fill one batch (rows per device x gradient "
+                "accumulation x processes, or TRL's generation batch on-policy); give more rows or a smaller batch")
+    rates = [entry["learning_rate"] for entry in state.log_history if "learning_rate" in entry]
+    warm_up = ("every logged step's learning rate was 0" if rates and not any(rates) else
+               "as a learning rate of 0 in every step does") + (
+        ": a warm-up as long as the run; lower --warmup_steps / --warmup_ratio or train longer")
+    if adapter_dir is None:
+        return warm_up if rates and not any(rates) else None
+    weights = load_file(Path(adapter_dir) / "adapter_model.safetensors")
+    if init_adapter:
+        initial = load_file(Path(init_adapter) / "adapter_model.safetensors")
+        shared = weights.keys() & initial.keys()
+        if shared and all(torch.equal(weights[name], initial[name]) for name in shared):
+            return f"the adapter equals --init_adapter {init_adapter}'s, tensor for tensor ({warm_up})"
+        return None
+    lora_b = [tensor for name, tensor in weights.items() if "lora_B" in name]
+    if lora_b and not any(tensor.any() for tensor in lora_b):
+        return f"every LoRA B tensor is still 0, so the adapter changes nothing ({warm_up})"
+    return None

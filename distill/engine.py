@@ -53,6 +53,10 @@ def stage_parser(description: str):
     class StageParser(FlexibleArgumentParser):
         engine_actions: frozenset = frozenset()  # set by add_engine_args
 
+        def error(self, message):
+            # argparse prints the usage first, here hundreds of vLLM flags that bury the one line that matters
+            self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
         def format_help(self):
             if self._search_keyword is not None:  # --help=<keyword>: vLLM's search, which sees every group
                 return super().format_help()

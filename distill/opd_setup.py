@@ -24,9 +24,19 @@ SERVER_PROBE_SECONDS = 3.0
 
 
 def task_prompt(path: str):
+    """The prompt the teacher reads: refused without system text and example turns (the teacher would be the base
+    model, unprompted), a note with example turns alone."""
     if not Path(path).exists():
         raise InputError(f"--prompt_file {path}: no such file")
-    return load_prompt(path)
+    prompt = load_prompt(path)
+    if not prompt.text and not prompt.example_turns:
+        raise InputError(f"--prompt_file {path}: no system text below the front matter and no example_turns, so the "
+                         f"teacher would read only the query (in its query_template): the base model unprompted, "
+                         f"nothing to distill. Write the prompt below the front matter")
+    if not prompt.text:
+        print(f"train_opd: note: --prompt_file {path} has no system text below its front matter; the teacher reads "
+              f"its {len(prompt.example_turns)} example turns only")
+    return prompt
 
 
 @dataclass
@@ -51,6 +61,8 @@ def training_queries(script_args) -> tuple[TrainingQueries, str]:
     else:
         rows = read_queries(str(path), script_args.text_field, script_args.dataset_split,
                             script_args.messages_field).rows
+    if not rows:
+        raise InputError(f"{path}: empty, no queries to train on; give queries or a stage-1 output (--dataset_name)")
     train = select(rows, "train", script_args.heldout_fraction, script_args.split_seed)
     dropped = len(rows) - len(train)
     if script_args.max_train_rows:

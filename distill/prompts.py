@@ -46,6 +46,7 @@ from pathlib import Path
 import yaml
 
 from distill import checks
+from distill.input_checks import yaml_error
 from distill.rules import Rule, RuleError, parse_rules
 
 DEFAULT_PROMPT = Path(__file__).resolve().parent.parent / "prompts" / "language_identification.md"
@@ -120,11 +121,19 @@ class TaskPrompt:
 
 def load_prompt(path: str | Path = DEFAULT_PROMPT) -> TaskPrompt:
     path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--prompt_file {path}: no such file; the prompts are in prompts/")
     raw = path.read_text(encoding="utf-8-sig")  # a BOM from a Windows editor is not content
     match = re.match(r"^---\n(.*?)\n---\n(.*)$", raw, re.DOTALL)
     if not match:
         raise ValueError(f"{path}: expected YAML front matter between '---' lines at the top")
-    meta = yaml.safe_load(match.group(1)) or {}
+    try:
+        meta = yaml.safe_load(match.group(1)) or {}
+    except yaml.YAMLError as error:  # PyYAML counts lines from the front matter, which starts on line 2
+        raise ValueError(f"{yaml_error(path, error, first_line=2)} in the front matter; fix that line") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}:2: the front matter must be YAML keys (labels:, check:, ...), not a "
+                         f"{type(meta).__name__}")
     text = match.group(2).strip()
     generative = "check" in meta or "rules" in meta
     if "labels" in meta and generative:

@@ -32,6 +32,7 @@ class Queries:
     duplicates: int = 0  # texts (or conversations) seen before, kept once
     lines: int = 0
     kind: str = "text"  # "text" or "conversations": a file holds one or the other
+    places: dict = field(default_factory=dict)  # id -> `file:line` (`source: row N`), for errors about a row
 
 
 ROLES = ("system", "user", "assistant")
@@ -193,6 +194,7 @@ def read_queries(source: str, text_field: str = "text", split: str = "train",
         if row["id"] in seen_ids:
             raise InputError(f"{where}: id '{row['id']}' already used on {seen_ids[row['id']]}")
         seen_ids[row["id"]] = place
+        queries.places[row["id"]] = where
         queries.rows.append(row)
     return queries
 
@@ -233,6 +235,17 @@ def read_jsonl(path: str | Path) -> list[dict]:
         except json.JSONDecodeError as error:
             raise InputError(f"{path}:{number}: malformed JSON ({error.msg})") from None
     return rows
+
+
+def row_place(source: str, rows: list[dict], row: dict) -> str:
+    """Where `row`, one of the `rows` read from `source` (read_jsonl: blank lines skipped, or a dataset), is:
+    `file:line`, or `source: row N`. For error messages: it reads the file again."""
+    index = next(number for number, candidate in enumerate(rows) if candidate is row)
+    path = Path(source)
+    if path.is_file() and path.suffix.lower() not in (".parquet", ".arrow"):
+        lines = [number for number, line in _decoded_lines(path) if line.strip()]
+        return f"{source}:{lines[index]}"
+    return f"{source}: row {index + 1}"
 
 
 def load_teacher_answers(path: str) -> tuple[dict, dict | None]:

@@ -212,11 +212,6 @@ def check_student(model_path: Path, student: StudentSide) -> None:
                          f"must be the ones the model trained with")
 
 
-def shares_ids(teacher_labels: dict, rows: list[dict]) -> bool:
-    """False when a --teacher_file was made for other rows (another split, another file): agreement would be n/a."""
-    return any(row["id"] in teacher_labels for row in rows)
-
-
 # ---- the served model's answers ------------------------------------------------------------------------------
 
 

@@ -1,5 +1,6 @@
-"""What the two student-training stages share (train_sft_trl.py, train_opd_trl.py): the LoRA config with an MoE
-router kept out, the output-dir policy, the memory plan, the run record's last word and the wandb config."""
+"""What the two student-training stages share (train_sft_trl.py, train_opd_trl.py): parsing a recipe and the flags,
+the LoRA config with an MoE router kept out, the output-dir policy, the memory plan, the run record's last word and
+the wandb config."""
 
 import json
 import os
@@ -10,9 +11,27 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from distill import input_checks
 from distill.records import TRAIN_RUN_RECORD as RUN_RECORD
+from distill.records import InputError
 
 H100_GIB = 80.0
+
+
+def parse_recipe(parser, argv: list[str]) -> tuple:
+    """TRL's parse_args_and_config (a --config YAML, then the flags), with what its errors do not say: the recipe's
+    file and line and the valid keys, and a --lora_r or --model_name_or_path that cannot train. No traceback."""
+    try:
+        input_checks.check_recipe(parser, argv)
+        script_args, training_args, model_args = parser.parse_args_and_config(argv)
+        if model_args.use_peft and model_args.lora_r < 1:
+            raise InputError(f"--lora_r {model_args.lora_r}: a LoRA rank is 1 or more (the recipes use 32); "
+                             f"--use_peft false trains the whole model instead")
+        if not script_args.plan_only:  # a plan needs no weights: the recipes' students have stored shapes
+            input_checks.check_model("--model_name_or_path", model_args.model_name_or_path)
+    except ValueError as error:  # InputError, or a dataclass of TRL's or ours refusing a value
+        sys.exit(f"error: {error}")
+    return script_args, training_args, model_args
 
 
 def lora_config(model_args, train_router: bool, trust_remote_code: bool = False):
@@ -31,6 +50,10 @@ def lora_config(model_args, train_router: bool, trust_remote_code: bool = False)
 def check_output_dir(script_args, training_args):
     """Clears a finished run only with --overwrite. Called on the main process alone, before the others go on."""
     out = Path(training_args.output_dir)
+    try:
+        input_checks.check_writable("--output_dir", out)
+    except InputError as error:
+        sys.exit(f"error: {error}")
     if (out / RUN_RECORD).exists() and not training_args.resume_from_checkpoint:
         finished = json.loads((out / RUN_RECORD).read_text()).get("status") == "finished"
         if finished and not script_args.overwrite:
@@ -83,8 +106,10 @@ def visible_gpu_gib() -> float | None:
 
 
 def finish_record(record, record_path, report, result, trainer, model_args, saved_tensors):
-    """`finished` only when the saved adapter is on disk and loads; otherwise the record says `failed` and why."""
-    from distill.checkpoint import check_adapter
+    """`finished` only when the saved adapter is on disk, loads and was trained (an optimizer step changed it from
+    where it started: LoRA B off zero, or off --init_adapter's tensors, whose path stage 2b's `report` holds);
+    otherwise the record says `failed` and why, and the process exits non-zero."""
+    from distill.checkpoint import check_adapter, untrained_reason
 
     import torch
 
@@ -98,6 +123,10 @@ def finish_record(record, record_path, report, result, trainer, model_args, save
     except RuntimeError as error:
         record.finish(record_path, status="failed", error=str(error), **report, **history)
         sys.exit(f"error: training ran but the adapter is not usable: {error}")
+    untrained = untrained_reason(out if model_args.use_peft else None, trainer.state, report.get("init_adapter"))
+    if untrained:
+        record.finish(record_path, status="failed", error=untrained, saved=saved, **report, **history)
+        sys.exit(f"error: the run trained nothing: {untrained}. {out}/{RUN_RECORD} says failed")
     record.finish(record_path, status="finished", saved=saved, **report, **history)
     print(f"train: done, loss {result.metrics.get('train_loss'):.4f}, "
           f"{result.metrics.get('train_runtime'):.1f} s -> {out} ({saved})")

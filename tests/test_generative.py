@@ -437,7 +437,7 @@ def test_conversations_with_a_student_side_through_stages_one_two_three(tiny_mod
 
     adapter = tmp_path / "student"
     run_main("train_sft_trl.py", "--config", "recipes/cpu.yaml", "--model_name_or_path", model, "--dataset_name",
-             stage1_file, "--output_dir", adapter, "--report_to", "none", "--max_steps", 1, "--fingerprint_probes", 3)
+             stage1_file, "--output_dir", adapter, "--report_to", "none", "--max_steps", 2, "--fingerprint_probes", 3)
     run = json.loads((adapter / "distill_run.json").read_text())
     assert run["status"] == "finished" and run["student"] == record["student"]
     assert any(isinstance(p["query"], list) for p in json.loads((adapter / "fingerprint.json").read_text())["probes"])

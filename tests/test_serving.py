@@ -188,8 +188,8 @@ def stop_at_the_engine(monkeypatch):
     return started
 
 
-def test_main_sets_max_model_len_from_the_prompts_and_warns_on_a_foreign_teacher_file(
-        tiny_model, tmp_path, example_rows, monkeypatch, capsys):
+def test_main_sets_max_model_len_from_the_prompts_and_refuses_a_foreign_teacher_file(
+        tiny_model, tmp_path, example_rows, monkeypatch):
     import evaluate
     from transformers import AutoTokenizer
 
@@ -199,11 +199,13 @@ def test_main_sets_max_model_len_from_the_prompts_and_warns_on_a_foreign_teacher
     train_rows = select(example_rows, "train")
     teacher_file = write_teacher_file(tmp_path / "teacher-train.jsonl", train_rows)
     started = stop_at_the_engine(monkeypatch)
+    command = ["--model_path", str(tiny_model), "--test_file", str(EXAMPLE_DATA), "--max_samples", "20",
+               "--max_tokens", "7"]
+    with pytest.raises(SystemExit, match=f"{teacher_file} answers 0 of the 20 rows scored"):
+        evaluate.main([*command, "--teacher_file", str(teacher_file)])
+    assert started == {}, "refused before the engine"
     with pytest.raises(SystemExit, match="stopped before the engine"):
-        evaluate.main(["--model_path", str(tiny_model), "--test_file", str(EXAMPLE_DATA), "--max_samples", "20",
-                       "--max_tokens", "7", "--teacher_file", str(teacher_file)])
-    stderr = capsys.readouterr().err
-    assert f"{teacher_file} shares no id with the 20 rows of the heldout split" in stderr
+        evaluate.main(command)
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     scored = select(example_rows, "heldout")[:20]
@@ -212,7 +214,7 @@ def test_main_sets_max_model_len_from_the_prompts_and_warns_on_a_foreign_teacher
     assert started == {"model": str(tiny_model), "max_model_len": longest + 7, "cli_max_model_len": None}
 
 
-def test_main_keeps_a_given_max_model_len_and_no_warning_for_a_matching_teacher_file(
+def test_main_keeps_a_given_max_model_len_and_takes_a_matching_teacher_file(
         tiny_model, tmp_path, example_rows, monkeypatch, capsys):
     import evaluate
 
@@ -221,5 +223,5 @@ def test_main_keeps_a_given_max_model_len_and_no_warning_for_a_matching_teacher_
     with pytest.raises(SystemExit, match="stopped before the engine"):
         evaluate.main(["--model_path", str(tiny_model), "--test_file", str(EXAMPLE_DATA), "--max_samples", "5",
                        "--max-model-len", "512", "--teacher_file", str(teacher_file)])
-    assert "shares no id" not in capsys.readouterr().err
+    assert "--teacher_file" not in capsys.readouterr().err
     assert started == {"model": str(tiny_model), "cli_max_model_len": 512}  # no override: the CLI's value stands

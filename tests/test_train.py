@@ -255,7 +255,7 @@ def test_refuses_to_overwrite_finished_run(trained_run, tiny_model, gold_teacher
     out = tmp_path / "run"
     shutil.copytree(trained_run["dir"], out)
     (out / "marker.txt").write_text("from the finished run")
-    args = train_args(tiny_model, gold_teacher_file, out, "--max_steps", 1)
+    args = train_args(tiny_model, gold_teacher_file, out, "--max_steps", 2)  # 1 would be all warm-up: untrained
     refused = run_main("train_sft_trl.py", *args, check=False)
     assert refused.returncode != 0
     assert "finished run" in refused.stderr and "--overwrite" in refused.stderr
@@ -265,7 +265,7 @@ def test_refuses_to_overwrite_finished_run(trained_run, tiny_model, gold_teacher
     run_main("train_sft_trl.py", *args, "--overwrite")
     assert not (out / "marker.txt").exists(), "--overwrite replaces the old run"
     record = json.loads((out / "distill_run.json").read_text())
-    assert record["status"] == "finished" and record["args"]["training"]["max_steps"] == 1
+    assert record["status"] == "finished" and record["args"]["training"]["max_steps"] == 2
 
 
 # --- the split and the answer source ------------------------------------------------------------------------
@@ -435,7 +435,8 @@ def test_train_trl_sh_on_cpu_passes_flags_through_and_logs_to_wandb_offline(tiny
     --report_to) logs to wandb on its own: one launch for both."""
     out, wandb_dir = tmp_path / "run", tmp_path / "wandb"
     wandb_dir.mkdir()
-    result = run_cli("bash", "train_trl.sh", "--model_name_or_path", tiny_model, "--max_steps", 1, "--output_dir", out,
+    # 2 steps: the recipe warms up over a tenth of the run, so 1 step would train nothing (and end failed)
+    result = run_cli("bash", "train_trl.sh", "--model_name_or_path", tiny_model, "--max_steps", 2, "--output_dir", out,
                      env={"RECIPE": "recipes/cpu.yaml", "DATA": str(gold_teacher_file), "PYTHON": sys.executable,
                           "WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true",
                           "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"})
@@ -444,9 +445,9 @@ def test_train_trl_sh_on_cpu_passes_flags_through_and_logs_to_wandb_offline(tiny
     assert record["status"] == "finished"
     assert record["args"]["script"]["dataset_name"] == str(gold_teacher_file)
     assert record["args"]["model"]["model_name_or_path"] == str(tiny_model)
-    assert record["args"]["training"]["max_steps"] == 1
+    assert record["args"]["training"]["max_steps"] == 2
     assert record["args"]["training"]["learning_rate"] == pytest.approx(1e-3)  # the recipe's
-    assert record["log_history"][-1]["step"] == 1
+    assert record["log_history"][-1]["step"] == 2
     assert (out / "adapter_model.safetensors").exists()
     # report_to defaults to wandb once WANDB_MODE is set
     assert record["args"]["training"]["report_to"] == ["wandb"]
@@ -497,7 +498,7 @@ def test_messages_field_names_the_turns_column(tmp_path, example_rows):
     assert [row["messages"] for row in rows] == [row["chat"] for row in renamed]
     jsonl = tmp_path / "chats.jsonl"
     jsonl.write_text("\n".join(json.dumps(row) for row in renamed[:2] + [{"id": "x"}]) + "\n")
-    with pytest.raises(SystemExit, match=r"chats.jsonl: row 3 has no 'chat' column"):
+    with pytest.raises(SystemExit, match=r"chats.jsonl:3: no 'chat' column"):
         load_rows(SimpleNamespace(**{**vars(args), "dataset_name": str(jsonl)}))
 
 

@@ -239,6 +239,24 @@ def test_student_vs_teacher_cost_ratio(student_vs_teacher, teacher_eval):
     assert not student_vs_teacher["merged_rebuilt"] and "merged the adapter" not in student_vs_teacher["stdout"]
 
 
+@pytest.mark.slow
+def test_ignore_unknown_labels_drops_and_counts_them(student_vs_teacher, adapter, workdir):
+    """A gold label outside the label set is refused (tests/test_bad_inputs.py); with --ignore_unknown_labels its row
+    is dropped and counted, and the rest are scored with a confusion matrix that holds every one of them."""
+    rows = [json.loads(line) for line in EXAMPLE_DATA.read_text(encoding="utf-8").splitlines()[:6]]
+    test_file = workdir / "unknown_labels.jsonl"
+    test_file.write_text("".join(json.dumps(row) + "\n" for row in [*rows[:3], {**rows[3], "label": "English"},
+                                                                     *rows[4:]]))
+    output = workdir / "eval" / "unknown_labels.json"
+    result = evaluate("--model_path", adapter, "--max-model-len", 1024, "--no-lingua", "--test_file", test_file,
+                      "--split", "all", "--ignore_unknown_labels", "--output_file", output)
+    results = json.loads(output.read_text(encoding="utf-8"))
+    assert results["unknown_gold_labels_dropped"] == {"English": 1}
+    assert [e["id"] for e in results["examples"]] == [row["id"] for row in rows if row["id"] != rows[3]["id"]]
+    assert results["n"] == results["n_with_gold"] == sum(map(sum, results["confusion_matrix"]["matrix"])) == 5
+    assert "1 rows dropped" in result.stderr
+
+
 def test_constrain_labels_needs_with_prompt(tmp_path):
     result = run_main("evaluate.py", "--model_path", tmp_path, "--constrain_labels", check=False)
     assert result.returncode != 0 and "--constrain_labels applies to --with_prompt" in result.stderr

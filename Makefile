@@ -7,7 +7,7 @@ EMBEDDED := models/SmolLM2-135M-Instruct/config.json
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast demo bench gpu-check clean-demo
+.PHONY: setup test test-fast soak demo bench gpu-check clean-demo
 
 setup: $(STAMP) $(EMBEDDED)
 
@@ -36,6 +36,12 @@ test: setup
 
 test-fast: setup
 	$(PYTEST) -m "not slow" tests
+
+# The kill/resume tests (stage 1 killed mid-stream, a Ray replica and the Ray driver killed) N times over, with the rows
+# lost and duplicated per run (scripts/soak.py; about 10 min per run on 2 cores). N=1 checks the plumbing.
+N ?= 10
+soak: setup
+	$(PY) scripts/soak.py --runs $(N)
 
 demo: setup
 	bash scripts/demo.sh

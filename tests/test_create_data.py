@@ -466,17 +466,31 @@ def newline_count(*files: Path) -> int:
     return total
 
 
-def check_survivors(finished: dict, output: Path, when: str) -> dict:
-    """Every row that was on disk at an earlier kill is still there, unchanged, and every id is there once.
-    Returns the rows on disk now, by id: the log of finished ids the next kill is checked against."""
+def check_survivors(finished: dict, output: Path, when: str, selected: list[str] = ()) -> dict:
+    """Every row that was on disk at an earlier kill is still there, unchanged, every id is there once, and (at the
+    end of a run) every `selected` id is there. Returns the rows on disk now, by id: the log of finished ids the next
+    kill is checked against. The counts go to `make soak`'s report first (soak_record), so a failing run counts too."""
     out, rejects, _ = paths(output)
     rows = complete_rows(out) + complete_rows(rejects)
     ids = Counter(row["id"] for row in rows)
-    assert max(ids.values(), default=1) == 1, f"{when}: duplicated ids {[i for i, n in ids.items() if n > 1]}"
+    duplicated = [i for i, n in ids.items() if n > 1]
     now = {row["id"]: row for row in rows}
     lost = [row_id for row_id, row in finished.items() if now.get(row_id) != row]
+    missing = [row_id for row_id in selected if row_id not in now and row_id not in finished]
+    soak_record(when, lost=len(lost) + len(missing), duplicated=len(duplicated), on_disk=len(now))
+    assert not duplicated, f"{when}: duplicated ids {duplicated}"
     assert not lost, f"{when}: rows finished before an earlier kill were lost or changed: {lost}"
+    assert not missing, f"{when}: selected ids in neither the output nor the rejects: {missing}"
     return now
+
+
+def soak_record(when: str, **counts) -> None:
+    """One line of figures for `make soak` (scripts/soak.py), which names the file in SOAK_REPORT; nothing otherwise."""
+    report = os.environ.get("SOAK_REPORT")
+    if report:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+        with open(report, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"test": test, "when": when, **counts}) + "\n")
 
 
 @pytest.mark.slow
@@ -538,7 +552,7 @@ def test_kills_at_random_moments_then_resume(tiny_model, tmp_path):
     assert "cut a torn last line" in log and str(out) in log and str(rejects) in log
     assert f"{len(finished)} done by an earlier run, {40 - len(finished)} to go" in log
 
-    final = check_survivors(finished, output, "after the resume")
+    final = check_survivors(finished, output, f"after the resume (seed {seed})", selected)
     assert sorted(final) == sorted(selected), "every selected id must be in the output or the rejects"
     saved = run_record(output)
     assert saved["status"] == "finished"

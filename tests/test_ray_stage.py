@@ -280,7 +280,8 @@ def test_replica_killed_mid_run_is_retried_by_ray(ray_cluster, tiny_model, tmp_p
     assert len(on_disk) < 40, "the kill came after the run had finished"
     assert run.finish() == 0, run.output()
 
-    final = check_survivors(on_disk, output, "after the kill")  # nothing written before the kill was lost or changed
+    # nothing written before the kill was lost or changed, and every id is there once
+    final = check_survivors(on_disk, output, "after the kill", input_ids(source))
     assert sorted(final) == sorted(input_ids(source))  # nothing lost, nothing twice
     record = run_record(output)
     assert record["status"] == "finished" and record["coverage_errors"] == []
@@ -327,7 +328,7 @@ def test_driver_killed_or_stopped_then_resumed_by_id(ray_cluster, tiny_model, tm
     run = RayLaunch(command, tmp_path / "run3.log", ray_cluster)
     assert run.finish() == 0, run.output()
     assert f"{len(finished)} done by an earlier run, {40 - len(finished)} to go" in run.log.read_text()
-    final = check_survivors(finished, output, "after the resume")
+    final = check_survivors(finished, output, "after the resume", input_ids(source))
     assert sorted(final) == sorted(input_ids(source))
     record = run_record(output)
     assert record["status"] == "finished" and record["counts"]["resumed"] == len(finished)

@@ -181,8 +181,11 @@ french_part() {
 
 language_id_part() {
   local engine=(--max-model-len 4096) test=(--latency_requests "$LATENCY_REQUESTS")
-  local teacher_rows=()
-  if [ -n "$TEACHER_EVAL_ROWS" ]; then teacher_rows=(--max_samples "$TEACHER_EVAL_ROWS"); fi
+  local teacher_rows=() partial_teacher=()
+  # The teacher answers only the first TEACHER_EVAL_ROWS held-out rows; the students are scored on all of them, so
+  # their agreement with the teacher covers that subset (the report's n says how many): evaluate.py refuses a teacher
+  # file that misses scored rows unless told this share is enough.
+  if [ -n "$TEACHER_EVAL_ROWS" ]; then teacher_rows=(--max_samples "$TEACHER_EVAL_ROWS") partial_teacher=(--teacher_min_share 0); fi
   run_step language-id-teacher "teacher labels $TRAIN_ROWS language-ID training rows under the 2,300-token rule book" \
     "$PYTHON" create_data.py --model_name "$MODEL" --constrain_labels --split train --max_samples "$TRAIN_ROWS" \
       --max_tokens 8 --temperature 0.15 --max_in_flight 16 --output_file "$LANGUAGE_ID_DIR/teacher.jsonl" \
@@ -198,11 +201,11 @@ language_id_part() {
       "${test[@]}" --output_file "$LANGUAGE_ID_DIR/eval_teacher.json" "${engine[@]}"
   run_step language-id-eval-distilled "evaluate the distilled student without the prompt on the held-out rows" \
     "$PYTHON" evaluate.py --model_path models/demo-distilled --teacher_file "$LANGUAGE_ID_DIR/eval_teacher.json" \
-      "${test[@]}" --output_file "$LANGUAGE_ID_DIR/eval_distilled.json" "${engine[@]}"
+      "${partial_teacher[@]}" "${test[@]}" --output_file "$LANGUAGE_ID_DIR/eval_distilled.json" "${engine[@]}"
   if [ "$GOLD_STUDENT" = 1 ]; then
     run_step language-id-eval-gold "evaluate the gold-label student without the prompt on the held-out rows" \
       "$PYTHON" evaluate.py --model_path models/demo-gold --teacher_file "$LANGUAGE_ID_DIR/eval_teacher.json" \
-        "${test[@]}" --output_file "$LANGUAGE_ID_DIR/eval_gold.json" "${engine[@]}"
+        "${partial_teacher[@]}" "${test[@]}" --output_file "$LANGUAGE_ID_DIR/eval_gold.json" "${engine[@]}"
   fi
 }
 

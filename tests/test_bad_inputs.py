@@ -4,7 +4,8 @@ nothing was written or the earlier output is unchanged. docs/troubleshooting.md 
 
 No case loads a model it does not need: the ones refused before a model loads load none, stage 1's runs that must
 answer use the tiny model's tokenizer and a stand-in engine behind the real stream (distill.teacher.stream, so the rows
-are written as a real run writes them), and only the two runs that train nothing train the tiny model.
+are written as a real run writes them), and only the two runs that train nothing train the tiny model (marked slow,
+a second each).
 """
 
 import json
@@ -149,7 +150,7 @@ PROMPTS = {  # front matter and body, what the message must name after the file
     "broken_yaml": ('---\nlabels: [a, b\nanswer_format: "Final Answer: {label}"\nquery_template: "{query}"\n---\n'
                     'Classify.\n', ":3: not valid YAML"),  # PyYAML's line 2 of the front matter is the file's 3
     "regex_that_does_not_compile": ('---\ncheck: {regex: "(unclosed"}\n---\nAnswer.\n',
-                                    ": regex '(unclosed' does not compile"),
+                                    ":2: regex '(unclosed' does not compile"),
 }
 
 
@@ -437,6 +438,7 @@ def test_a_prompt_file_without_system_text_is_refused_by_stage_2b_or_noted(tiny_
 # ---- runs that trained nothing end failed ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_one_step_sft_run_inside_its_warm_up_ends_failed(tiny_model, work, teacher_rows):
     """recipes/cpu.yaml warms up over a tenth of the steps: one step is all warm-up, learning rate 0."""
     out = work / "warm-up-only"
@@ -446,6 +448,7 @@ def test_a_one_step_sft_run_inside_its_warm_up_ends_failed(tiny_model, work, tea
     assert record["status"] == "failed" and "LoRA B" in record["error"] and "distill_run.json says failed" in stderr
 
 
+@pytest.mark.slow
 def test_an_on_policy_run_of_zero_steps_ends_failed(tiny_model, work):
     """3 queries and a batch of 8: no optimizer step, the adapter untrained, and the run was `finished`."""
     queries = jsonl(work / "three.jsonl", [{"id": f"t{i}", "text": text, "group": "train-side"} for i, text in

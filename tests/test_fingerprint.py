@@ -441,8 +441,8 @@ def test_an_adapter_that_barely_moved_is_refused_before_the_engine_starts(tiny_m
 
     adapter = tmp_path / "barely"
     run_main("train_sft_trl.py", "--config", "recipes/cpu.yaml", "--model_name_or_path", tiny_model,
-             "--dataset_name", gold_teacher_file, "--output_dir", adapter, "--report_to", "none", "--max_steps", 1,
-             "--learning_rate", 1e-7)
+             "--dataset_name", gold_teacher_file, "--output_dir", adapter, "--report_to", "none", "--max_steps", 2,
+             "--learning_rate", 1e-7)  # step 1 is cpu.yaml's warm-up (lr 0: a run that trains nothing fails)
     record = json.loads((adapter / "distill_run.json").read_text())["fingerprint"]
     assert record["conclusive"] is False and record["adapter_effect"] < record["tolerance"] / 100
     with mock.patch("distill.engine.build_llm", side_effect=AssertionError("the engine started")):

@@ -56,7 +56,8 @@ from distill.records import InputError, RunRecord, query_id, read_queries
 from distill.run_files import RunFiles
 from distill.soft_targets import tokenizer_hash
 from distill.splits import select, split_of
-from distill.teacher import StreamStats, add_sampling_args, model_sampling_defaults
+from distill.sampling import EngineDefaultsError, add_sampling_args, model_sampling_defaults
+from distill.teacher import StreamStats
 
 
 def build_parser():
@@ -172,7 +173,7 @@ def main(argv=None):
     try:
         stats, stopped = (answer_queries(args, teacher, todo, len(rows), settings, files) if todo
                           else (StreamStats().summary(), None))
-    except stage1.EngineDefaultsError as error:
+    except EngineDefaultsError as error:
         sys.exit(f"error: {error}")
     record = stage1.finish(args, files, rows, len(rows) - len(todo), stats, stopped, prompt=prompt, queries=queries,
                            settings=settings, model_sampling_defaults=model_defaults, teacher=teacher, **tokenizer)

@@ -46,8 +46,9 @@ from distill.prompts import load_prompt
 from distill.records import InputError, RunRecord, read_queries
 from distill.run_files import RunFiles
 from distill.synthesis import DEFAULT_DIVERSITY, MAX_CHARS, MIN_CHARS, Plan, QueryWriter, spread, synthesise
-from distill.teacher import (SAMPLING_FLAGS, StopRequest, StreamStats, VllmEngine, add_sampling_args,
-                             model_sampling_defaults)
+from distill.sampling import (SAMPLING_FLAGS, EngineDefaultsError, add_sampling_args, engine_sampling,
+                              expected_sampling, model_sampling_defaults)
+from distill.teacher import StopRequest, StreamStats, VllmEngine
 
 ATTEMPTS_PER_QUERY = 4
 # A resumed run must ask the same model the same way for the same targets, else its output mixes two recipes.
@@ -135,7 +136,7 @@ def run_settings(args, prompt, plan, writer, model_defaults: dict) -> dict:
     """Provenance and what a resumed run must share: sampling as the engine will apply it (the model's defaults,
     then the user's flags), without starting the engine."""
     needed = REASONING_QUERY_MAX_TOKENS if writer.expects_reasoning else QUERY_MAX_TOKENS
-    sampling = stage1.expected_sampling(args, model_defaults, max_tokens(args.max_tokens, model_defaults, needed))
+    sampling = expected_sampling(args, model_defaults, max_tokens(args.max_tokens, model_defaults, needed))
     return {"model": args.model, "prompt_sha256": prompt.sha256, "seed": args.seed,
             "constrain_one_line": args.constrain_one_line,
             "target_field": plan.target_field,
@@ -197,8 +198,8 @@ def write_queries(args, writer, plan, index, files, settings, max_attempts):
         stage1.check_reasoning_parser("--constrain_one_line", args.constrain_one_line, writer.expects_reasoning, args)
         llm = engine.build_llm(args)
         constraint = writer.one_line_constraint() if args.constrain_one_line else None
-        params = stage1.engine_sampling(llm, args, settings, structured_outputs=constraint)
-    except (InputError, stage1.EngineDefaultsError) as error:
+        params = engine_sampling(llm, args, settings, structured_outputs=constraint)
+    except (InputError, EngineDefaultsError) as error:
         sys.exit(f"error: {error}")
     vllm_engine = VllmEngine(llm)
     stop, stats = StopRequest("create_queries"), StreamStats()

@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from distill import engine  # noqa: E402
 from distill.prompts import load_prompt  # noqa: E402
-from distill.teacher import StreamStats, Teacher, VllmEngine, sampling_params, stream  # noqa: E402
+from distill.sampling import sampling_params  # noqa: E402
+from distill.teacher import StreamStats, Teacher, VllmEngine, stream  # noqa: E402
 
 
 class TimedWriter:

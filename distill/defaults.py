@@ -21,7 +21,7 @@ STUDENT_MAX_TOKENS = {"label": 16, "generative": 64}
 
 def max_tokens(flag: int | None, model_defaults: dict, needed: int) -> int:
     """The one rule: --max_tokens when set; else the model's own max_new_tokens (`model_defaults`, from
-    distill.teacher.model_sampling_defaults) when the run samples with the model's defaults; else what the output
+    distill.sampling.model_sampling_defaults) when the run samples with the model's defaults; else what the output
     needs. Greedy evaluation passes no model defaults."""
     return flag or model_defaults.get("max_tokens") or needed
 

@@ -63,7 +63,7 @@ def judge_examples(args, prompt, examples: list[dict]) -> dict:
     from transformers import AutoTokenizer
 
     from distill.metrics import score_rules
-    from distill.teacher import sampling_params
+    from distill.sampling import sampling_params
 
     gc.collect()
     llm = engine.build_llm(args, model=args.judge_model)

@@ -231,7 +231,8 @@ def generate(llm, tokenizer, rows, prompt_ids, prompt, args, lora_request) -> Ge
     evaluation's one override of the model's sampling defaults. With --with_prompt the rows go through stage 1's
     teacher path (distill.teacher: same rendering, constraint and parsing, no redraws), so a query gets the label
     (or generative answer) create_data.py gives it at --temperature 0."""
-    from distill.teacher import Teacher, VllmEngine, effective_sampling, sampling_params
+    from distill.sampling import effective_sampling, sampling_params
+    from distill.teacher import Teacher, VllmEngine
 
     teacher = None
     if args.with_prompt:

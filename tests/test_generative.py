@@ -394,12 +394,12 @@ def test_evaluation_scores_a_cut_teacher_answer_as_written(generative_prompt):
 def test_the_task_stop_strings_reach_the_teachers_sampling():
     from argparse import Namespace
 
-    from distill.teacher import SAMPLING_FLAGS
+    from distill.sampling import SAMPLING_FLAGS, expected_sampling
 
     french = load_prompt(REPO / "prompts" / "answer_in_french.md")
     args = Namespace(**dict.fromkeys(SAMPLING_FLAGS), max_tokens=40, save_logprobs=None)
     llm = SimpleNamespace(get_default_sampling_params=SamplingParams)  # an engine's defaults, without the engine
-    settings = stage1.expected_sampling(args, {}, 40)
+    settings = expected_sampling(args, {}, 40)
     params = stage1.teacher_sampling(llm, args, Teacher(IndexTokenizer(), french, 4096), settings)
     assert params.stop == [". ", ".\n", "\n"] and params.include_stop_str_in_output and params.max_tokens == 40
     assert stage1.teacher_sampling(llm, args, Teacher(IndexTokenizer(), load_prompt(), 4096), settings).stop == []

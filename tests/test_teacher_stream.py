@@ -14,8 +14,8 @@ from distill import stage1
 from distill.defaults import TEACHER_MAX_TOKENS
 from distill.prompts import load_prompt
 from distill.records import output_paths, read_jsonl
-from distill.teacher import (StreamStats, Teacher, effective_sampling, model_sampling_defaults, sampling_params,
-                             stream)
+from distill.sampling import effective_sampling, model_sampling_defaults, sampling_params
+from distill.teacher import StreamStats, Teacher, stream
 from tests.conftest import EXAMPLE_DATA, REPO, run_main
 
 PROMPT = load_prompt()

@@ -166,7 +166,7 @@ def main(argv=None):
         sys.exit(f"error: {error}")
     tokenizer = {"teacher_tokenizer_sha256": tokenizer_hash(teacher.tokenizer), "logprobs_top_k": args.save_logprobs}
     # the student side from the start: stage 2 reads it even from a run that crashed
-    files.finish(status="running", settings=settings, model_sampling_defaults=model_defaults, **tokenizer,
+    files.mark_running(settings=settings, model_sampling_defaults=model_defaults, **tokenizer,
                  input_kind=queries.kind, student=prompt.student.to_dict())
 
     answer_queries = ray_stage.answer_queries if args.engine == "ray" else stage1.answer_queries

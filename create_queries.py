@@ -183,7 +183,7 @@ def main(argv=None):
     max_attempts = args.max_attempts or ATTEMPTS_PER_QUERY * missing
     print(f"create_queries: {sum(plan.quotas.values())} queries wanted over {len(plan.quotas)} target(s), "
           f"{len(kept)} kept by an earlier run, {missing} to go (at most {max_attempts} requests)")
-    files.finish(status="running", settings=settings)
+    files.mark_running(settings=settings)
 
     counts, stats, stopped = write_queries(args, writer, plan, index, files, settings, max_attempts)
     finish(args, files, settings, plan, counts, stats, stopped, len(kept))
@@ -224,7 +224,7 @@ def finish(args, files, settings, plan, counts, stats, stopped, resumed):
     else:
         status = "finished" if not missing else "budget_spent"
     totals = {"kept_total": len(files.written()), "rejected_total": len(files.rejected())}
-    files.finish(status=status, settings=settings, model=args.model, prompt_file=args.prompt_file, seed=args.seed,
+    files.write(status=status, settings=settings, model=args.model, prompt_file=args.prompt_file, seed=args.seed,
                  counts={"resumed": resumed, "requests_this_run": sum(counts.values()),
                          "by_reason_this_run": dict(counts), **totals},
                  missing={str(target): number for target, number in missing.items()}, stream=stats)

@@ -186,7 +186,7 @@ def main(argv=None):
             "student": None if args.with_prompt else prompt.student.to_dict(),
             "gold_field": args.label_field, "unknown_gold_labels_dropped": dict(dropped_labels),
             "teacher_file": args.teacher_file, **results, "examples": examples}
-    record.finish(output_file, **full)
+    record.write(output_file, **full)
     report.show(full, output_file, wandb=args.report_to == "wandb")
 
 
@@ -348,11 +348,11 @@ def generative_results(prompt, rows, prompt_ids, generation, teacher, tokenizer,
     prompt, a loop or off topic), the check's rate alone, chrF against the teacher's answers, lengths, failures
     and examples. Every answer is judged as written within --max_tokens; a cut one fails strictly and is kept."""
     from distill.checks import describe
-    from distill.metrics import judge_answers, score_generative, score_rules
+    from distill.metrics import strict_verdicts, score_generative, score_rules
 
     answers = [answer or "" for answer in generation.answers]
     teacher = teacher or [None] * len(rows)
-    judged = judge_answers(prompt, [row["text"] for row in rows], answers, generation.reasons, teacher)
+    judged = strict_verdicts(prompt, [row["text"] for row in rows], answers, generation.reasons, teacher)
     examples = []
     for row, answer, raw, ids, output_tokens, reference, verdict in zip(
             rows, answers, generation.raw, prompt_ids, generation.output_tokens, teacher, judged):

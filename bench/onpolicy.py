@@ -97,11 +97,11 @@ def figures(name: str, model_path, results: dict, teacher: dict, record: dict | 
 def rescored(results: dict, prompt) -> float:
     """The strict pass rate of a results file under today's rules (distill/checks.py), from its saved answers: files
     scored before a rule changed compare alike."""
-    from distill.metrics import judge_answers
+    from distill.metrics import strict_verdicts
 
     contract = ("cut_at_max_tokens", "empty_answer", "unclosed_reasoning")
     examples = results["examples"]
-    verdicts = judge_answers(prompt, [e["text"] for e in examples], [e["answer"] for e in examples],
+    verdicts = strict_verdicts(prompt, [e["text"] for e in examples], [e["answer"] for e in examples],
                              [e["reason"] if e["reason"] in contract else "ok" for e in examples],
                              [None] * len(examples))
     return sum(v["passed"] for v in verdicts) / len(examples)

@@ -1,4 +1,4 @@
-"""The defaults that more than one stage shares, each decided here once: the teacher model, how many tokens an
+"""The defaults that more than one stage shares, each decided here once: the teacher and student models, how many tokens an
 answer may take, the train / held-out split, and whether a run logs to wandb.
 """
 
@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 TEACHER_MODEL = "Qwen/Qwen3-30B-A3B-Thinking-2507"  # stage 1's teacher, stage 0's query writer
+STUDENT_MODEL = "Qwen/Qwen3-4B-Instruct-2507"  # stage 2's and stage 2b's student
 
 # The split training drops rows by and evaluation scores (distill/splits.py); a run record keeps the values used.
 HELDOUT_FRACTION = 0.2

@@ -97,7 +97,7 @@ def sentence_chrf(hypothesis: str, reference: str) -> float:
     return CHRF().sentence_score(hypothesis, [reference]).score
 
 
-def judge_answers(prompt, questions: list[str], answers: list[str], contract_reasons: list[str],
+def strict_verdicts(prompt, questions: list[str], answers: list[str], contract_reasons: list[str],
                   teacher_answers: list[str | None]) -> list[dict]:
     """Per answer: whether the prompt's check passes, why the answer is no answer ("ok" when it is one: the output's
     contract reason, e.g. cut_at_max_tokens, else distill/checks.py's echo / loop / off_topic), the strict verdict

@@ -4,7 +4,7 @@ resume, append and merge them only through this class, so they do it the same wa
 
     files = RunFiles(args.output_file, RunRecord("create_data", vars(args)), RESUME_KEYS, sidecar=True)
     written, rejected = files.resume(settings, overwrite=False)   # rows an earlier run of the same command finished
-    files.finish(status="running", settings=settings)             # the run record, written atomically
+    files.mark_running(settings=settings)                         # the run record, written atomically
     with files.appender() as append:
         append([{"row": ..., "sidecar": ...}, {"reject": ...}])  # one write and fsync per file, sidecar lines first
 
@@ -69,9 +69,12 @@ class RunFiles:
     def rejected(self) -> list[dict]:
         return read_jsonl(self.rejects) if self.rejects.exists() else []
 
-    def finish(self, **results) -> dict:
+    def write(self, **results) -> dict:
         """Writes the run record (how the run was started, and `results`); returns it."""
-        return self.run.finish(self.record_path, **results)
+        return self.run.write(self.record_path, **results)
+
+    def mark_running(self, **results) -> dict:
+        return self.run.mark_running(self.record_path, **results)
 
     def resume(self, settings: dict, overwrite: bool,
                input_sha256: Callable[[str], str | None] | None = None) -> tuple[list[dict], list[dict]]:
@@ -184,7 +187,7 @@ class RunFiles:
         # the student side from here.
         alike = {key: shard_records[0].get(key) for key in ("teacher_tokenizer_sha256", "input_kind", "student",
                                                               "system_merged_into_user")}
-        return self.finish(status="finished", settings=settings, merged_from=[str(path) for path in records], **alike,
+        return self.write(status="finished", settings=settings, merged_from=[str(path) for path in records], **alike,
                            logprobs_top_k=settings["save_logprobs"],
                            counts={"selected": len(rows), "written_total": len(written),
                                    "rejected_total": len(rejected)},

@@ -203,7 +203,7 @@ def finish(args, files, rows, resumed, stats, stopped, *, prompt, queries, teach
     selected = {row["id"] for row in rows}
     coverage = [] if stopped else shards.coverage_errors(
         rows, [row for row in written + rejected if query_id(row) in selected])
-    return files.finish(
+    return files.write(
         status="interrupted" if stopped else ("finished" if not coverage else "failed"),
         coverage_errors=coverage, **record, model=args.model, prompt_file=args.prompt_file,
         task="generative" if prompt.is_generative else "label", expects_reasoning=teacher.expects_reasoning,

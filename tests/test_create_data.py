@@ -101,7 +101,7 @@ def test_resume_state_unit(tmp_path):
     assert resumed_ids(files, _settings()) == set()
     out.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "mess', encoding="utf-8")
     rejects.write_text('{"id": "d", "reason": "too_long"}\n', encoding="utf-8")
-    RunRecord("create_data", {}).finish(record, status="running", settings=_settings())
+    RunRecord("create_data", {}).mark_running(record, settings=_settings())
     assert resumed_ids(files, _settings()) == {"a", "b", "d"}
     assert out.read_text() == '{"id": "a"}\n{"id": "b"}\n'  # the torn line is cut
     for change in ({"temperature": 0.7}, {"top_k": 40}, {"model": "other"}, {"prompt_sha256": "def"},
@@ -118,7 +118,7 @@ def _shard_files(tmp_path, rows, count, settings=None):
         out, rejects, record = paths(tmp_path / f"shard-{i}-of-{count}.jsonl")
         out.write_text("".join(json.dumps({"id": r["id"], "teacher": {"label": "en"}}) + "\n" for r in part[1:]))
         rejects.write_text("".join(json.dumps({"id": r["id"], "reason": "no_answer_line"}) + "\n" for r in part[:1]))
-        RunRecord("create_data", {}).finish(record, status="finished", counts={"selected": len(part)},
+        RunRecord("create_data", {}).write(record, status="finished", counts={"selected": len(part)},
                                             settings=settings or _settings(), generation_seconds=1.5 + i)
     return str(tmp_path / f"shard-*-of-{count}.jsonl")
 

@@ -12,7 +12,7 @@ from vllm import SamplingParams
 import create_data
 from distill import stage1
 from distill.answers import parse_generative
-from distill.metrics import judge_answers, score_generative, sentence_chrf
+from distill.metrics import strict_verdicts, score_generative, sentence_chrf
 from distill.prompts import load_prompt
 from distill.records import output_paths, read_jsonl
 from distill.teacher import Teacher, stream
@@ -175,7 +175,7 @@ def test_strict_pass_rate_check_rate_and_chrf_on_known_answers():
                "Le réponds en français, en une phrase courte."]
     reasons = ["ok", "ok", "empty_answer", "cut_at_max_tokens", "ok"]
     teachers = ["Le chat dort sur le lit.", "Le chat dort.", None, None, None]
-    judged = judge_answers(prompt, questions, answers, reasons, teachers)
+    judged = strict_verdicts(prompt, questions, answers, reasons, teachers)
     expected = [CHRF().sentence_score(answers[0], [teachers[0]]).score,
                 CHRF().sentence_score(answers[1], [teachers[1]]).score]
     assert 0 < expected[1] < expected[0] < 100  # a closer answer scores higher

@@ -538,7 +538,7 @@ def build_opd_trainer(model, prompt_file, output_dir, *extra, prompt=None):
     """Stage 2b's trainer as train_opd_trl.main builds it, in this process (no training yet)."""
     import train_opd_trl
     from distill import opd_setup
-    from distill.student import lora_config
+    from distill.trainer_setup import lora_config
 
     script_args, training_args, model_args = train_opd_trl.parse_args([
         "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", str(model), "--prompt_file", str(prompt_file),

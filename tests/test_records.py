@@ -216,7 +216,7 @@ def test_write_json_is_atomic_and_leaves_no_temp(tmp_path):
 
 def test_run_record(tmp_path):
     record = RunRecord("stage", {"x": 1})
-    result = record.finish(tmp_path / "run.json", status="finished", counts={"n": 3})
+    result = record.write(tmp_path / "run.json", status="finished", counts={"n": 3})
     saved = json.loads((tmp_path / "run.json").read_text())
     assert saved == result
     assert saved["stage"] == "stage" and saved["args"] == {"x": 1} and saved["counts"] == {"n": 3}

@@ -58,7 +58,7 @@ def write_run_record(model_dir, heldout_fraction=0.2, split_seed=0):
     from train_sft_trl import RUN_RECORD, DistillArguments
 
     script = asdict(DistillArguments(heldout_fraction=heldout_fraction, split_seed=split_seed))
-    RunRecord("train_sft_trl", {"script": script, "model": {}, "training": {}}).finish(
+    RunRecord("train_sft_trl", {"script": script, "model": {}, "training": {}}).write(
         model_dir / RUN_RECORD, status="finished", counts={})
 
 

@@ -121,13 +121,13 @@ def finish_record(record, record_path, report, result, trainer, model_args, save
         saved = check_adapter(out, saved_tensors) if model_args.use_peft else {"model_files": sorted(
             path.name for path in out.glob("*.safetensors"))}
     except RuntimeError as error:
-        record.finish(record_path, status="failed", error=str(error), **report, **history)
+        record.write(record_path, status="failed", error=str(error), **report, **history)
         sys.exit(f"error: training ran but the adapter is not usable: {error}")
     untrained = untrained_reason(out if model_args.use_peft else None, trainer.state, report.get("init_adapter"))
     if untrained:
-        record.finish(record_path, status="failed", error=untrained, saved=saved, **report, **history)
+        record.write(record_path, status="failed", error=untrained, saved=saved, **report, **history)
         sys.exit(f"error: the run trained nothing: {untrained}. {out}/{RUN_RECORD} says failed")
-    record.finish(record_path, status="finished", saved=saved, **report, **history)
+    record.write(record_path, status="finished", saved=saved, **report, **history)
     print(f"train: done, loss {result.metrics.get('train_loss'):.4f}, "
           f"{result.metrics.get('train_runtime'):.1f} s -> {out} ({saved})")
 

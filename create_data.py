@@ -99,7 +99,6 @@ def build_parser():
                              "(label tasks only)")
     parser.add_argument("--max-in-flight", type=int,
                         help="requests kept in the engine at once (unset: the engine's --max-num-seqs)")
-    parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)  # removed; kept to explain why
     parser.add_argument("--keep-rule-failures", action="store_true",
                         help="keep a generative answer that breaks one of the prompt file's verifiable rules (its "
                              "row's teacher.broken_rules names them) instead of rejecting it (reason rule:<id>)")
@@ -127,9 +126,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     # The first N rows of an input can all be held out (the first 16 of example-data/language_id.jsonl are), and
     # training drops those: a sample for training comes from the train side unless --split says otherwise.
     args.split = args.split or ("train" if args.max_samples else "all")
-    if args.batch_size is not None:
-        parser.error("--batch_size was removed: stage 1 streams queries through the engine and writes each row as "
-                     "it finishes; use --max_in_flight to bound the requests in the engine")
     if not 0 <= args.shard_index < args.num_shards:
         parser.error(f"--shard_index must be in [0, {args.num_shards})")
     if min(args.num_samples, args.max_in_flight or 1, args.save_logprobs or 1) < 1 or args.max_retries < 0:

@@ -26,7 +26,56 @@ from pathlib import Path
 from distill.records import (InputError, RunRecord, append_jsonl, output_paths, query_id, read_jsonl,
                              repair_torn_tail)
 from distill.shards import coverage_errors
-from distill.soft_targets import SIDECAR_SUFFIX, read_sidecar, sidecar_path, sync_sidecar
+
+
+# ---- the KD sidecar: one line per written row (its content: distill/soft_targets.py) ---------------------------
+#
+# A row and its sidecar line are one unit: the sidecar line is written (and fsynced) first, so a crash leaves at worst
+# a sidecar line without its row; on resume `sync_sidecar` keeps only ids present in both files, so such a query (or
+# a row whose sidecar line is missing) is asked again.
+
+SIDECAR_SUFFIX = ".logprobs.jsonl"
+
+
+def sidecar_path(output: str | Path) -> Path:
+    stem = Path(output).with_suffix("")
+    return stem.with_name(stem.name + SIDECAR_SUFFIX)
+
+
+def sync_sidecar(out: Path, sidecar: Path) -> dict:
+    """After a crash: cut torn tails, then keep in both files only the ids present in both (the last sidecar line of
+    an id wins), rewriting a file only if it changes. Returns what was dropped, for the log."""
+    repair_torn_tail(sidecar)
+    rows = read_jsonl(out) if out.exists() else []
+    lines = {line["id"]: line for line in (read_jsonl(sidecar) if sidecar.exists() else [])}
+    row_ids = {row["id"] for row in rows}
+    dropped = {"rows_without_sidecar": [row["id"] for row in rows if row["id"] not in lines],
+               "sidecar_without_row": [line_id for line_id in lines if line_id not in row_ids]}
+    kept_rows = [row for row in rows if row["id"] in lines]
+    kept_lines = [lines[row["id"]] for row in kept_rows]
+    if len(kept_rows) != len(rows):
+        _rewrite(out, kept_rows)
+    if not sidecar.exists() or kept_lines != read_jsonl(sidecar):
+        _rewrite(sidecar, kept_lines)
+    return dropped
+
+
+def _rewrite(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        append_jsonl(handle, rows)
+    tmp.replace(path)
+
+
+def read_sidecar(path: Path) -> dict[str, dict]:
+    lines = {}
+    for number, line in enumerate(read_jsonl(path), start=1):
+        if not isinstance(line, dict) or "id" not in line or "top_ids" not in line:
+            raise InputError(f"{path}:{number}: not a sidecar line (needs id, answer_token_ids, top_ids, "
+                             "top_logprobs)")
+        lines[line["id"]] = line
+    return lines
+
 
 
 def cut_partial_query(path: Path) -> tuple[str, int, int] | None:

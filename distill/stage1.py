@@ -43,9 +43,8 @@ def run_settings(args, prompt_sha256: str, model_defaults: dict) -> dict:
     sampling = expected_sampling(args, model_defaults, max_tokens)
     return {"model": args.model, "prompt_sha256": prompt_sha256, "num_samples": args.num_samples,
             "constrain_labels": args.constrain_labels, **sampling, "save_logprobs": args.save_logprobs,
-            # None for --keep vote: a run record from before the flag (no "keep") resumes as one
-            "keep": "all" if args.keep == "all" else None,
-            "keep_rule_failures": args.keep_rule_failures or None}  # the same for a record from before rules
+            "keep": args.keep,
+            "keep_rule_failures": args.keep_rule_failures}
 
 
 def teacher_sampling(llm, args, teacher: Teacher, settings: dict):

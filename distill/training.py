@@ -101,7 +101,7 @@ def kl_from_top_k(student_logits, target_ids, target_logprobs, temperature: floa
     """KL(teacher || student) per position, [..., vocab] logits against [..., K] teacher ids and log-probabilities:
     the teacher renormalised over its top K at temperature T (padding slots of NO_MASS get exactly 0), the student
     softmax(logits / T) over its whole vocabulary. Training (kd_loss) and the held-out measure
-    (distill.soft_targets.heldout_kl) share it, so the bench measures the quantity KD minimises."""
+    (bench/measures.py heldout_kl) share it, so the bench measures the quantity KD minimises."""
     import torch.nn.functional as F
 
     teacher_log_p = F.log_softmax(target_logprobs.float() / temperature, dim=-1)

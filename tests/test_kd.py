@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from distill.records import InputError
-from distill.soft_targets import (NO_MASS, TeacherTargets, check_tokenizer, sidecar_path, sync_sidecar,
-                                  tokenizer_hash)
-from distill.training import TeacherTargetCollator, kd_loss
+from distill.run_files import sidecar_path, sync_sidecar
+from distill.soft_targets import TeacherTargets, check_tokenizer, tokenizer_hash
+from distill.training import NO_MASS, TeacherTargetCollator, kd_loss
 from tests.conftest import run_main
 from tests.test_create_data import MAX_LEN, complete_rows, example_subset, paths
 from tests.test_train import build, train_args
@@ -273,7 +273,7 @@ def test_merge_shards_merges_sidecars_and_refuses_a_missing_line(tmp_path):
 def test_heldout_kl_is_zero_on_the_students_own_distribution_and_minus_log_q_for_a_sure_teacher(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.soft_targets import heldout_kl
+    from bench.measures import heldout_kl
     from distill.render import student_example
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)

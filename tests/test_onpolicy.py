@@ -451,7 +451,7 @@ def test_held_out_kl_and_drift_measure_what_they_say(tiny):
     itself and positive once the student's weights move."""
     import dataclasses
 
-    from distill.onpolicy import answer_ids, drift_from_base, kl_to_teacher
+    from bench.measures import answer_ids, drift_from_base, kl_to_teacher
     from distill.prompts import StudentSide
 
     model, tokenizer = tiny

@@ -233,7 +233,7 @@ def test_stage_1_rejects_an_answer_that_breaks_a_rule_and_counts_each_rule(tiny_
         assert record["counts"]["rules_broken"] == {"rejected": {"check": 1, "short": 1, "no_exclamation": 2},
                                                     "kept": {}}
         assert "no_exclamation: 2 rejected, check: 1 rejected, short: 1 rejected" in printed
-    assert record["settings"]["keep_rule_failures"] is (True if keep else None)
+    assert record["settings"]["keep_rule_failures"] is keep
 
 
 # ---- stage 3: per-rule pass rates, transfer, lost and gained ---------------------------------------------------

@@ -244,12 +244,6 @@ def test_resume_settings_hold_the_effective_values(tmp_path):
     assert set(stage1.RESUME_KEYS) <= set(settings)
 
 
-def test_batch_size_is_refused_with_its_replacement(capsys):
-    with pytest.raises(SystemExit):
-        create_data.parse_args(["--batch_size", "8"])
-    assert "--batch_size was removed" in capsys.readouterr().err
-
-
 # ---- slow: one teacher path for stage 1 and evaluate.py --with_prompt ------------------------------------------
 
 

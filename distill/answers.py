@@ -1,4 +1,6 @@
-"""A model's output -> its answer (a label task's label, or a generative task's whole final answer), or the reason it
+"""Owns a model's output -> its answer or the reason it has none; must not judge an answer's quality (checks.py, rules.py).
+
+A model's output -> its answer (a label task's label, or a generative task's whole final answer), or the reason it
 has none.
 Strict by design: no answer is ever read out of the reasoning, and an answer that breaks the contract is a counted
 failure, never a guess.

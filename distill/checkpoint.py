@@ -1,4 +1,6 @@
-"""Saving the trained adapter from one process or many, and proving it is usable before a run says `finished`.
+"""Owns saving the trained adapter and proving it usable; must not decide a run's status (trainer_setup.py does).
+
+Saving the trained adapter from one process or many, and proving it is usable before a run says `finished`.
 
 Under FSDP every LoRA tensor is sharded across processes; transformers' `Trainer.save_model` writes nothing unless
 the FSDP state dict type is FULL_STATE_DICT, and then it gathers the whole frozen base (~60 GB for the 30B student)

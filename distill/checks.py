@@ -1,4 +1,6 @@
-"""How a free-form (generative) answer is judged: the `check` a prompt file declares instead of a label set.
+"""Owns strict scoring (the prompt's check, echo, loop, off topic); must not know a rule (rules.py) or a model.
+
+How a free-form (generative) answer is judged: the `check` a prompt file declares instead of a label set.
 
 A check is a mapping with exactly one kind:
 

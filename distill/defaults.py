@@ -1,4 +1,6 @@
-"""The defaults that more than one stage shares, each decided here once: the teacher and student models, how many tokens an
+"""Owns every default shared by more than one stage, decided once; must not hold a stage's own defaults.
+
+The defaults that more than one stage shares, each decided here once: the teacher and student models, how many tokens an
 answer may take, the train / held-out split, and whether a run logs to wandb.
 """
 

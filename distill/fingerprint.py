@@ -1,4 +1,6 @@
-"""The trained student's fingerprint: what evaluate.py proves about the model it serves before it scores anything.
+"""Owns the trained student's fingerprint, written at training and checked at serving; must not train or score.
+
+The trained student's fingerprint: what evaluate.py proves about the model it serves before it scores anything.
 
 At the end of training (stages 2 and 2b) the trained model, still in memory, writes <output_dir>/fingerprint.json
 (docs/fingerprint.md). Its probes are --fingerprint_probes (default 8) training queries, each with the student's own

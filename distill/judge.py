@@ -1,4 +1,6 @@
-"""A judge model grades generative answers: does each one respond to its question and follow the prompt's rules?
+"""Owns a judge model's yes/no verdicts on generative answers; must not score by rules (rules.py, checks.py).
+
+A judge model grades generative answers: does each one respond to its question and follow the prompt's rules?
 
     verdicts = judge_answers(llm, tokenizer, task_prompt, questions, answers, params)   # [True, False, None, ...]
 

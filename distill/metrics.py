@@ -1,4 +1,6 @@
-"""Accuracy against gold, agreement with the teacher, the confusion matrix and the baselines, computed one way
+"""Owns the numbers of an evaluation (accuracy, agreement, strict and per-rule rates, cost); must not print or log.
+
+Accuracy against gold, agreement with the teacher, the confusion matrix and the baselines, computed one way
 for every evaluation. A prediction of None (the output broke the answer contract) is counted as 'unparsed':
 it stays in the denominator and gets its own confusion-matrix column.
 """

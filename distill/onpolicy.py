@@ -1,4 +1,6 @@
-"""On-policy prompt distillation (stage 2b): the student samples an answer without the prompt, and a teacher that
+"""Owns stage 2b's prompted teacher inside TRL's trainers and its runtime checks; must not parse flags or load files.
+
+On-policy prompt distillation (stage 2b): the student samples an answer without the prompt, and a teacher that
 reads the prompt scores every sampled token; the loss is TRL's generalized JSD on those tokens (beta 1: reverse KL).
 
 TRL's DistillationTrainer gives the teacher the student's own input. Here the teacher's input is the prompt file's

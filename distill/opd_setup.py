@@ -1,4 +1,6 @@
-"""Stage 2b's inputs and checks, all before any weights load, and the trainer they assemble (train_opd_trl.py).
+"""Owns stage 2b's inputs, checks and trainer before any weights load; must not parse flags or write run files.
+
+Stage 2b's inputs and checks, all before any weights load, and the trainer they assemble (train_opd_trl.py).
 
     prompt = task_prompt("prompts/in_short.md")                      # a bad prompt file fails here
     check_settings(script_args, training_args, model_args)           # settings that would skip our teacher

@@ -1,4 +1,6 @@
-"""A memory plan for training a student, computed from its config on the meta device before any weight loads.
+"""Owns the memory plan of a training run, from configs on the meta device; must not load weights.
+
+A memory plan for training a student, computed from its config on the meta device before any weight loads.
 
     plan = memory_plan(AutoConfig.from_pretrained(path), peft_config, num_gpus=8, sharded=True)
     print(plan.format())

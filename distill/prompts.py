@@ -1,4 +1,6 @@
-"""A task prompt file -> its text, label set, answer contract and the student's side; it renders nothing (render.py).
+"""Owns a prompt file -> its task, rules and student side; must not render a model input (render.py).
+
+A task prompt file -> its text, label set, answer contract and the student's side; it renders nothing (render.py).
 
 A prompt file is Markdown with YAML front matter declaring the task, so another task needs a new file, not code:
 

@@ -1,4 +1,6 @@
-"""Query input (text, JSONL, CSV, parquet/arrow, datasets; texts or conversations), crash-safe JSONL output, ids and
+"""Owns reading query inputs, JSONL writes and run records; must not know what a stage does with them.
+
+Query input (text, JSONL, CSV, parquet/arrow, datasets; texts or conversations), crash-safe JSONL output, ids and
 run records.
 
 Every stage reads and writes through here so bad input fails the same way everywhere: an InputError naming the

@@ -1,4 +1,6 @@
-"""How evaluate.py shows its results: a line per example as they are scored, the console report (accuracy beside the
+"""Owns how evaluation's results are printed, drawn and logged; must not compute a metric (metrics.py).
+
+How evaluate.py shows its results: a line per example as they are scored, the console report (accuracy beside the
 baselines and the confusion matrix, or a generative task's pass rates), the confusion-matrix PNG, and the wandb eval
 run. The numbers themselves come from distill/metrics.py and are saved in the results JSON before any of this runs.
 

@@ -1,4 +1,6 @@
-"""One run's files, side by side: the output JSONL, its rejects file, the logprobs sidecar (create_data.py
+"""Owns one run's files (output, rejects, sidecar, record): resume, append, merge; must not render or call a model.
+
+One run's files, side by side: the output JSONL, its rejects file, the logprobs sidecar (create_data.py
 --save_logprobs) and the run record. Stage 0 and stage 1 (create_queries.py, create_data.py and its Ray driver)
 resume, append and merge them only through this class, so they do it the same way.
 

@@ -1,4 +1,6 @@
-"""Sampling parameters: the model's defaults (its generation_config, as vLLM reads it) with only the flags a user set on
+"""Owns sampling parameters (the model's defaults, then the user's flags); must not start an engine.
+
+Sampling parameters: the model's defaults (its generation_config, as vLLM reads it) with only the flags a user set on
 top; the one place every stage that generates (stages 0, 1, 3, the judge) takes them from. It must not start an engine:
 a resumed run's settings are known, and checked, before any model loads.
 

@@ -1,4 +1,6 @@
-"""How evaluate.py serves the model it scores, what it checks about it before the engine starts, and the served
+"""Owns how evaluation serves the model it scores (LoRA or merged) and what it checks first; must not score.
+
+How evaluate.py serves the model it scores, what it checks about it before the engine starts, and the served
 model's answers.
 
 A full model is served as is. A LoRA adapter is served through vLLM's LoRA support on GPU, with max_lora_rank

@@ -1,4 +1,6 @@
-"""Stage 2's inputs and trainer, before and without any weights (train_sft_trl.py): the stage-1 rows of the train side,
+"""Owns stage 2's inputs and trainer before any weights load; must not parse flags or write run files.
+
+Stage 2's inputs and trainer, before and without any weights (train_sft_trl.py): the stage-1 rows of the train side,
 tokenized with the completion mask (and the teacher's targets for KD), the micro-batch sized from them, and TRL's
 SFTTrainer (or its KD subclass) over them. It must not parse flags or write run files: the stage script does.
 

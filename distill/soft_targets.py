@@ -1,4 +1,6 @@
-"""Soft targets: what stage 1 keeps of the teacher's distribution (`--save_logprobs K`) and how stage 2 turns it
+"""Owns the teacher's soft targets (a sidecar line's content, stage 2's KD targets); must not handle their files.
+
+Soft targets: what stage 1 keeps of the teacher's distribution (`--save_logprobs K`) and how stage 2 turns it
 into per-token targets for the KD loss (`--distill_loss kd|kd+ce`).
 
 Stage 1 writes `<output>.logprobs.jsonl` beside the chat JSONL, one line per written row, keyed by id:

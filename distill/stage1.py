@@ -1,4 +1,6 @@
-"""Stage 1's teacher, from the flags to the records a final answer adds to the run's files: built the same way by
+"""Owns stage 1 from its flags to the records an answer adds; must not parse flags or print usage (create_data.py).
+
+Stage 1's teacher, from the flags to the records a final answer adds to the run's files: built the same way by
 create_data.py's own engine (`answer_queries`) and by every Ray replica (distill/ray_stage.py); create_queries.py
 shares the tokenizer step (and distill/sampling.py's sampling).
 

@@ -1,4 +1,6 @@
-"""The side-by-side tables `make demo` ends with, from evaluate.py results files.
+"""Owns the tables `make demo` ends with, from results files; must not compute a score (metrics.py).
+
+The side-by-side tables `make demo` ends with, from evaluate.py results files.
 
 The kind of task is read from the results (a generative task's results say "task": "generative"):
 

@@ -1,4 +1,6 @@
-"""The one teacher path that stage 1 and `evaluate.py --with_prompt` share: render a query with the long prompt,
+"""Owns the teacher's contract (constraint, parsing) and the stream through vLLM; must not choose sampling.
+
+The one teacher path that stage 1 and `evaluate.py --with_prompt` share: render a query with the long prompt,
 constrain and parse the answer (sampling parameters are distill/sampling.py's), and stream requests through vLLM so each query's answer is handed back the moment its last sample finishes.
 
     teacher = Teacher(tokenizer, prompt, max_model_len, constrain_labels=True)

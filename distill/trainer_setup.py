@@ -1,4 +1,6 @@
-"""What the two student-training stages share (train_sft_trl.py, train_opd_trl.py): parsing a recipe and the flags,
+"""Owns what stages 2 and 2b share (recipe, LoRA, output dir, plan, the record's end); must not build data.
+
+What the two student-training stages share (train_sft_trl.py, train_opd_trl.py): parsing a recipe and the flags,
 the LoRA config with an MoE router kept out, the output-dir policy, the memory plan, the run record's last word and
 the wandb config."""
 

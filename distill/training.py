@@ -1,4 +1,6 @@
-"""Stage-1 chat JSONL -> token ids with a completion mask: the loss covers the answer and the end-of-turn token,
+"""Owns stage 2's tokenized rows, batch arithmetic and the KD loss; must not read files or parse flags.
+
+Stage-1 chat JSONL -> token ids with a completion mask: the loss covers the answer and the end-of-turn token,
 nothing of the user's text or the template around it. A conversation's row trains on its last assistant turn (the
 teacher's new answer); the turns before it, earlier assistant turns included, are the student's prompt, rendered
 with the student's own side of the prompt file (stored in the stage-1 run record beside the file).

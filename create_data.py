@@ -54,9 +54,9 @@ from distill.input_checks import positive_int
 from distill.prompts import DEFAULT_PROMPT, load_prompt
 from distill.records import InputError, RunRecord, query_id, read_queries
 from distill.run_files import RunFiles
+from distill.sampling import EngineDefaultsError, add_sampling_args, model_sampling_defaults
 from distill.soft_targets import tokenizer_hash
 from distill.splits import select, split_of
-from distill.sampling import EngineDefaultsError, add_sampling_args, model_sampling_defaults
 from distill.teacher import StreamStats
 
 
@@ -79,7 +79,8 @@ def build_parser():
     parser.add_argument("--model-name", dest="model", default=TEACHER_MODEL, help="teacher model (hub name or path)")
     parser.add_argument("--max-tokens", type=int,
                         help=f"per answer, reasoning included (unset: the model's, else {TEACHER_MAX_TOKENS})")
-    parser.add_argument("--max-retries", type=int, default=3, help="fresh samples for an answer that breaks the contract")
+    parser.add_argument("--max-retries", type=int, default=3,
+                        help="fresh samples for an answer that breaks the contract")
     parser.add_argument("--num-samples", type=int, default=1,
                         help="answers per query; the label is their majority (a generative task keeps the first "
                              "valid answer: free texts are not voted on; --keep all keeps each)")
@@ -156,7 +157,8 @@ def main(argv=None):
           f"{len(rows) - len(todo)} done by an earlier run, {len(todo)} to go")
 
     try:
-        if args.engine == "ray" and todo:  # a cluster unreachable or too small fails now, before the record says running
+        # a Ray cluster unreachable or too small fails now, before the record says running
+        if args.engine == "ray" and todo:
             ray_stage.connect(args)
     except (InputError, ray_stage.ClusterError) as error:
         sys.exit(f"error: {error}")

@@ -45,9 +45,15 @@ from distill.defaults import QUERY_MAX_TOKENS, REASONING_QUERY_MAX_TOKENS, TEACH
 from distill.prompts import load_prompt
 from distill.records import InputError, RunRecord, read_queries
 from distill.run_files import RunFiles
+from distill.sampling import (
+    SAMPLING_FLAGS,
+    EngineDefaultsError,
+    add_sampling_args,
+    engine_sampling,
+    expected_sampling,
+    model_sampling_defaults,
+)
 from distill.synthesis import DEFAULT_DIVERSITY, MAX_CHARS, MIN_CHARS, Plan, QueryWriter, spread, synthesise
-from distill.sampling import (SAMPLING_FLAGS, EngineDefaultsError, add_sampling_args, engine_sampling,
-                              expected_sampling, model_sampling_defaults)
 from distill.teacher import StopRequest, StreamStats, VllmEngine
 
 ATTEMPTS_PER_QUERY = 4
@@ -82,8 +88,9 @@ def build_parser():
                              "to --max_chars characters")
     parser.add_argument("--max-attempts", type=int, help=f"requests this run may make (unset: "
                                                          f"{ATTEMPTS_PER_QUERY} per missing query)")
-    parser.add_argument("--max-tokens", type=int, help=f"per request (unset: the model's, else "
-                                                       f"{QUERY_MAX_TOKENS}; {REASONING_QUERY_MAX_TOKENS} if it reasons)")
+    parser.add_argument("--max-tokens", type=int,
+                        help=f"per request (unset: the model's, else {QUERY_MAX_TOKENS}; "
+                             f"{REASONING_QUERY_MAX_TOKENS} if it reasons)")
     parser.add_argument("--max-in-flight", type=int, help="requests in the engine at once (unset: --max-num-seqs)")
     parser.add_argument("--overwrite", action="store_true", help="delete the previous output and start over")
     add_sampling_args(parser)

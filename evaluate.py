@@ -55,8 +55,8 @@ from distill.input_checks import positive_int
 from distill.judge import judge_examples
 from distill.metrics import cost, cost_ratio
 from distill.prompts import BARE_STUDENT, DEFAULT_PROMPT, load_prompt
-from distill.render import merges_system, query_of, student_ids, student_messages, teacher_ids, teacher_messages
 from distill.records import InputError, RunRecord, load_teacher_answers, query_fields, read_queries
+from distill.render import merges_system, query_of, student_ids, student_messages, teacher_ids, teacher_messages
 from distill.splits import HELDOUT_FRACTION, SPLIT_SEED, select
 
 
@@ -348,7 +348,7 @@ def generative_results(prompt, rows, prompt_ids, generation, teacher_answers, to
     prompt, a loop or off topic), the check's rate alone, chrF against the teacher's answers, lengths, failures
     and examples. Every answer is judged as written within --max_tokens; a cut one fails strictly and is kept."""
     from distill.checks import describe
-    from distill.metrics import strict_verdicts, score_generative, score_rules
+    from distill.metrics import score_generative, score_rules, strict_verdicts
 
     answers = [answer or "" for answer in generation.answers]
     teacher_answers = teacher_answers or [None] * len(rows)

@@ -12,9 +12,9 @@ two on those tokens (--beta 1, the default: reverse KL, the student's own mistak
 Teachers: the student's own base with the adapter disabled (the default; one model in memory), another model in this
 process (--teacher_model_name_or_path; its tokenizer must be the student's, checked before any weights load), or a
 vLLM server (--teacher_server_url; `python -m distill.teacher_server MODEL --max-logprobs 1` scores with prompt_logprobs
-and reads the prompt from its prefix cache, `vllm serve` recomputes it per request; reachability is
-checked first; the teacher's input is rendered with its own tokenizer and chat template, --teacher_tokenizer_name_or_path
-or the model the server serves). The teacher sees the prompt file's system prompt, example turns and query template
+and reads the prompt from its prefix cache, `vllm serve` recomputes it per request; reachability is checked first; the
+teacher's input is rendered with its own tokenizer and chat template, --teacher_tokenizer_name_or_path or the model the
+server serves). The teacher sees the prompt file's system prompt, example turns and query template
 (distill/render.py), in the final-answer state the student writes in (a thinking teacher gets an empty think block, a
 hybrid Qwen3 one enable_thinking=False: it scores a final answer, not the start of a thought). An in-process teacher
 computes the prompt's KV cache once per run (--prompt_cache) and runs in eval mode, so TRL's default gradient
@@ -45,7 +45,6 @@ from distill.opd_setup import probe_server_in
 from distill.prompts import DEFAULT_PROMPT
 from distill.records import TRAIN_RUN_RECORD as RUN_RECORD
 from distill.records import InputError, RunRecord
-
 
 
 @dataclass

@@ -47,8 +47,14 @@ from distill.defaults import STUDENT_MODEL, StudentRunArguments, wandb_enabled
 from distill.engine import on_gpu
 from distill.records import TRAIN_RUN_RECORD as RUN_RECORD
 from distill.records import InputError, RunRecord
-from distill.trainer_setup import WandbConfigCallback, finish_record, lora_config, parse_recipe, plan_memory, stop_or_clear
-
+from distill.trainer_setup import (
+    WandbConfigCallback,
+    finish_record,
+    lora_config,
+    parse_recipe,
+    plan_memory,
+    stop_or_clear,
+)
 
 
 @dataclass
@@ -164,13 +170,14 @@ def main(argv=None):
     if processes.is_main_process:
         print(f"train: {counts['rows_used']} rows ({counts['heldout_rows_dropped']} held-out rows dropped) of "
               f"{script_args.dataset_name}; model {model_args.model_name_or_path} ({model_args.dtype}), "
-              f"{'LoRA r%d alpha%d' % (model_args.lora_r, model_args.lora_alpha) if model_args.use_peft else 'full'}; "
+              f"{f'LoRA r{model_args.lora_r} alpha{model_args.lora_alpha}' if model_args.use_peft else 'full'}; "
               f"batch {batch['global_batch']} = {batch['micro_batch']} rows x {batch['gradient_accumulation_steps']} "
               f"steps x {batch['world_size']} processes; run {training_args.run_name} -> {training_args.output_dir}")
         if "distillation" in counts:
             kd = counts["distillation"]
             print(f"train: --distill_loss {kd['loss']} from {kd['source']} (T {kd['temperature']}, alpha "
-                  f"{kd['alpha']}): {kd['rows_distilled']} rows distilled, {kd['rows_ce_fallback']} on CE (their answer "
+                  f"{kd['alpha']}): {kd['rows_distilled']} rows distilled, {kd['rows_ce_fallback']} on CE "
+                  f"(their answer "
                   "tokens differ from the teacher's, or they have no targets)")
         record.mark_running(record_path, **report)
     if "wandb" in trainer.args.report_to:

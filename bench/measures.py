@@ -11,7 +11,6 @@ from distill.prompts import BARE_STUDENT, StudentSide, TaskPrompt
 from distill.soft_targets import TeacherTargets, row_targets
 from distill.training import NO_MASS, kl_from_top_k, query_and_answer
 
-
 # ---- on-policy: the student against the prompted teacher, and its drift from the base ---------------------------
 
 

@@ -9,7 +9,6 @@ Prints real (non-pad) tokens/s for both and the ratio. Runs stage 2's CLI, as us
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent

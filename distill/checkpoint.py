@@ -67,7 +67,8 @@ def check_adapter(output_dir: str | Path, expected_tensors: int) -> dict:
         raise RuntimeError(f"{weights_path}: non-finite values in {', '.join(broken[:3])}")
     return {"adapter_tensors": len(weights), "adapter_parameters": sum(t.numel() for t in weights.values()),
             "peft_type": str(config.peft_type), "adapter_bytes": weights_path.stat().st_size,
-            "max_abs_lora_b": max((t.abs().max().item() for n, t in weights.items() if "lora_B" in n), default=math.nan)}
+            "max_abs_lora_b": max((t.abs().max().item() for n, t in weights.items() if "lora_B" in n),
+                                  default=math.nan)}
 
 
 def untrained_reason(adapter_dir: str | Path | None, state, init_adapter: str | None = None) -> str | None:

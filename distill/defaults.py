@@ -45,7 +45,8 @@ class StudentRunArguments:
                             metadata={"help": "seed of the group split (evaluate.py must use the same)"})
     max_train_rows: int | None = field(default=None, metadata={"help": "use only the first N training rows"})
     overwrite: bool = field(default=False, metadata={"help": "replace a finished run in --output_dir"})
-    train_router: bool = field(default=False, metadata={"help": "LoRA on an MoE router (mlp.gate) too; frozen by default"})
+    train_router: bool = field(default=False, metadata={
+        "help": "LoRA on an MoE router (mlp.gate) too; frozen by default"})
     plan_only: bool = field(default=False, metadata={
         "help": "print the memory plan and exit without loading weights: 0 if it fits, 1 if not"})
     plan_gpus: int | None = field(default=None, metadata={
@@ -59,4 +60,5 @@ class StudentRunArguments:
 
     def __post_init__(self):
         if self.fingerprint_probes < 0:
-            raise ValueError(f"--fingerprint_probes {self.fingerprint_probes}: give a number of training rows, 0 or more")
+            raise ValueError(f"--fingerprint_probes {self.fingerprint_probes}: give a number of training rows, "
+                             f"0 or more")

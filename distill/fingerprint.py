@@ -295,7 +295,7 @@ def check_ids(fingerprint: dict, rendered_prompts: list[list[int]], tokenizer) -
             continue
         at = next((i for i, (a, b) in enumerate(zip(trained, rendered)) if a != b), min(len(trained), len(rendered)))
 
-        def token(ids):
+        def token(ids, at=at):
             return f"{ids[at]} {tokenizer.decode([ids[at]])!r}" if at < len(ids) else "(end of prompt)"
 
         raise FingerprintMismatch(

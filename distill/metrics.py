@@ -46,7 +46,8 @@ def score(golds: list, preds: list, labels: tuple[str, ...], teacher_labels: lis
     majority_label, majority_count = counts.most_common(1)[0]
     result.update(
         confusion_matrix={"rows_gold": list(labels), "columns_predicted": columns, "matrix": matrix.tolist(),
-                          "as_dict": {g: {c: int(v) for c, v in zip(columns, row) if v} for g, row in zip(labels, matrix)}},
+                          "as_dict": {g: {c: int(v) for c, v in zip(columns, row) if v}
+                                      for g, row in zip(labels, matrix)}},
         per_label={
             label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s),
                     "accuracy": float(r)}  # share of this label's rows predicted right

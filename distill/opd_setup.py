@@ -16,9 +16,16 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from distill.prompts import load_prompt
-from distill.render import (conversation, fit_system, merges_system, query_of, rendering_record, student_messages,
-                            takes_system_role)
 from distill.records import InputError, query_id, read_jsonl, read_queries
+from distill.render import (
+    conversation,
+    fit_system,
+    merges_system,
+    query_of,
+    rendering_record,
+    student_messages,
+    takes_system_role,
+)
 from distill.splits import select
 from distill.training import query_and_answer
 
@@ -185,7 +192,8 @@ def probe_server(url: str) -> None:
         socket.create_connection((parsed.hostname, port), timeout=SERVER_PROBE_SECONDS).close()
     except OSError as error:
         raise InputError(f"--teacher_server_url {url}: unreachable ({error}); start it with "
-                         f"`python -m distill.teacher_server MODEL --max-logprobs 1 --port {port}` (or `vllm serve`)") from None
+                         f"`python -m distill.teacher_server MODEL --max-logprobs 1 --port {port}` "
+                         f"(or `vllm serve`)") from None
 
 
 def probe_server_in(argv: list[str]) -> None:

@@ -40,8 +40,8 @@ rendered with a query, is distill/render.py's. The front matter may declare the 
 """
 
 import hashlib
-import string
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -13,8 +13,9 @@ resume, append and merge them only through this class, so they do it the same wa
 Resuming refuses a run record made with other settings (the keys a stage names: what its answers mean), and a
 finished row whose input (its `input_sha256`: the rendered teacher input and the prompt file) is not the input now,
 e.g. a query edited under the same id (rows from before the hash resume unchecked, with a note); it cuts a
-last line torn by a crash (and, under --keep all, the rest of that query's rows), and keeps rows and sidecar lines only in pairs: a row whose sidecar line is missing, or a
-sidecar line without its row, is dropped and its query asked again. --overwrite deletes all four files instead.
+last line torn by a crash (and, under --keep all, the rest of that query's rows), and keeps rows and sidecar lines
+only in pairs: a row whose sidecar line is missing, or a sidecar line without its row, is dropped and its query asked
+again. --overwrite deletes all four files instead.
 `merge` builds one output from a multi-instance run's shards when together they hold every selected id exactly
 once and were all made, to the end, with the same settings.
 """
@@ -25,10 +26,8 @@ from contextlib import contextmanager
 from glob import glob
 from pathlib import Path
 
-from distill.records import (InputError, RunRecord, append_jsonl, output_paths, query_id, read_jsonl,
-                             repair_torn_tail)
+from distill.records import InputError, RunRecord, append_jsonl, output_paths, query_id, read_jsonl, repair_torn_tail
 from distill.shards import coverage_errors
-
 
 # ---- the KD sidecar: one line per written row (its content: distill/soft_targets.py) ---------------------------
 #
@@ -156,7 +155,8 @@ class RunFiles:
         if self.sidecar:
             for what, ids in sync_sidecar(self.out, self.sidecar).items():
                 if ids:
-                    print(f"resume: {len(ids)} {what.replace('_', ' ')} dropped, to be asked again: {', '.join(ids[:5])}")
+                    print(f"resume: {len(ids)} {what.replace('_', ' ')} dropped, to be asked again: "
+                          f"{', '.join(ids[:5])}")
         written, rejected = self.written(), self.rejected()
         if input_sha256:
             self.check_inputs(written, rejected, input_sha256)

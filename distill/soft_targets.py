@@ -36,6 +36,7 @@ from pathlib import Path
 from distill.records import InputError
 from distill.run_files import SIDECAR_SUFFIX, read_sidecar, sidecar_path
 
+
 def tokenizer_hash(tokenizer) -> str:
     """sha256 of the vocabulary (token -> id, added tokens included) as sorted JSON: KD pairs the teacher's token ids
     with the student's logits, so two tokenizers are interchangeable exactly when this matches."""

@@ -25,12 +25,12 @@ from collections import Counter
 from contextlib import contextmanager
 
 from distill import defaults, engine, shards
-from distill.render import conversation, query_of, takes_system_role
 from distill.records import InputError, query_id
+from distill.render import conversation, query_of, takes_system_role
+from distill.sampling import SAMPLING_FLAGS, engine_sampling, expected_sampling
 from distill.soft_targets import sidecar_line
 from distill.splits import split_of
 from distill.synthesis import label_target_agreement
-from distill.sampling import SAMPLING_FLAGS, engine_sampling, expected_sampling
 from distill.teacher import StopRequest, StreamStats, Teacher, VllmEngine, stream
 
 # Settings that change what the teacher's answers mean: a resumed run, or a shard merged with others, must share them.
@@ -263,7 +263,8 @@ def report(args, files, record: dict, stats: dict, stopped: int | None) -> None:
             for rule in by_count))
     if counts["label_targets"]:
         targets = counts["label_targets"]
-        print(f"create_data: {targets['labelled_as_target']} of {targets['queries']} queries written for a label got it "
+        print(f"create_data: {targets['labelled_as_target']} of {targets['queries']} queries written for a label "
+              f"got it "
               f"from the teacher ({100 * targets['share']:.1f}%; per label in the run record)")
     if stopped:
         sys.exit(128 + stopped)

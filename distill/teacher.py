@@ -1,7 +1,8 @@
 """Owns the teacher's contract (constraint, parsing) and the stream through vLLM; must not choose sampling.
 
 The one teacher path that stage 1 and `evaluate.py --with_prompt` share: render a query with the long prompt,
-constrain and parse the answer (sampling parameters are distill/sampling.py's), and stream requests through vLLM so each query's answer is handed back the moment its last sample finishes.
+constrain and parse the answer (sampling parameters are distill/sampling.py's), and stream requests through vLLM so
+each query's answer is handed back the moment its last sample finishes.
 
     teacher = Teacher(tokenizer, prompt, max_model_len, constrain_labels=True)
     params = sampling.sampling_params(llm.get_default_sampling_params(), {"temperature": 0.0}, max_tokens=8192,
@@ -23,14 +24,14 @@ is what an answer must be on topic to.
 import hashlib
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from copy import copy
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Iterable, Iterator
 
+from distill import render
 from distill.answers import Parsed, parse_generative, parse_teacher
 from distill.checks import non_answer_reason
-from distill import render
 from distill.prompts import TaskPrompt
 from distill.render import query_of
 from distill.rules import broken

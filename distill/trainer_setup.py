@@ -111,9 +111,9 @@ def finish_record(record, record_path, report, result, trainer, model_args, save
     """`finished` only when the saved adapter is on disk, loads and was trained (an optimizer step changed it from
     where it started: LoRA B off zero, or off --init_adapter's tensors, whose path stage 2b's `report` holds);
     otherwise the record says `failed` and why, and the process exits non-zero."""
-    from distill.checkpoint import check_adapter, untrained_reason
-
     import torch
+
+    from distill.checkpoint import check_adapter, untrained_reason
 
     out = record_path.parent
     history = {"train_metrics": result.metrics, "log_history": trainer.state.log_history}

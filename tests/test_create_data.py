@@ -186,7 +186,7 @@ def _bad_malformed(tmp_path):
 
 def _bad_utf8(tmp_path):
     path = tmp_path / "bad.txt"
-    path.write_bytes("erste Zeile\nzweite Zeile\n".encode() + b"caf\xe9 au lait\nvierte\n")
+    path.write_bytes(b"erste Zeile\nzweite Zeile\n" + b"caf\xe9 au lait\nvierte\n")
     return path, 3
 
 
@@ -419,7 +419,8 @@ class Launch:
         self.log = log
         self.handle = open(log, "w")
         self.proc = subprocess.Popen([sys.executable, *map(str, command)], cwd=REPO,
-                                     env={**CLI_ENV, "PYTHONUNBUFFERED": "1"}, stdout=self.handle, stderr=subprocess.STDOUT, start_new_session=True)
+                                     env={**CLI_ENV, "PYTHONUNBUFFERED": "1"}, stdout=self.handle,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_for(self, condition, what: str, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
@@ -519,7 +520,7 @@ def test_kills_at_random_moments_then_resume(tiny_model, tmp_path):
     for number, how in ((2, "kill"), (3, "kill"), (4, "term")):
         run = Launch(command, tmp_path / f"run{number}.log")
         target = len(finished) + moments.randint(1, 6)
-        run.wait_for(lambda: newline_count(out, rejects) >= target, f"{target} rows were on disk")
+        run.wait_for(lambda target=target: newline_count(out, rejects) >= target, f"{target} rows were on disk")
         time.sleep(moments.uniform(0, 0.4))
         if how == "kill":
             run.kill()

@@ -225,8 +225,8 @@ def test_kd_training_on_the_sidecar_changes_the_adapter(logprob_run, tmp_path):
 
 
 def test_vote_shares_become_a_soft_target_on_the_first_answer_token(tmp_path):
-    from distill.soft_targets import find_targets, row_targets
     from distill.render import student_example
+    from distill.soft_targets import find_targets, row_targets
     from tests.tiny_model import build_tokenizer
 
     tokenizer = build_tokenizer(1024)
@@ -310,8 +310,8 @@ def test_answer_span_leaves_out_a_kept_stop_newline_so_free_form_answers_get_tar
     row silently falls back to CE."""
     from transformers import AutoTokenizer
 
-    from distill.soft_targets import answer_span, logprob_targets
     from distill.render import student_example
+    from distill.soft_targets import answer_span, logprob_targets
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     answer = "la langue est le francais."
@@ -340,7 +340,8 @@ class CharTokenizer:
     def __call__(self, text, add_special_tokens=False):
         from types import SimpleNamespace
 
-        return SimpleNamespace(input_ids=[self.vocab.index(text)] if text in self.vocab else [self.vocab.index(text[0])])
+        return SimpleNamespace(input_ids=[self.vocab.index(text)] if text in self.vocab
+                               else [self.vocab.index(text[0])])
 
 
 def test_label_distribution_counts_prefix_tokens_a_constrained_teacher_spells_labels_with():

@@ -344,9 +344,9 @@ class TokenCodingTeacherClient:
         type(self).sequences.extend(sequences)
         scored = [[[token_code(token) - (0.0 if start > 500 else 0.5)] for token in sequence[start:]]
                   for sequence, start in zip(sequences, prompt_lengths)]
-        return {"logprobs": scored, "logprob_token_ids": [[[t] for t in s[p:]] for s, p in zip(sequences, prompt_lengths)],
-                "actual_logprobs": scored, "actual_token_ids": [[[t] for t in s[p:]] for s, p in zip(sequences,
-                                                                                                     prompt_lengths)]}
+        token_ids = [[[t] for t in s[p:]] for s, p in zip(sequences, prompt_lengths)]
+        return {"logprobs": scored, "logprob_token_ids": token_ids, "actual_logprobs": scored,
+                "actual_token_ids": token_ids}
 
 
 @pytest.mark.slow

@@ -1,8 +1,8 @@
 """One row rendered through every stage gives the same token ids per side (distill/render.py is the one place a model
-input is rendered): the student's input in stage 2 (distill.sft_setup.prepare), stage 2b (what TRL samples from), stage 3
-(evaluate.render_prompts) and the fingerprint's probes; the teacher's in stage 1 (create_data's Teacher) and stage 3
---with_prompt, and in stage 2b the same input in the final-answer state of its own template. For each kind of Qwen3
-chat template the recipes use: Instruct-2507, Thinking-2507 and hybrid."""
+input is rendered): the student's input in stage 2 (distill.sft_setup.prepare), stage 2b (what TRL samples from),
+stage 3 (evaluate.render_prompts) and the fingerprint's probes; the teacher's in stage 1 (create_data's Teacher) and
+stage 3 --with_prompt, and in stage 2b the same input in the final-answer state of its own template. For each kind of
+Qwen3 chat template the recipes use: Instruct-2507, Thinking-2507 and hybrid."""
 
 import json
 from types import SimpleNamespace

@@ -78,8 +78,8 @@ def test_verdicts_give_every_verifiable_rule_of_every_answer():
     ({"id": "startend:end_checker", "args": {"end_phrase": "Any other questions?"}}, "Done. Any other questions?",
      True),
     ({"id": "startend:end_checker", "args": {"end_phrase": "Any other questions?"}}, "Done.", False),
-    ({"id": "length_constraints:number_words", "args": {"num_words": 5, "relation": "less than"}}, "Four words are here",
-     True),
+    ({"id": "length_constraints:number_words", "args": {"num_words": 5, "relation": "less than"}},
+     "Four words are here", True),
     ({"id": "keywords:existence", "args": {"keywords": ["refund"]}}, "No money back.", False),
     ({"id": "detectable_format:json_format"}, '{"a": 1}', True),
     ({"id": "punctuation:no_comma"}, "", False),  # IFEval's strict reading: an empty answer fails

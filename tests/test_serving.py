@@ -190,9 +190,9 @@ def stop_at_the_engine(monkeypatch):
 
 def test_main_sets_max_model_len_from_the_prompts_and_refuses_a_foreign_teacher_file(
         tiny_model, tmp_path, example_rows, monkeypatch):
-    import evaluate
     from transformers import AutoTokenizer
 
+    import evaluate
     from distill.render import student_ids
     from distill.splits import select
 

@@ -93,8 +93,7 @@ def test_smollm2_mask_covers_only_answer_despite_default_system_prompt():
         pytest.skip(f"{SMOLLM2} is not built (make setup)")
     from transformers import AutoTokenizer
 
-    from distill.render import student_ids
-    from distill.render import student_example
+    from distill.render import student_example, student_ids
 
     tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
     query = "Je voudrais un café, s'il vous plaît."
@@ -116,10 +115,9 @@ def test_a_conversation_trains_on_its_new_answer_with_the_student_side_of_stage_
     own system turn and the student side stage 1's run record names make up the prompt, as evaluation renders it."""
     import train_sft_trl
     from distill import sft_setup
-
     from distill.prompts import StudentSide
-    from distill.render import student_ids
     from distill.records import output_paths
+    from distill.render import student_ids
     from distill.splits import select
 
     chat = [{"role": "system", "content": "A cooking app."}, {"role": "user", "content": "Can I freeze rice?"},

@@ -7,7 +7,7 @@ EMBEDDED := models/SmolLM2-135M-Instruct/config.json
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast soak demo bench gpu-check clean-demo
+.PHONY: setup lint test test-fast soak demo bench gpu-check clean-demo
 
 setup: $(STAMP) $(EMBEDDED)
 
@@ -31,10 +31,15 @@ $(EMBEDDED): $(STAMP) distill/embedded_model.py
 # as the Ray cluster, start once) in the order tests/conftest.py gives (longest files first), and prints its slowest
 # tests.
 PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
-test: setup
+
+# ruff, configured in pyproject.toml; the tests run after it, so a lint error fails `make test` (and CI) in seconds.
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PYTEST) tests
 
-test-fast: setup
+test-fast: lint
 	$(PYTEST) -m "not slow" tests
 
 # The kill/resume tests (stage 1 killed mid-stream, a Ray replica and the Ray driver killed) N times over, with the rows

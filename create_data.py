@@ -54,9 +54,10 @@ from distill.input_checks import positive_int
 from distill.prompts import DEFAULT_PROMPT, load_prompt
 from distill.records import InputError, RunRecord, query_id, read_queries
 from distill.run_files import RunFiles
+from distill.sampling import EngineDefaultsError, add_sampling_args, model_sampling_defaults
 from distill.soft_targets import tokenizer_hash
 from distill.splits import select, split_of
-from distill.teacher import StreamStats, add_sampling_args, model_sampling_defaults
+from distill.teacher import StreamStats
 
 
 def build_parser():
@@ -78,7 +79,8 @@ def build_parser():
     parser.add_argument("--model-name", dest="model", default=TEACHER_MODEL, help="teacher model (hub name or path)")
     parser.add_argument("--max-tokens", type=int,
                         help=f"per answer, reasoning included (unset: the model's, else {TEACHER_MAX_TOKENS})")
-    parser.add_argument("--max-retries", type=int, default=3, help="fresh samples for an answer that breaks the contract")
+    parser.add_argument("--max-retries", type=int, default=3,
+                        help="fresh samples for an answer that breaks the contract")
     parser.add_argument("--num-samples", type=int, default=1,
                         help="answers per query; the label is their majority (a generative task keeps the first "
                              "valid answer: free texts are not voted on; --keep all keeps each)")
@@ -98,7 +100,6 @@ def build_parser():
                              "(label tasks only)")
     parser.add_argument("--max-in-flight", type=int,
                         help="requests kept in the engine at once (unset: the engine's --max-num-seqs)")
-    parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)  # removed; kept to explain why
     parser.add_argument("--keep-rule-failures", action="store_true",
                         help="keep a generative answer that breaks one of the prompt file's verifiable rules (its "
                              "row's teacher.broken_rules names them) instead of rejecting it (reason rule:<id>)")
@@ -126,9 +127,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     # The first N rows of an input can all be held out (the first 16 of example-data/language_id.jsonl are), and
     # training drops those: a sample for training comes from the train side unless --split says otherwise.
     args.split = args.split or ("train" if args.max_samples else "all")
-    if args.batch_size is not None:
-        parser.error("--batch_size was removed: stage 1 streams queries through the engine and writes each row as "
-                     "it finishes; use --max_in_flight to bound the requests in the engine")
     if not 0 <= args.shard_index < args.num_shards:
         parser.error(f"--shard_index must be in [0, {args.num_shards})")
     if min(args.num_samples, args.max_in_flight or 1, args.save_logprobs or 1) < 1 or args.max_retries < 0:
@@ -159,20 +157,21 @@ def main(argv=None):
           f"{len(rows) - len(todo)} done by an earlier run, {len(todo)} to go")
 
     try:
-        if args.engine == "ray" and todo:  # a cluster unreachable or too small fails now, before the record says running
+        # a Ray cluster unreachable or too small fails now, before the record says running
+        if args.engine == "ray" and todo:
             ray_stage.connect(args)
     except (InputError, ray_stage.ClusterError) as error:
         sys.exit(f"error: {error}")
     tokenizer = {"teacher_tokenizer_sha256": tokenizer_hash(teacher.tokenizer), "logprobs_top_k": args.save_logprobs}
     # the student side from the start: stage 2 reads it even from a run that crashed
-    files.finish(status="running", settings=settings, model_sampling_defaults=model_defaults, **tokenizer,
+    files.mark_running(settings=settings, model_sampling_defaults=model_defaults, **tokenizer,
                  input_kind=queries.kind, student=prompt.student.to_dict())
 
     answer_queries = ray_stage.answer_queries if args.engine == "ray" else stage1.answer_queries
     try:
         stats, stopped = (answer_queries(args, teacher, todo, len(rows), settings, files) if todo
                           else (StreamStats().summary(), None))
-    except stage1.EngineDefaultsError as error:
+    except EngineDefaultsError as error:
         sys.exit(f"error: {error}")
     record = stage1.finish(args, files, rows, len(rows) - len(todo), stats, stopped, prompt=prompt, queries=queries,
                            settings=settings, model_sampling_defaults=model_defaults, teacher=teacher, **tokenizer)

@@ -45,9 +45,16 @@ from distill.defaults import QUERY_MAX_TOKENS, REASONING_QUERY_MAX_TOKENS, TEACH
 from distill.prompts import load_prompt
 from distill.records import InputError, RunRecord, read_queries
 from distill.run_files import RunFiles
+from distill.sampling import (
+    SAMPLING_FLAGS,
+    EngineDefaultsError,
+    add_sampling_args,
+    engine_sampling,
+    expected_sampling,
+    model_sampling_defaults,
+)
 from distill.synthesis import DEFAULT_DIVERSITY, MAX_CHARS, MIN_CHARS, Plan, QueryWriter, spread, synthesise
-from distill.teacher import (SAMPLING_FLAGS, StopRequest, StreamStats, VllmEngine, add_sampling_args,
-                             model_sampling_defaults)
+from distill.teacher import StopRequest, StreamStats, VllmEngine
 
 ATTEMPTS_PER_QUERY = 4
 # A resumed run must ask the same model the same way for the same targets, else its output mixes two recipes.
@@ -81,8 +88,9 @@ def build_parser():
                              "to --max_chars characters")
     parser.add_argument("--max-attempts", type=int, help=f"requests this run may make (unset: "
                                                          f"{ATTEMPTS_PER_QUERY} per missing query)")
-    parser.add_argument("--max-tokens", type=int, help=f"per request (unset: the model's, else "
-                                                       f"{QUERY_MAX_TOKENS}; {REASONING_QUERY_MAX_TOKENS} if it reasons)")
+    parser.add_argument("--max-tokens", type=int,
+                        help=f"per request (unset: the model's, else {QUERY_MAX_TOKENS}; "
+                             f"{REASONING_QUERY_MAX_TOKENS} if it reasons)")
     parser.add_argument("--max-in-flight", type=int, help="requests in the engine at once (unset: --max-num-seqs)")
     parser.add_argument("--overwrite", action="store_true", help="delete the previous output and start over")
     add_sampling_args(parser)
@@ -135,7 +143,7 @@ def run_settings(args, prompt, plan, writer, model_defaults: dict) -> dict:
     """Provenance and what a resumed run must share: sampling as the engine will apply it (the model's defaults,
     then the user's flags), without starting the engine."""
     needed = REASONING_QUERY_MAX_TOKENS if writer.expects_reasoning else QUERY_MAX_TOKENS
-    sampling = stage1.expected_sampling(args, model_defaults, max_tokens(args.max_tokens, model_defaults, needed))
+    sampling = expected_sampling(args, model_defaults, max_tokens(args.max_tokens, model_defaults, needed))
     return {"model": args.model, "prompt_sha256": prompt.sha256, "seed": args.seed,
             "constrain_one_line": args.constrain_one_line,
             "target_field": plan.target_field,
@@ -182,7 +190,7 @@ def main(argv=None):
     max_attempts = args.max_attempts or ATTEMPTS_PER_QUERY * missing
     print(f"create_queries: {sum(plan.quotas.values())} queries wanted over {len(plan.quotas)} target(s), "
           f"{len(kept)} kept by an earlier run, {missing} to go (at most {max_attempts} requests)")
-    files.finish(status="running", settings=settings)
+    files.mark_running(settings=settings)
 
     counts, stats, stopped = write_queries(args, writer, plan, index, files, settings, max_attempts)
     finish(args, files, settings, plan, counts, stats, stopped, len(kept))
@@ -197,8 +205,8 @@ def write_queries(args, writer, plan, index, files, settings, max_attempts):
         stage1.check_reasoning_parser("--constrain_one_line", args.constrain_one_line, writer.expects_reasoning, args)
         llm = engine.build_llm(args)
         constraint = writer.one_line_constraint() if args.constrain_one_line else None
-        params = stage1.engine_sampling(llm, args, settings, structured_outputs=constraint)
-    except (InputError, stage1.EngineDefaultsError) as error:
+        params = engine_sampling(llm, args, settings, structured_outputs=constraint)
+    except (InputError, EngineDefaultsError) as error:
         sys.exit(f"error: {error}")
     vllm_engine = VllmEngine(llm)
     stop, stats = StopRequest("create_queries"), StreamStats()
@@ -223,7 +231,7 @@ def finish(args, files, settings, plan, counts, stats, stopped, resumed):
     else:
         status = "finished" if not missing else "budget_spent"
     totals = {"kept_total": len(files.written()), "rejected_total": len(files.rejected())}
-    files.finish(status=status, settings=settings, model=args.model, prompt_file=args.prompt_file, seed=args.seed,
+    files.write(status=status, settings=settings, model=args.model, prompt_file=args.prompt_file, seed=args.seed,
                  counts={"resumed": resumed, "requests_this_run": sum(counts.values()),
                          "by_reason_this_run": dict(counts), **totals},
                  missing={str(target): number for target, number in missing.items()}, stream=stats)

@@ -55,8 +55,8 @@ from distill.input_checks import positive_int
 from distill.judge import judge_examples
 from distill.metrics import cost, cost_ratio
 from distill.prompts import BARE_STUDENT, DEFAULT_PROMPT, load_prompt
-from distill.render import merges_system, query_of, student_ids, student_messages, teacher_ids, teacher_messages
 from distill.records import InputError, RunRecord, load_teacher_answers, query_fields, read_queries
+from distill.render import merges_system, query_of, student_ids, student_messages, teacher_ids, teacher_messages
 from distill.splits import HELDOUT_FRACTION, SPLIT_SEED, select
 
 
@@ -165,11 +165,11 @@ def main(argv=None):
     generation = serving.generate(llm, tokenizer, rows, prompt_ids, prompt, args, served.lora_request())
     served_max_model_len = llm.model_config.max_model_len
 
-    teacher = [teacher_of.get(row["id"]) for row in rows] if args.teacher_file else None
+    teacher_answers = [teacher_of.get(row["id"]) for row in rows] if args.teacher_file else None
     if prompt.is_generative:
-        results = generative_results(prompt, rows, prompt_ids, generation, teacher, tokenizer, args.quiet)
+        results = generative_results(prompt, rows, prompt_ids, generation, teacher_answers, tokenizer, args.quiet)
     else:
-        results = label_results(prompt, rows, prompt_ids, generation, teacher, args)
+        results = label_results(prompt, rows, prompt_ids, generation, teacher_answers, args)
     if args.judge_model and prompt.is_generative:
         del llm  # the judge gets the memory of the model it grades
         results.update(judge_examples(args, prompt, results["examples"]))
@@ -186,7 +186,7 @@ def main(argv=None):
             "student": None if args.with_prompt else prompt.student.to_dict(),
             "gold_field": args.label_field, "unknown_gold_labels_dropped": dict(dropped_labels),
             "teacher_file": args.teacher_file, **results, "examples": examples}
-    record.finish(output_file, **full)
+    record.write(output_file, **full)
     report.show(full, output_file, wandb=args.report_to == "wandb")
 
 
@@ -318,7 +318,7 @@ def render_prompts(args, prompt, rows):
             merges_system(tokenizer, [teacher_messages(prompt, query) for query in queries]))
 
 
-def label_results(prompt, rows, prompt_ids, generation, teacher, args) -> dict:
+def label_results(prompt, rows, prompt_ids, generation, teacher_labels, args) -> dict:
     """Accuracy, agreement, confusion matrix, baselines and the examples of a label task."""
     from distill.metrics import lingua_predictions, score, worst_labels
 
@@ -326,36 +326,36 @@ def label_results(prompt, rows, prompt_ids, generation, teacher, args) -> dict:
     predictions = generation.answers
     examples = [
         {"id": row["id"], **query_fields(row), "gold": gold, "prediction": pred, "raw": raw,
-         **({"teacher": t} if teacher else {}), "input_tokens": len(ids)}
+         **({"teacher": t} if teacher_labels else {}), "input_tokens": len(ids)}
         for row, gold, pred, raw, ids, t in zip(rows, golds, predictions, generation.raw, prompt_ids,
-                                                teacher or [None] * len(rows))
+                                                teacher_labels or [None] * len(rows))
     ]
     if not args.quiet:
         report.print_live(examples)
-    results = {"task": "label", **score(golds, predictions, prompt.labels, teacher)}
+    results = {"task": "label", **score(golds, predictions, prompt.labels, teacher_labels)}
     results["worst_labels"] = worst_labels(results, examples)
     if not args.no_lingua and any(g is not None for g in golds):
         lingua = lingua_predictions([row["text"] for row in rows], prompt.labels)
         results.setdefault("baselines", {})["lingua"] = {
             "accuracy": score(golds, lingua, prompt.labels)["accuracy_vs_gold"],
-            "agreement_with_teacher": score(golds, lingua, prompt.labels, teacher)["agreement_with_teacher"],
+            "agreement_with_teacher": score(golds, lingua, prompt.labels, teacher_labels)["agreement_with_teacher"],
         }
     return {**results, "examples": examples}
 
 
-def generative_results(prompt, rows, prompt_ids, generation, teacher, tokenizer, quiet: bool) -> dict:
+def generative_results(prompt, rows, prompt_ids, generation, teacher_answers, tokenizer, quiet: bool) -> dict:
     """Strict pass rate (the prompt's check passes and the answer is an answer: not cut, empty, an echo of the
     prompt, a loop or off topic), the check's rate alone, chrF against the teacher's answers, lengths, failures
     and examples. Every answer is judged as written within --max_tokens; a cut one fails strictly and is kept."""
     from distill.checks import describe
-    from distill.metrics import judge_answers, score_generative, score_rules
+    from distill.metrics import score_generative, score_rules, strict_verdicts
 
     answers = [answer or "" for answer in generation.answers]
-    teacher = teacher or [None] * len(rows)
-    judged = judge_answers(prompt, [row["text"] for row in rows], answers, generation.reasons, teacher)
+    teacher_answers = teacher_answers or [None] * len(rows)
+    judged = strict_verdicts(prompt, [row["text"] for row in rows], answers, generation.reasons, teacher_answers)
     examples = []
     for row, answer, raw, ids, output_tokens, reference, verdict in zip(
-            rows, answers, generation.raw, prompt_ids, generation.output_tokens, teacher, judged):
+            rows, answers, generation.raw, prompt_ids, generation.output_tokens, teacher_answers, judged):
         known = ({"teacher": reference, "chrf": verdict["chrf"], "teacher_rules": verdict["teacher_rules"]}
                  if reference is not None else {})
         examples.append({"id": row["id"], **query_fields(row), "answer": answer, "passed": verdict["passed"],

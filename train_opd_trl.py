@@ -12,9 +12,9 @@ two on those tokens (--beta 1, the default: reverse KL, the student's own mistak
 Teachers: the student's own base with the adapter disabled (the default; one model in memory), another model in this
 process (--teacher_model_name_or_path; its tokenizer must be the student's, checked before any weights load), or a
 vLLM server (--teacher_server_url; `python -m distill.teacher_server MODEL --max-logprobs 1` scores with prompt_logprobs
-and reads the prompt from its prefix cache, `vllm serve` recomputes it per request; reachability is
-checked first; the teacher's input is rendered with its own tokenizer and chat template, --teacher_tokenizer_name_or_path
-or the model the server serves). The teacher sees the prompt file's system prompt, example turns and query template
+and reads the prompt from its prefix cache, `vllm serve` recomputes it per request; reachability is checked first; the
+teacher's input is rendered with its own tokenizer and chat template, --teacher_tokenizer_name_or_path or the model the
+server serves). The teacher sees the prompt file's system prompt, example turns and query template
 (distill/render.py), in the final-answer state the student writes in (a thinking teacher gets an empty think block, a
 hybrid Qwen3 one enable_thinking=False: it scores a final answer, not the start of a thought). An in-process teacher
 computes the prompt's KV cache once per run (--prompt_cache) and runs in eval mode, so TRL's default gradient
@@ -39,14 +39,12 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from distill.defaults import StudentRunArguments, wandb_enabled
+from distill.defaults import STUDENT_MODEL, StudentRunArguments, wandb_enabled
 from distill.engine import on_gpu
 from distill.opd_setup import probe_server_in
 from distill.prompts import DEFAULT_PROMPT
 from distill.records import TRAIN_RUN_RECORD as RUN_RECORD
 from distill.records import InputError, RunRecord
-
-DEFAULT_STUDENT = "Qwen/Qwen3-4B-Instruct-2507"
 
 
 @dataclass
@@ -75,12 +73,12 @@ class OnPolicyArguments(StudentRunArguments):
 def parse_args(argv=None):
     from trl import DistillationConfig, ModelConfig, TrlParser
 
-    from distill.student import parse_recipe
+    from distill.trainer_setup import parse_recipe
 
     parser = TrlParser((OnPolicyArguments, DistillationConfig, ModelConfig), allow_abbrev=False)
     gpu = on_gpu()
     parser.set_defaults(
-        model_name_or_path=DEFAULT_STUDENT,
+        model_name_or_path=STUDENT_MODEL,
         use_peft=True, lora_r=32, lora_alpha=32, lora_target_modules=["all-linear"], lora_dropout=0.0,
         dtype="bfloat16" if gpu else "float32", bf16=gpu,
         beta=1.0,  # reverse KL: the student is graded on what it samples
@@ -126,7 +124,7 @@ def main(argv=None):
     from distill import fingerprint, opd_setup
     from distill.checkpoint import save_adapter
     from distill.onpolicy import PromptNotRead
-    from distill.student import WandbConfigCallback, finish_record, lora_config, plan_memory, stop_or_clear
+    from distill.trainer_setup import WandbConfigCallback, finish_record, lora_config, plan_memory, stop_or_clear
 
     script_args, training_args, model_args = parse_args(argv)
     processes = PartialState()
@@ -163,14 +161,14 @@ def main(argv=None):
               f"{' from ' + script_args.init_adapter if script_args.init_adapter else ''}; teacher "
               f"{report['teacher']} reading {script_args.prompt_file}; beta {training_args.beta} -> "
               f"{training_args.output_dir}")
-        record.finish(record_path, status="running", **report)
+        record.mark_running(record_path, **report)
     if "wandb" in trainer.args.report_to:
         trainer.add_callback(WandbConfigCallback(config))
     try:
         result = trainer.train()
     except PromptNotRead as error:  # the teacher would have pulled the student back to its unprompted base
         if processes.is_main_process:
-            record.finish(record_path, status="failed", error=str(error), teacher_checks=trainer.teacher_checks(),
+            record.write(record_path, status="failed", error=str(error), teacher_checks=trainer.teacher_checks(),
                           **report)
         sys.exit(f"error: {error}")
     report["teacher_checks"] = trainer.teacher_checks()

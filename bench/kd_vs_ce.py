@@ -12,7 +12,7 @@ epochs (train_sft_trl.py --distill_loss ce | kd | kd+ce, T = --kd_temperature). 
     or accuracy against the gold labels (language ID), and agreement with the teacher's answer to the same query
     (chrF, or label agreement);
   - KL(teacher || student) per answer token on the teacher's held-out answers, the teacher's top-20 renormalised as
-    the KD loss does (distill.soft_targets.heldout_kl); the base model without the prompt is the reference.
+    the KD loss does (bench/measures.py heldout_kl); the base model without the prompt is the reference.
 The teacher's own row is its held-out stage-1 output: strictly, the share of its held-out queries whose answer stage 1
 kept (stage 1 rejects cut answers, echoes, loops and off-topic ones) and that pass the check; the check alone is over
 the kept answers (label task: the share of its kept labels that match gold).
@@ -29,12 +29,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.pipeline import (FRENCH_EPOCHS, FRENCH_PROMPT, FRENCH_TEACHER, GENERAL_QUESTIONS, MODEL, REPO,  # noqa: E402
-                            run, train)
+from bench.measures import heldout_kl  # noqa: E402
+from bench.pipeline import FRENCH_EPOCHS, FRENCH_PROMPT, FRENCH_TEACHER, GENERAL_QUESTIONS, MODEL, REPO, run, train  # noqa: E402
 from distill import checks  # noqa: E402
 from distill.prompts import load_prompt  # noqa: E402
 from distill.records import output_paths, read_jsonl  # noqa: E402
-from distill.soft_targets import heldout_kl, read_sidecar, sidecar_path  # noqa: E402
+from distill.run_files import read_sidecar, sidecar_path  # noqa: E402
 
 TOP_K = 20
 # The demo's settings for each task (scripts/demo.sh); language ID is constrained to the label set at its temperature.
@@ -117,7 +117,8 @@ def teacher_row(task: str, heldout_teacher: Path) -> dict:
     # Stage 1 kept only answers (not cut, no echo, loop or off-topic); a rejected row is a strict failure.
     check = checks.passes_each(prompt.check, answers)
     total = len(rows) + rejected
-    return {"score": sum(check) / total if total else None, "check_score_kept": sum(check) / len(rows) if rows else None,
+    return {"score": sum(check) / total if total else None,
+            "check_score_kept": sum(check) / len(rows) if rows else None,
             "kept": len(rows), "rejected": rejected}
 
 

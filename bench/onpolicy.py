@@ -10,7 +10,7 @@ prompts/in_short.md, greedy, 48 new tokens:
   - SFT then on-policy (the demo's models/demo-in_short-opd, warm-started from the SFT adapter).
 Columns: strict pass rate (distill/checks.py), chrF against the teacher's answers, per-token reverse KL(student ||
 teacher) on the student's own held-out answers and forward KL(teacher || student) on the teacher's held-out answers
-(full vocabulary, distill.onpolicy.kl_to_teacher), teacher tokens spent in training, training wall time, and drift:
+(full vocabulary, bench/measures.py kl_to_teacher), teacher tokens spent in training, training wall time, and drift:
 per-token KL(base || student) over 50 language-ID texts (example-data/language_id.jsonl, unrelated to the task).
 Writes <work_dir>/onpolicy.json.
 """
@@ -69,7 +69,7 @@ def load(model_path):
 def figures(name: str, model_path, results: dict, teacher: dict, record: dict | None, texts: list[str]) -> dict:
     from transformers import AutoTokenizer
 
-    from distill.onpolicy import drift_from_base, kl_to_teacher
+    from bench.measures import drift_from_base, kl_to_teacher
     from distill.prompts import load_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
@@ -97,11 +97,11 @@ def figures(name: str, model_path, results: dict, teacher: dict, record: dict | 
 def rescored(results: dict, prompt) -> float:
     """The strict pass rate of a results file under today's rules (distill/checks.py), from its saved answers: files
     scored before a rule changed compare alike."""
-    from distill.metrics import judge_answers
+    from distill.metrics import strict_verdicts
 
     contract = ("cut_at_max_tokens", "empty_answer", "unclosed_reasoning")
     examples = results["examples"]
-    verdicts = judge_answers(prompt, [e["text"] for e in examples], [e["answer"] for e in examples],
+    verdicts = strict_verdicts(prompt, [e["text"] for e in examples], [e["answer"] for e in examples],
                              [e["reason"] if e["reason"] in contract else "ok" for e in examples],
                              [None] * len(examples))
     return sum(v["passed"] for v in verdicts) / len(examples)

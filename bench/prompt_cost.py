@@ -58,7 +58,8 @@ def main():
     print(f"\nbench prompt_cost: {args.model}, {len(rows)} requests one at a time, 4 new tokens each")
     for caching in (False, True):
         teacher, student = results[("teacher + prompt", caching)], results[("student, no prompt", caching)]
-        print(f"  prefix cache {'on ' if caching else 'off'}: teacher {teacher[0]:.0f} tokens, {1000 * teacher[1]:.0f} ms | "
+        print(f"  prefix cache {'on ' if caching else 'off'}: teacher {teacher[0]:.0f} tokens, "
+              f"{1000 * teacher[1]:.0f} ms | "
               f"student {student[0]:.0f} tokens, {1000 * student[1]:.0f} ms | "
               f"ratio: {teacher[0] / student[0]:.1f}x tokens, {teacher[1] / student[1]:.1f}x latency")
 

@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from distill import engine  # noqa: E402
 from distill.prompts import load_prompt  # noqa: E402
-from distill.teacher import StreamStats, Teacher, VllmEngine, sampling_params, stream  # noqa: E402
+from distill.sampling import sampling_params  # noqa: E402
+from distill.teacher import StreamStats, Teacher, VllmEngine, stream  # noqa: E402
 
 
 class TimedWriter:
@@ -82,7 +83,8 @@ def timed(run, *args):
 
 def report(name, seconds, times, tokens, queries, cpu_seconds, load):
     half = sum(1 for t in times if t <= seconds / 2)
-    print(f"  {name:<18} {seconds:6.1f} s ({cpu_seconds:.0f} CPU s, load {load:.1f})  {queries / seconds:5.2f} queries/s  "
+    print(f"  {name:<18} {seconds:6.1f} s ({cpu_seconds:.0f} CPU s, load {load:.1f})  "
+          f"{queries / seconds:5.2f} queries/s  "
           f"{tokens / seconds:6.1f} tokens/s  first row on disk {times[0]:5.1f} s  rows on disk at half time "
           f"({seconds / 2:.0f} s): {half}/{queries}")
 
@@ -91,7 +93,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models/SmolLM2-135M-Instruct")
     parser.add_argument("--queries", type=int, default=24)
-    parser.add_argument("--window", type=int, default=8, help="the batch size of one, the in-flight window of the other")
+    parser.add_argument("--window", type=int, default=8,
+                        help="the batch size of one, the in-flight window of the other")
     parser.add_argument("--max_tokens", type=int, default=256)
     parser.add_argument("--max_retries", type=int, default=0)
     args = parser.parse_args()

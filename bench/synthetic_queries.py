@@ -32,8 +32,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.pipeline import (FRENCH_EPOCHS, FRENCH_PROMPT, FRENCH_TEACHER, GENERAL_QUESTIONS, IN_SHORT_PROMPT,  # noqa: E402
-                            IN_SHORT_TEACHER, MODEL, REPO, run, train)
+from bench.pipeline import (  # noqa: E402
+    FRENCH_EPOCHS,
+    FRENCH_PROMPT,
+    FRENCH_TEACHER,
+    GENERAL_QUESTIONS,
+    IN_SHORT_PROMPT,
+    IN_SHORT_TEACHER,
+    MODEL,
+    REPO,
+    run,
+    train,
+)
 from distill.records import read_jsonl, read_queries  # noqa: E402
 from distill.splits import select  # noqa: E402
 
@@ -120,7 +130,8 @@ def main(argv=None):
         rows[name] = student_row(evaluate(args, work, name, model_dir, *reference), record, written,
                                  len(read_jsonl(answers)))
     writer_record = json.loads(queries.with_suffix(".run.json").read_text(encoding="utf-8"))
-    summary = {"date": str(datetime.date.today()), "args": vars(args), "teacher_strict_pass_rate": teacher["strict_pass_rate"],
+    summary = {"date": str(datetime.date.today()), "args": vars(args),
+               "teacher_strict_pass_rate": teacher["strict_pass_rate"],
                "teacher_check_pass_rate": teacher["check_pass_rate"],
                "students": rows, "writer_counts": writer_record.get("counts"),
                "query_examples": [row["text"] for row in read_jsonl(queries)[:8]],
@@ -139,7 +150,8 @@ def report(summary: dict, teacher: dict) -> str:
     for name, row in summary["students"].items():
         label = "model-written (create_queries.py)" if name == "synthetic" else "human-written train split"
         lines.append(f"{label:<34} {row['queries']:>8} {row['teacher_kept']:>6} {row['rows_trained']:>8} "
-                     f"{100 * row['strict_pass_rate']:>7.1f}% {100 * row['check_pass_rate']:>9.1f}% {row['chrf']:>6.1f}")
+                     f"{100 * row['strict_pass_rate']:>7.1f}% {100 * row['check_pass_rate']:>9.1f}% "
+                     f"{row['chrf']:>6.1f}")
     lines.append(f"writer: {summary['writer_counts']}")
     lines.append("first synthetic queries: " + " | ".join(summary["query_examples"]))
     return "\n".join(lines)

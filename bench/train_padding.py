@@ -4,34 +4,31 @@
 
 Padding-free concatenates a batch's sequences into one row with position_ids restarting per sequence;
 transformers builds a block-diagonal causal mask from them, so no token attends across examples and none is padding.
-Prints real (non-pad) tokens/s for both and the ratio. Runs train_sft_trl.py's own trainer builder.
+Prints real (non-pad) tokens/s for both and the ratio. Runs stage 2's CLI, as users run it.
 """
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
 
 
 def tokens_per_second(model: str, data: str, steps: int, padding_free: bool, out: str) -> tuple[float, float]:
-    import train_sft_trl
+    """Stage 2 as users run it (its CLI, in a process of its own), the throughput read from its run record:
+    TRL's num_tokens counts real (non-pad) tokens, train_runtime times the training loop alone; the seeded sampler
+    gives both runs the same rows."""
+    import json
+    import subprocess
 
     argv = ["--config", "recipes/cpu.yaml", "--model_name_or_path", model, "--dataset_name", data,
             "--max_steps", str(steps), "--output_dir", out, "--report_to", "none", "--logging_steps", "1",
-            "--padding_free", str(padding_free), "--per_device_train_batch_size", "8", "--seed", "0"]
-    script_args, training_args, model_args = train_sft_trl.parse_args(argv)
-    if padding_free:
-        training_args.max_length = None  # TRL cannot truncate padding-free rows; ours are < 200 tokens anyway
-    data = train_sft_trl.prepare(script_args, training_args, model_args)
-    trainer = train_sft_trl.build_trainer(script_args, training_args, model_args, data)
-    started = time.time()
-    trainer.train()
-    seconds = time.time() - started
-    # TRL's num_tokens counts real (non-pad) tokens; the seeded sampler gives both runs the same rows.
-    logs = [entry for entry in trainer.state.log_history if "num_tokens" in entry]
-    return float(logs[-1]["num_tokens"]) / seconds, float(logs[-1]["loss"])
+            "--padding_free", str(padding_free), "--per_device_train_batch_size", "8", "--seed", "0",
+            "--fingerprint_probes", "0"]
+    subprocess.run([sys.executable, "train_sft_trl.py", *argv], cwd=REPO, check=True, capture_output=True)
+    record = json.loads((Path(out) / "distill_run.json").read_text())
+    logs = [entry for entry in record["log_history"] if "num_tokens" in entry]
+    return float(logs[-1]["num_tokens"]) / record["train_metrics"]["train_runtime"], float(logs[-1]["loss"])
 
 
 def main():

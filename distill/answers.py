@@ -1,4 +1,6 @@
-"""A model's output -> its answer (a label task's label, or a generative task's whole final answer), or the reason it
+"""Owns a model's output -> its answer or the reason it has none; must not judge an answer's quality (checks, rules).
+
+A model's output -> its answer (a label task's label, or a generative task's whole final answer), or the reason it
 has none.
 Strict by design: no answer is ever read out of the reasoning, and an answer that breaks the contract is a counted
 failure, never a guess.
@@ -32,7 +34,8 @@ def split_reasoning(output: str, expects_reasoning: bool) -> tuple[str | None, i
     return output, 0
 
 
-def parse_teacher(output: str, prompt: TaskPrompt, expects_reasoning: bool = False, constrained: bool = False) -> Parsed:
+def parse_teacher(output: str, prompt: TaskPrompt, expects_reasoning: bool = False,
+                  constrained: bool = False) -> Parsed:
     """Free-form: the last non-empty line after the reasoning must be the prompt's answer_format.
     Constrained (vLLM structured outputs over the label set): the text after the reasoning is the label itself."""
     final, reasoning_chars = split_reasoning(output, expects_reasoning)

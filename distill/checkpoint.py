@@ -1,4 +1,6 @@
-"""Saving the trained adapter from one process or many, and proving it is usable before a run says `finished`.
+"""Owns saving the trained adapter and proving it usable; must not decide a run's status (trainer_setup.py does).
+
+Saving the trained adapter from one process or many, and proving it is usable before a run says `finished`.
 
 Under FSDP every LoRA tensor is sharded across processes; transformers' `Trainer.save_model` writes nothing unless
 the FSDP state dict type is FULL_STATE_DICT, and then it gathers the whole frozen base (~60 GB for the 30B student)
@@ -65,7 +67,8 @@ def check_adapter(output_dir: str | Path, expected_tensors: int) -> dict:
         raise RuntimeError(f"{weights_path}: non-finite values in {', '.join(broken[:3])}")
     return {"adapter_tensors": len(weights), "adapter_parameters": sum(t.numel() for t in weights.values()),
             "peft_type": str(config.peft_type), "adapter_bytes": weights_path.stat().st_size,
-            "max_abs_lora_b": max((t.abs().max().item() for n, t in weights.items() if "lora_B" in n), default=math.nan)}
+            "max_abs_lora_b": max((t.abs().max().item() for n, t in weights.items() if "lora_B" in n),
+                                  default=math.nan)}
 
 
 def untrained_reason(adapter_dir: str | Path | None, state, init_adapter: str | None = None) -> str | None:

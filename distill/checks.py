@@ -1,4 +1,6 @@
-"""How a free-form (generative) answer is judged: the `check` a prompt file declares instead of a label set.
+"""Owns strict scoring (the prompt's check, echo, loop, off topic); must not know a rule (rules.py) or a model.
+
+How a free-form (generative) answer is judged: the `check` a prompt file declares instead of a label set.
 
 A check is a mapping with exactly one kind:
 
@@ -68,14 +70,16 @@ def passes_each(check: dict | None, answers: list[str]) -> list[bool]:
 # answer passes strictly only if the prompt's check passes and none of these reasons applies; stage 1 rejects a
 # teacher answer for the same reasons (distill/teacher.py), so students never learn them.
 #
-# The thresholds were chosen on our data (2026-11-30; docs/prompt-files.md): real short answers restate at
-# most a third of their word trigrams from the prompt (their shared trigrams are phrases like "is the capital of"),
-# while rule restatements reuse 60-100%. A loop writes one 3-word phrase three times or more, repeats a whole
-# clause (8 words or more), or writes a span of 3 words or more twice in a row; a comparison's parallel halves ("X is a type of paint made from ..., while Y is a type
-# of paint made from ...") repeat up to 7 words and are answers; a format prefix written again after itself ("In
-# short: in short: ...") is a loop too. An on-topic answer names at least one content word of its question (an
-# acronym counts as named by the words it abbreviates) and adds one of its own, or is a short, direct yes/no to a
-# yes/no question or a number to a quantity question ("Should I water cactus plants every day?" -> "In short: no.").
+# The thresholds were chosen on our data (2026-11-30; docs/prompt-files.md): real short answers restate at most a third
+# of their word trigrams from the prompt (their shared trigrams are phrases like "is the capital of"), while rule
+# restatements reuse 60-100%. A loop writes one 3-word phrase three times or more, repeats a whole clause (8 words or
+# more), or writes a span of 3 words or more twice in a row; a comparison's parallel halves ("X is a type of paint made
+# from ..., while Y is a type of paint made from ...") repeat up to 7 words and are answers; a format prefix written
+# again after itself ("In short: in short: ...") is a loop too. An on-topic answer names at least one content word of
+# its question (an acronym counts as named by the words it abbreviates) and adds one of its own, or is a short, direct
+# yes/no to a yes/no question or a number to a quantity question ("Should I water cactus plants every day?" -> "In
+# short: no.").
+
 
 NON_ANSWER_REASONS = ("echo", "loop", "off_topic")
 ON_TOPIC_KINDS = ("question_words", "none")

@@ -1,4 +1,6 @@
-"""Deduplicating written queries: exact duplicates after normalisation, then near duplicates by word-shingle
+"""Owns deduplicating written queries (exact, then near duplicates); must not call a model or write files.
+
+Deduplicating written queries: exact duplicates after normalisation, then near duplicates by word-shingle
 Jaccard similarity against every query kept so far. Each drop has a reason, so a run can count them.
 
     index = NearDuplicateIndex(threshold=0.7)

@@ -1,4 +1,6 @@
-"""The defaults that more than one stage shares, each decided here once: the teacher model, how many tokens an
+"""Owns every default shared by more than one stage, decided once; must not hold a stage's own defaults.
+
+The defaults that more than one stage shares, each decided here once: the teacher and student models, how many tokens an
 answer may take, the train / held-out split, and whether a run logs to wandb.
 """
 
@@ -6,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 
 TEACHER_MODEL = "Qwen/Qwen3-30B-A3B-Thinking-2507"  # stage 1's teacher, stage 0's query writer
+STUDENT_MODEL = "Qwen/Qwen3-4B-Instruct-2507"  # stage 2's and stage 2b's student
 
 # The split training drops rows by and evaluation scores (distill/splits.py); a run record keeps the values used.
 HELDOUT_FRACTION = 0.2
@@ -21,7 +24,7 @@ STUDENT_MAX_TOKENS = {"label": 16, "generative": 64}
 
 def max_tokens(flag: int | None, model_defaults: dict, needed: int) -> int:
     """The one rule: --max_tokens when set; else the model's own max_new_tokens (`model_defaults`, from
-    distill.teacher.model_sampling_defaults) when the run samples with the model's defaults; else what the output
+    distill.sampling.model_sampling_defaults) when the run samples with the model's defaults; else what the output
     needs. Greedy evaluation passes no model defaults."""
     return flag or model_defaults.get("max_tokens") or needed
 
@@ -42,7 +45,8 @@ class StudentRunArguments:
                             metadata={"help": "seed of the group split (evaluate.py must use the same)"})
     max_train_rows: int | None = field(default=None, metadata={"help": "use only the first N training rows"})
     overwrite: bool = field(default=False, metadata={"help": "replace a finished run in --output_dir"})
-    train_router: bool = field(default=False, metadata={"help": "LoRA on an MoE router (mlp.gate) too; frozen by default"})
+    train_router: bool = field(default=False, metadata={
+        "help": "LoRA on an MoE router (mlp.gate) too; frozen by default"})
     plan_only: bool = field(default=False, metadata={
         "help": "print the memory plan and exit without loading weights: 0 if it fits, 1 if not"})
     plan_gpus: int | None = field(default=None, metadata={
@@ -56,4 +60,5 @@ class StudentRunArguments:
 
     def __post_init__(self):
         if self.fingerprint_probes < 0:
-            raise ValueError(f"--fingerprint_probes {self.fingerprint_probes}: give a number of training rows, 0 or more")
+            raise ValueError(f"--fingerprint_probes {self.fingerprint_probes}: give a number of training rows, "
+                             f"0 or more")

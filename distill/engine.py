@@ -1,4 +1,6 @@
-"""Building the vLLM engine from CLI flags, with the CPU defaults kept in one place.
+"""Owns building the vLLM engine from its flags (CPU defaults included); must not render, sample or score.
+
+Building the vLLM engine from CLI flags, with the CPU defaults kept in one place.
 
 Stage scripts call `configure_env()` before anything imports vllm (vLLM reads its env vars at import time),
 build their parser with `stage_parser(__doc__)`, add their own flags, then `add_engine_args(parser)` so every vLLM

@@ -1,4 +1,6 @@
-"""The trained student's fingerprint: what evaluate.py proves about the model it serves before it scores anything.
+"""Owns the trained student's fingerprint, written at training and checked at serving; must not train or score.
+
+The trained student's fingerprint: what evaluate.py proves about the model it serves before it scores anything.
 
 At the end of training (stages 2 and 2b) the trained model, still in memory, writes <output_dir>/fingerprint.json
 (docs/fingerprint.md). Its probes are --fingerprint_probes (default 8) training queries, each with the student's own
@@ -293,7 +295,7 @@ def check_ids(fingerprint: dict, rendered_prompts: list[list[int]], tokenizer) -
             continue
         at = next((i for i, (a, b) in enumerate(zip(trained, rendered)) if a != b), min(len(trained), len(rendered)))
 
-        def token(ids):
+        def token(ids, at=at):
             return f"{ids[at]} {tokenizer.decode([ids[at]])!r}" if at < len(ids) else "(end of prompt)"
 
         raise FingerprintMismatch(

@@ -1,4 +1,6 @@
-"""The checks stages make on their flags and inputs before any model loads, so that bad input costs seconds and reads
+"""Owns the checks on flags and inputs made before any model loads; must not load a model or write a file.
+
+The checks stages make on their flags and inputs before any model loads, so that bad input costs seconds and reads
 the same way everywhere: an InputError naming the flag, or the `file:line` (`file: row N` for a dataset), saying what
 is wrong and what to do. docs/troubleshooting.md lists every refusal.
 

@@ -1,4 +1,6 @@
-"""A judge model grades generative answers: does each one respond to its question and follow the prompt's rules?
+"""Owns a judge model's yes/no verdicts on generative answers; must not score by rules (rules.py, checks.py).
+
+A judge model grades generative answers: does each one respond to its question and follow the prompt's rules?
 
     verdicts = judge_answers(llm, tokenizer, task_prompt, questions, answers, params)   # [True, False, None, ...]
 
@@ -63,7 +65,7 @@ def judge_examples(args, prompt, examples: list[dict]) -> dict:
     from transformers import AutoTokenizer
 
     from distill.metrics import score_rules
-    from distill.teacher import sampling_params
+    from distill.sampling import sampling_params
 
     gc.collect()
     llm = engine.build_llm(args, model=args.judge_model)

@@ -1,4 +1,6 @@
-"""Accuracy against gold, agreement with the teacher, the confusion matrix and the baselines, computed one way
+"""Owns the numbers of an evaluation (accuracy, agreement, strict and per-rule rates, cost); must not print or log.
+
+Accuracy against gold, agreement with the teacher, the confusion matrix and the baselines, computed one way
 for every evaluation. A prediction of None (the output broke the answer contract) is counted as 'unparsed':
 it stays in the denominator and gets its own confusion-matrix column.
 """
@@ -14,14 +16,14 @@ def _rate(pairs) -> tuple[float | None, int]:
     return (sum(a == b for a, b in pairs) / len(pairs) if pairs else None), len(pairs)
 
 
-def score(golds: list, preds: list, labels: tuple[str, ...], teacher: list | None = None) -> dict:
-    """golds and teacher may hold None where a row has no gold or teacher label; such rows are left out of
+def score(golds: list, preds: list, labels: tuple[str, ...], teacher_labels: list | None = None) -> dict:
+    """golds and teacher_labels may hold None where a row has no gold or teacher label; such rows are left out of
     that metric, and the n beside it says how many rows it covers."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     preds_or_unparsed = [p if p is not None else UNPARSED for p in preds]
     accuracy, n_gold = _rate((p, g) for p, g in zip(preds_or_unparsed, golds) if g is not None)
-    agreement, n_teacher = _rate((p, t) for p, t in zip(preds_or_unparsed, teacher or []) if t is not None)
+    agreement, n_teacher = _rate((p, t) for p, t in zip(preds_or_unparsed, teacher_labels or []) if t is not None)
     result = {
         "n": len(preds),
         "accuracy_vs_gold": accuracy,
@@ -44,7 +46,8 @@ def score(golds: list, preds: list, labels: tuple[str, ...], teacher: list | Non
     majority_label, majority_count = counts.most_common(1)[0]
     result.update(
         confusion_matrix={"rows_gold": list(labels), "columns_predicted": columns, "matrix": matrix.tolist(),
-                          "as_dict": {g: {c: int(v) for c, v in zip(columns, row) if v} for g, row in zip(labels, matrix)}},
+                          "as_dict": {g: {c: int(v) for c, v in zip(columns, row) if v}
+                                      for g, row in zip(labels, matrix)}},
         per_label={
             label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s),
                     "accuracy": float(r)}  # share of this label's rows predicted right
@@ -97,7 +100,7 @@ def sentence_chrf(hypothesis: str, reference: str) -> float:
     return CHRF().sentence_score(hypothesis, [reference]).score
 
 
-def judge_answers(prompt, questions: list[str], answers: list[str], contract_reasons: list[str],
+def strict_verdicts(prompt, questions: list[str], answers: list[str], contract_reasons: list[str],
                   teacher_answers: list[str | None]) -> list[dict]:
     """Per answer: whether the prompt's check passes, why the answer is no answer ("ok" when it is one: the output's
     contract reason, e.g. cut_at_max_tokens, else distill/checks.py's echo / loop / off_topic), the strict verdict
@@ -107,15 +110,15 @@ def judge_answers(prompt, questions: list[str], answers: list[str], contract_rea
     from distill.rules import verdicts as rule_verdicts
 
     own_rules = rule_verdicts(prompt.rules, answers)
-    known = [i for i, teacher in enumerate(teacher_answers) if teacher is not None]
+    known = [i for i, reference in enumerate(teacher_answers) if reference is not None]
     teacher_rules = dict(zip(known, rule_verdicts(prompt.rules, [teacher_answers[i] for i in known])))
     verdicts = []
-    for i, (question, answer, check_passed, reason, teacher) in enumerate(zip(
+    for i, (question, answer, check_passed, reason, reference) in enumerate(zip(
             questions, answers, passes_each(prompt.check, answers), contract_reasons, teacher_answers)):
         if reason == "ok":
             reason = non_answer_reason(prompt, question, answer) or "ok"
         verdicts.append({"passed": check_passed and reason == "ok", "check_passed": check_passed, "reason": reason,
-                         "chrf": None if teacher is None else round(sentence_chrf(answer, teacher), 4),
+                         "chrf": None if reference is None else round(sentence_chrf(answer, reference), 4),
                          "rules": own_rules[i], "teacher_rules": teacher_rules.get(i)})
     return verdicts
 
@@ -197,9 +200,9 @@ def cost(prompt_ids, generation, generative: bool) -> dict:
     return figures
 
 
-def cost_ratio(teacher: dict, student: dict) -> dict:
+def cost_ratio(teacher_cost: dict, student: dict) -> dict:
     """How many times cheaper the student without the prompt is than the teacher with it."""
-    ratio = {"input_tokens": teacher["input_tokens_per_request"] / student["input_tokens_per_request"]}
-    if teacher.get("median_latency_seconds") and student.get("median_latency_seconds"):
-        ratio["median_latency"] = teacher["median_latency_seconds"] / student["median_latency_seconds"]
+    ratio = {"input_tokens": teacher_cost["input_tokens_per_request"] / student["input_tokens_per_request"]}
+    if teacher_cost.get("median_latency_seconds") and student.get("median_latency_seconds"):
+        ratio["median_latency"] = teacher_cost["median_latency_seconds"] / student["median_latency_seconds"]
     return ratio

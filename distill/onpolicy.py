@@ -1,4 +1,6 @@
-"""On-policy prompt distillation (stage 2b): the student samples an answer without the prompt, and a teacher that
+"""Owns stage 2b's prompted teacher inside TRL's trainers and its runtime checks; must not parse flags or load files.
+
+On-policy prompt distillation (stage 2b): the student samples an answer without the prompt, and a teacher that
 reads the prompt scores every sampled token; the loss is TRL's generalized JSD on those tokens (beta 1: reverse KL).
 
 TRL's DistillationTrainer gives the teacher the student's own input. Here the teacher's input is the prompt file's
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distill import render
-from distill.prompts import BARE_STUDENT, StudentSide, TaskPrompt
+from distill.prompts import TaskPrompt
 
 # The prompt-reading check at the first step: the teacher's mean log-probability of the sampled answer tokens with the
 # prompt must differ from the same teacher's without it by more than this (nats per token, mean absolute difference).
@@ -453,72 +455,3 @@ def backbone_of(model):
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     return model.base_model
-
-
-# ---- measuring: how close a student is to the prompted teacher, and how far it drifted from its base -----------
-
-
-def answer_ids(tokenizer, answer: str) -> list[int]:
-    """An answer as the student writes it: its tokens, then the end-of-turn token."""
-    return tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-
-
-def student_hidden_states(backbone, tokenizer, queries: list, completions: list[list[int]],
-                          side: StudentSide = BARE_STUDENT):
-    """The student's hidden states (no prompt; its own side of the prompt file) predicting each completion token,
-    (B, C, H), right-padded."""
-    prompts = [render.student_ids(tokenizer, query, side) for query in queries]
-    rows = [p + c for p, c in zip(prompts, completions)]
-    width = max(map(len, rows))
-    ids = torch.tensor([row + [tokenizer.pad_token_id or 0] * (width - len(row)) for row in rows])
-    attention = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
-    hidden = backbone(input_ids=ids, attention_mask=attention).last_hidden_state
-    length = max(map(len, completions))
-    positions = torch.tensor([[min(len(p) - 1 + j, width - 1) for j in range(length)] for p in prompts])
-    return hidden.gather(1, positions[..., None].expand(-1, -1, hidden.size(-1)))
-
-
-def kl_to_teacher(student, teacher, tokenizer, prompt: TaskPrompt, queries: list[str], answers: list[str],
-                  batch_size: int = 8) -> dict:
-    """Per-token reverse KL(student || teacher) and forward KL(teacher || student) on the given answers' tokens (the
-    end-of-turn token included), full vocabulary: the student reads the query with its own side of the prompt file
-    (`prompt.student`; the bare query by default), the teacher (a frozen model) the prompt, its example turns and the
-    query. Means over all scored tokens."""
-    prefix = shared_prefix(tokenizer, prompt, queries)
-    cache = PrefixCache(prefix)
-    reverse = forward = tokens = 0.0
-    with torch.no_grad():
-        for start in range(0, len(queries), batch_size):
-            batch_queries = queries[start: start + batch_size]
-            completions = [answer_ids(tokenizer, a) for a in answers[start: start + batch_size]]
-            width = max(map(len, completions))
-            completion_ids = torch.tensor([c + [0] * (width - len(c)) for c in completions])
-            mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in completions]).bool()
-            suffixes = TeacherInputs.build(tokenizer, prompt, batch_queries, prefix).suffixes
-            log_t = torch.log_softmax(teacher.lm_head(teacher_hidden_states(
-                backbone_of(teacher), suffixes, completion_ids, mask.long(), prefix, cache)), -1)
-            log_s = torch.log_softmax(student.lm_head(student_hidden_states(
-                backbone_of(student), tokenizer, batch_queries, completions, prompt.student)), -1)
-            reverse += (log_s.exp() * (log_s - log_t)).sum(-1)[mask].sum().item()
-            forward += (log_t.exp() * (log_t - log_s)).sum(-1)[mask].sum().item()
-            tokens += mask.sum().item()
-    return {"reverse_kl": reverse / tokens, "forward_kl": forward / tokens, "tokens": int(tokens)}
-
-
-def drift_from_base(student, base, tokenizer, texts: list[str], batch_size: int = 8,
-                    side: StudentSide = BARE_STUDENT) -> dict:
-    """Per-token KL(base || student) over every token of unrelated chat inputs (each text as the student reads a
-    query: with its own side of the prompt file, the bare [user: text] by default), where the student should still
-    behave as the base model does."""
-    total = tokens = 0.0
-    with torch.no_grad():
-        for start in range(0, len(texts), batch_size):
-            rows = [render.student_ids(tokenizer, text, side) for text in texts[start: start + batch_size]]
-            width = max(map(len, rows))
-            ids = torch.tensor([r + [tokenizer.pad_token_id or 0] * (width - len(r)) for r in rows])
-            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-            log_b = torch.log_softmax(base(input_ids=ids, attention_mask=mask).logits, -1)
-            log_s = torch.log_softmax(student(input_ids=ids, attention_mask=mask).logits, -1)
-            total += (log_b.exp() * (log_b - log_s)).sum(-1)[mask.bool()].sum().item()
-            tokens += mask.sum().item()
-    return {"kl_base_to_student": total / tokens, "tokens": int(tokens), "texts": len(texts)}

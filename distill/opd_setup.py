@@ -1,4 +1,6 @@
-"""Stage 2b's inputs and checks, all before any weights load, and the trainer they assemble (train_opd_trl.py).
+"""Owns stage 2b's inputs, checks and trainer before any weights load; must not parse flags or write run files.
+
+Stage 2b's inputs and checks, all before any weights load, and the trainer they assemble (train_opd_trl.py).
 
     prompt = task_prompt("prompts/in_short.md")                      # a bad prompt file fails here
     check_settings(script_args, training_args, model_args)           # settings that would skip our teacher
@@ -14,9 +16,16 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from distill.prompts import load_prompt
-from distill.render import (conversation, fit_system, merges_system, query_of, rendering_record, student_messages,
-                            takes_system_role)
 from distill.records import InputError, query_id, read_jsonl, read_queries
+from distill.render import (
+    conversation,
+    fit_system,
+    merges_system,
+    query_of,
+    rendering_record,
+    student_messages,
+    takes_system_role,
+)
 from distill.splits import select
 from distill.training import query_and_answer
 
@@ -183,7 +192,8 @@ def probe_server(url: str) -> None:
         socket.create_connection((parsed.hostname, port), timeout=SERVER_PROBE_SECONDS).close()
     except OSError as error:
         raise InputError(f"--teacher_server_url {url}: unreachable ({error}); start it with "
-                         f"`python -m distill.teacher_server MODEL --max-logprobs 1 --port {port}` (or `vllm serve`)") from None
+                         f"`python -m distill.teacher_server MODEL --max-logprobs 1 --port {port}` "
+                         f"(or `vllm serve`)") from None
 
 
 def probe_server_in(argv: list[str]) -> None:

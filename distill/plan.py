@@ -1,4 +1,6 @@
-"""A memory plan for training a student, computed from its config on the meta device before any weight loads.
+"""Owns the memory plan of a training run, from configs on the meta device; must not load weights.
+
+A memory plan for training a student, computed from its config on the meta device before any weight loads.
 
     plan = memory_plan(AutoConfig.from_pretrained(path), peft_config, num_gpus=8, sharded=True)
     print(plan.format())
@@ -72,7 +74,8 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
 
     if name_or_path in REFERENCE_CONFIGS and not Path(name_or_path).exists():
         try:  # the hub's cache only: offline a lookup would fail, online it would only confirm the stored shapes
-            config = AutoConfig.from_pretrained(name_or_path, local_files_only=True, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(name_or_path, local_files_only=True,
+                                                trust_remote_code=trust_remote_code)
             return config, f"{name_or_path} (the hub cache's config.json)"
         except OSError:
             return (AutoConfig.for_model(**REFERENCE_CONFIGS[name_or_path]),

@@ -1,4 +1,6 @@
-"""A task prompt file -> its text, label set, answer contract and the student's side; it renders nothing (render.py).
+"""Owns a prompt file -> its task, rules and student side; must not render a model input (render.py).
+
+A task prompt file -> its text, label set, answer contract and the student's side; it renders nothing (render.py).
 
 A prompt file is Markdown with YAML front matter declaring the task, so another task needs a new file, not code:
 
@@ -38,8 +40,8 @@ rendered with a query, is distill/render.py's. The front matter may declare the 
 """
 
 import hashlib
-import string
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -1,4 +1,6 @@
-"""Stage 1 on Ray Data: `create_data.py --engine ray` runs the teacher as a Ray Data pipeline over --num_replicas
+"""Owns stage 1 on Ray Data across replicas and nodes; must not answer, render or write files except through stage1.
+
+Stage 1 on Ray Data: `create_data.py --engine ray` runs the teacher as a Ray Data pipeline over --num_replicas
 vLLM replicas, each with --tensor_parallel_size GPUs (on a CPU-only cluster: --cpus_per_replica CPUs), on this node
 or on a Ray cluster of many nodes.
 

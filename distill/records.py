@@ -1,4 +1,6 @@
-"""Query input (text, JSONL, CSV, parquet/arrow, datasets; texts or conversations), crash-safe JSONL output, ids and
+"""Owns reading query inputs, JSONL writes and run records; must not know what a stage does with them.
+
+Query input (text, JSONL, CSV, parquet/arrow, datasets; texts or conversations), crash-safe JSONL output, ids and
 run records.
 
 Every stage reads and writes through here so bad input fails the same way everywhere: an InputError naming the
@@ -314,7 +316,8 @@ class RunRecord:
     command: str = field(default_factory=lambda: " ".join([sys.executable, *sys.argv]))
     git_revision: str = field(default_factory=git_revision)
 
-    def finish(self, path: str | Path, **results) -> dict:
+    def write(self, path: str | Path, **results) -> dict:
+        """The record as it stands (atomically): how the run was started, and `results` (its status, counts, ...)."""
         record = {
             "stage": self.stage,
             "command": self.command,
@@ -326,3 +329,7 @@ class RunRecord:
         }
         write_json(path, record)
         return record
+
+    def mark_running(self, path: str | Path, **results) -> dict:
+        """The record of a run that has started: what a crashed run leaves behind, and what later stages read early."""
+        return self.write(path, status="running", **results)

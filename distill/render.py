@@ -1,4 +1,6 @@
-"""How a model's input is rendered: the one place a teacher's and a student's input become text and token ids.
+"""Owns every model input's rendering (messages, chat template, thinking state); must not read files or load models.
+
+How a model's input is rendered: the one place a teacher's and a student's input become text and token ids.
 
 It owns the messages each side reads, the chat template's system role (or its merge into the first user turn) and the
 thinking state; it must not read files or load models. Stages 1, 2, 2b, 3 and the fingerprint render through it and

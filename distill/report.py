@@ -1,4 +1,6 @@
-"""How evaluate.py shows its results: a line per example as they are scored, the console report (accuracy beside the
+"""Owns how evaluation's results are printed, drawn and logged; must not compute a metric (metrics.py).
+
+How evaluate.py shows its results: a line per example as they are scored, the console report (accuracy beside the
 baselines and the confusion matrix, or a generative task's pass rates), the confusion-matrix PNG, and the wandb eval
 run. The numbers themselves come from distill/metrics.py and are saved in the results JSON before any of this runs.
 
@@ -94,7 +96,8 @@ def print_report(r):
     baselines = r.get("baselines", {})
     if baselines:
         print("baselines on the same rows: " + ", ".join(
-            f"{name} {fmt(b['accuracy'])}" + (f" ('{b['label']}')" if "label" in b else "") for name, b in baselines.items()))
+            f"{name} {fmt(b['accuracy'])}" + (f" ('{b['label']}')" if "label" in b else "")
+            for name, b in baselines.items()))
     if "confusion_matrix" in r:
         cm = r["confusion_matrix"]
         short = [c if c != "unparsed" else "unp" for c in cm["columns_predicted"]]
@@ -144,7 +147,8 @@ def plot_confusion(results, path: Path, title: str):
         if value:
             ax.text(j, i, str(value), ha="center", va="center",
                     color="white" if value > matrix.max() / 2 else "black", fontsize=8)
-    ax.set_title(f"{title}\naccuracy vs gold {fmt(results['accuracy_vs_gold'])}, n={results['n_with_gold']}", fontsize=10)
+    ax.set_title(f"{title}\naccuracy vs gold {fmt(results['accuracy_vs_gold'])}, n={results['n_with_gold']}",
+                 fontsize=10)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -154,7 +158,8 @@ def plot_confusion(results, path: Path, title: str):
 # What a wandb eval run's summary holds, per kind of task.
 SUMMARY_KEYS = {
     "label": ("accuracy_vs_gold", "agreement_with_teacher", "parse_rate", "n"),
-    "generative": ("strict_pass_rate", "n_strict_passed", "check_pass_rate", "agreement_with_teacher_chrf", "n_with_teacher", "mean_answer_chars",
+    "generative": ("strict_pass_rate", "n_strict_passed", "check_pass_rate", "agreement_with_teacher_chrf",
+                   "n_with_teacher", "mean_answer_chars",
                    "mean_answer_tokens", "empty_answers", "n", "non_answer_rate"),
 }
 

@@ -1,4 +1,6 @@
-"""A prompt file's rules, and the deterministic verifiers that check an answer against each of them.
+"""Owns a prompt's rules and their deterministic verifiers; must not call a model (judged rules are judge.py's).
+
+A prompt file's rules, and the deterministic verifiers that check an answer against each of them.
 
 A prompt file's front matter may declare `rules:` (docs/prompt-files.md), each with an id, a one-line text and either
 `verify:` (one of VERIFIERS below, with its argument) or `judge:` (a yes/no rubric for evaluate.py --judge_model):

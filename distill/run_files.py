@@ -1,18 +1,21 @@
-"""One run's files, side by side: the output JSONL, its rejects file, the logprobs sidecar (create_data.py
+"""Owns one run's files (output, rejects, sidecar, record): resume, append, merge; must not render or call a model.
+
+One run's files, side by side: the output JSONL, its rejects file, the logprobs sidecar (create_data.py
 --save_logprobs) and the run record. Stage 0 and stage 1 (create_queries.py, create_data.py and its Ray driver)
 resume, append and merge them only through this class, so they do it the same way.
 
     files = RunFiles(args.output_file, RunRecord("create_data", vars(args)), RESUME_KEYS, sidecar=True)
     written, rejected = files.resume(settings, overwrite=False)   # rows an earlier run of the same command finished
-    files.finish(status="running", settings=settings)             # the run record, written atomically
+    files.mark_running(settings=settings)                         # the run record, written atomically
     with files.appender() as append:
         append([{"row": ..., "sidecar": ...}, {"reject": ...}])  # one write and fsync per file, sidecar lines first
 
 Resuming refuses a run record made with other settings (the keys a stage names: what its answers mean), and a
 finished row whose input (its `input_sha256`: the rendered teacher input and the prompt file) is not the input now,
 e.g. a query edited under the same id (rows from before the hash resume unchecked, with a note); it cuts a
-last line torn by a crash (and, under --keep all, the rest of that query's rows), and keeps rows and sidecar lines only in pairs: a row whose sidecar line is missing, or a
-sidecar line without its row, is dropped and its query asked again. --overwrite deletes all four files instead.
+last line torn by a crash (and, under --keep all, the rest of that query's rows), and keeps rows and sidecar lines
+only in pairs: a row whose sidecar line is missing, or a sidecar line without its row, is dropped and its query asked
+again. --overwrite deletes all four files instead.
 `merge` builds one output from a multi-instance run's shards when together they hold every selected id exactly
 once and were all made, to the end, with the same settings.
 """
@@ -23,10 +26,57 @@ from contextlib import contextmanager
 from glob import glob
 from pathlib import Path
 
-from distill.records import (InputError, RunRecord, append_jsonl, output_paths, query_id, read_jsonl,
-                             repair_torn_tail)
+from distill.records import InputError, RunRecord, append_jsonl, output_paths, query_id, read_jsonl, repair_torn_tail
 from distill.shards import coverage_errors
-from distill.soft_targets import SIDECAR_SUFFIX, read_sidecar, sidecar_path, sync_sidecar
+
+# ---- the KD sidecar: one line per written row (its content: distill/soft_targets.py) ---------------------------
+#
+# A row and its sidecar line are one unit: the sidecar line is written (and fsynced) first, so a crash leaves at worst
+# a sidecar line without its row; on resume `sync_sidecar` keeps only ids present in both files, so such a query (or
+# a row whose sidecar line is missing) is asked again.
+
+SIDECAR_SUFFIX = ".logprobs.jsonl"
+
+
+def sidecar_path(output: str | Path) -> Path:
+    stem = Path(output).with_suffix("")
+    return stem.with_name(stem.name + SIDECAR_SUFFIX)
+
+
+def sync_sidecar(out: Path, sidecar: Path) -> dict:
+    """After a crash: cut torn tails, then keep in both files only the ids present in both (the last sidecar line of
+    an id wins), rewriting a file only if it changes. Returns what was dropped, for the log."""
+    repair_torn_tail(sidecar)
+    rows = read_jsonl(out) if out.exists() else []
+    lines = {line["id"]: line for line in (read_jsonl(sidecar) if sidecar.exists() else [])}
+    row_ids = {row["id"] for row in rows}
+    dropped = {"rows_without_sidecar": [row["id"] for row in rows if row["id"] not in lines],
+               "sidecar_without_row": [line_id for line_id in lines if line_id not in row_ids]}
+    kept_rows = [row for row in rows if row["id"] in lines]
+    kept_lines = [lines[row["id"]] for row in kept_rows]
+    if len(kept_rows) != len(rows):
+        _rewrite(out, kept_rows)
+    if not sidecar.exists() or kept_lines != read_jsonl(sidecar):
+        _rewrite(sidecar, kept_lines)
+    return dropped
+
+
+def _rewrite(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        append_jsonl(handle, rows)
+    tmp.replace(path)
+
+
+def read_sidecar(path: Path) -> dict[str, dict]:
+    lines = {}
+    for number, line in enumerate(read_jsonl(path), start=1):
+        if not isinstance(line, dict) or "id" not in line or "top_ids" not in line:
+            raise InputError(f"{path}:{number}: not a sidecar line (needs id, answer_token_ids, top_ids, "
+                             "top_logprobs)")
+        lines[line["id"]] = line
+    return lines
+
 
 
 def cut_partial_query(path: Path) -> tuple[str, int, int] | None:
@@ -69,9 +119,12 @@ class RunFiles:
     def rejected(self) -> list[dict]:
         return read_jsonl(self.rejects) if self.rejects.exists() else []
 
-    def finish(self, **results) -> dict:
+    def write(self, **results) -> dict:
         """Writes the run record (how the run was started, and `results`); returns it."""
-        return self.run.finish(self.record_path, **results)
+        return self.run.write(self.record_path, **results)
+
+    def mark_running(self, **results) -> dict:
+        return self.run.mark_running(self.record_path, **results)
 
     def resume(self, settings: dict, overwrite: bool,
                input_sha256: Callable[[str], str | None] | None = None) -> tuple[list[dict], list[dict]]:
@@ -102,7 +155,8 @@ class RunFiles:
         if self.sidecar:
             for what, ids in sync_sidecar(self.out, self.sidecar).items():
                 if ids:
-                    print(f"resume: {len(ids)} {what.replace('_', ' ')} dropped, to be asked again: {', '.join(ids[:5])}")
+                    print(f"resume: {len(ids)} {what.replace('_', ' ')} dropped, to be asked again: "
+                          f"{', '.join(ids[:5])}")
         written, rejected = self.written(), self.rejected()
         if input_sha256:
             self.check_inputs(written, rejected, input_sha256)
@@ -184,7 +238,7 @@ class RunFiles:
         # the student side from here.
         alike = {key: shard_records[0].get(key) for key in ("teacher_tokenizer_sha256", "input_kind", "student",
                                                               "system_merged_into_user")}
-        return self.finish(status="finished", settings=settings, merged_from=[str(path) for path in records], **alike,
+        return self.write(status="finished", settings=settings, merged_from=[str(path) for path in records], **alike,
                            logprobs_top_k=settings["save_logprobs"],
                            counts={"selected": len(rows), "written_total": len(written),
                                    "rejected_total": len(rejected)},

@@ -1,4 +1,6 @@
-"""How evaluate.py serves the model it scores, what it checks about it before the engine starts, and the served
+"""Owns how evaluation serves the model it scores (LoRA or merged) and what it checks first; must not score.
+
+How evaluate.py serves the model it scores, what it checks about it before the engine starts, and the served
 model's answers.
 
 A full model is served as is. A LoRA adapter is served through vLLM's LoRA support on GPU, with max_lora_rank
@@ -231,7 +233,8 @@ def generate(llm, tokenizer, rows, prompt_ids, prompt, args, lora_request) -> Ge
     evaluation's one override of the model's sampling defaults. With --with_prompt the rows go through stage 1's
     teacher path (distill.teacher: same rendering, constraint and parsing, no redraws), so a query gets the label
     (or generative answer) create_data.py gives it at --temperature 0."""
-    from distill.teacher import Teacher, VllmEngine, effective_sampling, sampling_params
+    from distill.sampling import effective_sampling, sampling_params
+    from distill.teacher import Teacher, VllmEngine
 
     teacher = None
     if args.with_prompt:

@@ -1,4 +1,6 @@
-"""Which instance answers which query, and the check that every selected query was answered exactly once (the
+"""Owns which instance answers which query, and the exactly-once check; must not read or write files.
+
+Which instance answers which query, and the check that every selected query was answered exactly once (the
 merge of shards itself: distill/run_files.py); a written row names its query by `records.query_id`.
 
 A row belongs to shard `hash(id) mod num_shards`. Unlike slicing by position, that does not move when rows are

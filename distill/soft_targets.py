@@ -1,4 +1,6 @@
-"""Soft targets: what stage 1 keeps of the teacher's distribution (`--save_logprobs K`) and how stage 2 turns it
+"""Owns the teacher's soft targets (a sidecar line's content, stage 2's KD targets); must not handle their files.
+
+Soft targets: what stage 1 keeps of the teacher's distribution (`--save_logprobs K`) and how stage 2 turns it
 into per-token targets for the KD loss (`--distill_loss kd|kd+ce`).
 
 Stage 1 writes `<output>.logprobs.jsonl` beside the chat JSONL, one line per written row, keyed by id:
@@ -22,9 +24,7 @@ Stage 2 uses a label row's `label_distribution` (when it has one) as the target 
 student's own first token of each label, and otherwise the top K of every answer token when the student's
 tokenization of the answer starts with the teacher's answer tokens; a row with neither keeps plain CE (counted).
 
-A row and its sidecar line are one unit: the sidecar line is written (and fsynced) first, so a crash leaves at worst
-a sidecar line without its row; on resume `sync_sidecar` keeps only ids present in both files, so such a query (or
-a row whose sidecar line is missing) is asked again.
+The sidecar's file (its path, reading it, keeping it paired with the output on resume) is distill/run_files.py's.
 """
 
 import hashlib
@@ -33,17 +33,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill.prompts import BARE_STUDENT, StudentSide
-from distill.records import InputError, append_jsonl, read_jsonl, repair_torn_tail
-from distill.render import student_example
-from distill.training import NO_MASS, kl_from_top_k, query_and_answer
-
-SIDECAR_SUFFIX = ".logprobs.jsonl"
-
-
-def sidecar_path(output: str | Path) -> Path:
-    stem = Path(output).with_suffix("")
-    return stem.with_name(stem.name + SIDECAR_SUFFIX)
+from distill.records import InputError
+from distill.run_files import SIDECAR_SUFFIX, read_sidecar, sidecar_path
 
 
 def tokenizer_hash(tokenizer) -> str:
@@ -121,42 +112,7 @@ def sidecar_line(outcome, tokenizer, k: int, labels=None, sample=None, row_id: s
     return line
 
 
-def sync_sidecar(out: Path, sidecar: Path) -> dict:
-    """After a crash: cut torn tails, then keep in both files only the ids present in both (the last sidecar line of
-    an id wins), rewriting a file only if it changes. Returns what was dropped, for the log."""
-    repair_torn_tail(sidecar)
-    rows = read_jsonl(out) if out.exists() else []
-    lines = {line["id"]: line for line in (read_jsonl(sidecar) if sidecar.exists() else [])}
-    row_ids = {row["id"] for row in rows}
-    dropped = {"rows_without_sidecar": [row["id"] for row in rows if row["id"] not in lines],
-               "sidecar_without_row": [line_id for line_id in lines if line_id not in row_ids]}
-    kept_rows = [row for row in rows if row["id"] in lines]
-    kept_lines = [lines[row["id"]] for row in kept_rows]
-    if len(kept_rows) != len(rows):
-        _rewrite(out, kept_rows)
-    if not sidecar.exists() or kept_lines != read_jsonl(sidecar):
-        _rewrite(sidecar, kept_lines)
-    return dropped
-
-
-def _rewrite(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        append_jsonl(handle, rows)
-    tmp.replace(path)
-
-
 # ---- stage 2: from a sidecar line (or vote shares) to per-token targets ------------------------------------------
-
-
-def read_sidecar(path: Path) -> dict[str, dict]:
-    lines = {}
-    for number, line in enumerate(read_jsonl(path), start=1):
-        if not isinstance(line, dict) or "id" not in line or "top_ids" not in line:
-            raise InputError(f"{path}:{number}: not a sidecar line (needs id, answer_token_ids, top_ids, "
-                             "top_logprobs)")
-        lines[line["id"]] = line
-    return lines
 
 
 def logprob_targets(line: dict | None, completion_ids: list[int]) -> tuple[list, list] | None:
@@ -247,35 +203,3 @@ def row_targets(targets: TeacherTargets, row: dict, tokenizer, example: dict) ->
 
 
 # ---- stage 3 / benches: how far a student is from the teacher on held-out answers -------------------------------
-
-
-def heldout_kl(model, tokenizer, rows: list[dict], sidecar: dict[str, dict], side: StudentSide = BARE_STUDENT) -> dict:
-    """Mean KL(teacher || student) per answer token over stage-1 rows the student never trained on: the student,
-    without the prompt (with its own `side` of the prompt file, as stage 2 trains it), reads the query and the
-    teacher's answer (teacher forcing), and at each answer token with a
-    target its distribution is compared with the teacher's, as stage 2 builds the targets (row_targets: a label
-    row's label distribution on its first token, else the top K renormalised; T = 1). Rows without targets are
-    counted, not scored.
-
-    Returns {"mean_kl", "tokens", "rows", "rows_without_targets"}; mean_kl is None when no row has targets."""
-    import torch
-
-    targets = TeacherTargets("logprobs", sidecar)
-    per_token, without = [], 0
-    model.eval()
-    for row in rows:
-        example = student_example(tokenizer, *query_and_answer(row, None), side)
-        found = row_targets(targets, row, tokenizer, example)
-        start, top_ids = found["teacher_start"], found["teacher_top_ids"]
-        if start < 0 or not top_ids:
-            without += 1
-            continue
-        k = max(len(ids) for ids in top_ids)
-        ids = torch.tensor([ids + [0] * (k - len(ids)) for ids in top_ids])
-        logprobs = torch.tensor([values + [NO_MASS] * (k - len(values)) for values in found["teacher_top_logprobs"]])
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([example["input_ids"][: start + len(top_ids)]])).logits[0]
-        # The logits at position t predict token t + 1.
-        per_token += kl_from_top_k(logits[start - 1 : start - 1 + len(top_ids)], ids, logprobs).tolist()
-    return {"mean_kl": sum(per_token) / len(per_token) if per_token else None, "tokens": len(per_token),
-            "rows": len(rows) - without, "rows_without_targets": without}

@@ -1,4 +1,6 @@
-"""The deterministic train / held-out split that training and evaluation share.
+"""Owns the train / held-out split every stage shares; must not read files.
+
+The deterministic train / held-out split that training and evaluation share.
 
 A row's side depends only on its group (or its id when it has none) and the seed, through a hash: it does not
 move when rows are added, removed or reordered, and every row of a translation group lands on the same side.

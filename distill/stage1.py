@@ -1,6 +1,8 @@
-"""Stage 1's teacher, from the flags to the records a final answer adds to the run's files: built the same way by
+"""Owns stage 1 from its flags to the records an answer adds; must not parse flags or print usage (create_data.py).
+
+Stage 1's teacher, from the flags to the records a final answer adds to the run's files: built the same way by
 create_data.py's own engine (`answer_queries`) and by every Ray replica (distill/ray_stage.py); create_queries.py
-shares the sampling and tokenizer steps.
+shares the tokenizer step (and distill/sampling.py's sampling).
 
     teacher = build_teacher(args, prompt)
     settings = run_settings(args, prompt.sha256, model_sampling_defaults(args))   # read without an engine
@@ -23,50 +25,17 @@ from collections import Counter
 from contextlib import contextmanager
 
 from distill import defaults, engine, shards
-from distill.render import conversation, query_of, takes_system_role
 from distill.records import InputError, query_id
+from distill.render import conversation, query_of, takes_system_role
+from distill.sampling import SAMPLING_FLAGS, engine_sampling, expected_sampling
 from distill.soft_targets import sidecar_line
 from distill.splits import split_of
 from distill.synthesis import label_target_agreement
-from distill.teacher import (SAMPLING_FLAGS, StopRequest, StreamStats, Teacher, VllmEngine, effective_sampling,
-                             sampling_params, stream)
+from distill.teacher import StopRequest, StreamStats, Teacher, VllmEngine, stream
 
 # Settings that change what the teacher's answers mean: a resumed run, or a shard merged with others, must share them.
 RESUME_KEYS = ("model", "prompt_sha256", "num_samples", "constrain_labels", *SAMPLING_FLAGS, "max_tokens",
                "save_logprobs", "keep", "keep_rule_failures")
-
-
-# ---- sampling: the model's defaults, then the user's flags ------------------------------------------------------
-
-
-class EngineDefaultsError(RuntimeError):
-    """vLLM's sampling defaults are not the ones read from the model's generation_config without the engine."""
-
-
-def user_sampling(args) -> dict:
-    return {flag: getattr(args, flag) for flag in SAMPLING_FLAGS}
-
-
-def expected_sampling(args, model_defaults: dict, max_tokens: int) -> dict:
-    """Sampling as the engine will apply it (`model_defaults`, from distill.teacher.model_sampling_defaults, then the
-    user's flags), known without starting the engine, so a resume check fails in seconds."""
-    from vllm import SamplingParams
-
-    params = sampling_params(SamplingParams.from_optional(**model_defaults), user_sampling(args), max_tokens=max_tokens)
-    return effective_sampling(params)
-
-
-def engine_sampling(llm, args, settings: dict, **fixed):
-    """A started engine's SamplingParams for a run whose `settings` hold expected_sampling, plus `fixed` settings of
-    ours (a constraint, logprobs, stop strings). EngineDefaultsError if vLLM's defaults are not the ones read
-    without it: the resume check would have been wrong."""
-    params = sampling_params(llm.get_default_sampling_params(), user_sampling(args), max_tokens=settings["max_tokens"],
-                             **fixed)
-    effective = effective_sampling(params)
-    if effective != {key: settings[key] for key in effective}:
-        raise EngineDefaultsError(f"vLLM's sampling defaults {effective} differ from the ones read from the model's "
-                                  f"generation_config ({settings}); the resume check would be wrong")
-    return params
 
 
 def run_settings(args, prompt_sha256: str, model_defaults: dict) -> dict:
@@ -76,9 +45,8 @@ def run_settings(args, prompt_sha256: str, model_defaults: dict) -> dict:
     sampling = expected_sampling(args, model_defaults, max_tokens)
     return {"model": args.model, "prompt_sha256": prompt_sha256, "num_samples": args.num_samples,
             "constrain_labels": args.constrain_labels, **sampling, "save_logprobs": args.save_logprobs,
-            # None for --keep vote: a run record from before the flag (no "keep") resumes as one
-            "keep": "all" if args.keep == "all" else None,
-            "keep_rule_failures": args.keep_rule_failures or None}  # the same for a record from before rules
+            "keep": args.keep,
+            "keep_rule_failures": args.keep_rule_failures}
 
 
 def teacher_sampling(llm, args, teacher: Teacher, settings: dict):
@@ -236,7 +204,7 @@ def finish(args, files, rows, resumed, stats, stopped, *, prompt, queries, teach
     selected = {row["id"] for row in rows}
     coverage = [] if stopped else shards.coverage_errors(
         rows, [row for row in written + rejected if query_id(row) in selected])
-    return files.finish(
+    return files.write(
         status="interrupted" if stopped else ("finished" if not coverage else "failed"),
         coverage_errors=coverage, **record, model=args.model, prompt_file=args.prompt_file,
         task="generative" if prompt.is_generative else "label", expects_reasoning=teacher.expects_reasoning,
@@ -295,7 +263,8 @@ def report(args, files, record: dict, stats: dict, stopped: int | None) -> None:
             for rule in by_count))
     if counts["label_targets"]:
         targets = counts["label_targets"]
-        print(f"create_data: {targets['labelled_as_target']} of {targets['queries']} queries written for a label got it "
+        print(f"create_data: {targets['labelled_as_target']} of {targets['queries']} queries written for a label "
+              f"got it "
               f"from the teacher ({100 * targets['share']:.1f}%; per label in the run record)")
     if stopped:
         sys.exit(128 + stopped)

@@ -1,4 +1,6 @@
-"""The side-by-side tables `make demo` ends with, from evaluate.py results files.
+"""Owns the tables `make demo` ends with, from results files; must not compute a score (metrics.py).
+
+The side-by-side tables `make demo` ends with, from evaluate.py results files.
 
 The kind of task is read from the results (a generative task's results say "task": "generative"):
 
@@ -143,11 +145,12 @@ def pass_header(check: dict) -> str:
 def share_line(teacher_rate, student_rate) -> str:
     goal = f"goal >= {100 * GOAL_SHARE_OF_TEACHER:.0f}%"
     if not teacher_rate:
-        return f"The teacher passes no answer strictly, so the student's share of its strict pass rate is undefined ({goal})."
+        return (f"The teacher passes no answer strictly, so the student's share of its strict pass rate is undefined "
+                f"({goal}).")
     share = student_rate / teacher_rate
     verdict = "met" if share >= GOAL_SHARE_OF_TEACHER else "not met"
-    return (f"The distilled student reaches {100 * share:.0f}% of the teacher's strict pass rate ({pct(student_rate)} vs "
-            f"{pct(teacher_rate)}); {goal}: {verdict}.")
+    return (f"The distilled student reaches {100 * share:.0f}% of the teacher's strict pass rate "
+            f"({pct(student_rate)} vs {pct(teacher_rate)}); {goal}: {verdict}.")
 
 
 def rule_goal_lines(teacher: dict, students: dict[str, dict]) -> list[str]:

@@ -1,4 +1,6 @@
-"""Writing queries for a task prompt with the model itself (Snell et al.): what one request asks, how the answer is
+"""Owns writing queries with the model itself (stage 0): requests, parsing, targets; must not write files.
+
+Writing queries for a task prompt with the model itself (Snell et al.): what one request asks, how the answer is
 read as one query, which topic or label each request targets, and the loop that streams requests through the one
 teacher path (`distill.teacher.stream`) until every target has its queries or the attempt budget is spent.
 

@@ -1,10 +1,12 @@
-"""The one teacher path that stage 1 and `evaluate.py --with_prompt` share: render a query with the long prompt,
-choose the sampling parameters (the model's defaults plus what the user set), constrain and parse the answer, and
-stream requests through vLLM so each query's answer is handed back the moment its last sample finishes.
+"""Owns the teacher's contract (constraint, parsing) and the stream through vLLM; must not choose sampling.
+
+The one teacher path that stage 1 and `evaluate.py --with_prompt` share: render a query with the long prompt,
+constrain and parse the answer (sampling parameters are distill/sampling.py's), and stream requests through vLLM so
+each query's answer is handed back the moment its last sample finishes.
 
     teacher = Teacher(tokenizer, prompt, max_model_len, constrain_labels=True)
-    params = sampling_params(llm.get_default_sampling_params(), {"temperature": 0.0}, max_tokens=8192,
-                             structured_outputs=teacher.constraint())
+    params = sampling.sampling_params(llm.get_default_sampling_params(), {"temperature": 0.0}, max_tokens=8192,
+                                      structured_outputs=teacher.constraint())
     for outcome in stream(VllmEngine(llm), teacher, rows, params, max_retries=3, max_in_flight=256):
         ...  # outcome.row, outcome.answer (None: rejected, see outcome.reason), outcome.samples, outcome.failures
 
@@ -22,68 +24,17 @@ is what an answer must be on topic to.
 import hashlib
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from copy import copy
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Iterable, Iterator
 
+from distill import render
 from distill.answers import Parsed, parse_generative, parse_teacher
 from distill.checks import non_answer_reason
-from distill import render
 from distill.prompts import TaskPrompt
 from distill.render import query_of
 from distill.rules import broken
-
-# Sampling fields a user may set; each defaults to the model's generation_config (as vLLM reads it), then vLLM's.
-SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                  "frequency_penalty")
-# The generation_config keys vLLM turns into default sampling parameters (vllm ModelConfig.get_diff_sampling_param).
-GENERATION_CONFIG_KEYS = (*SAMPLING_FLAGS, "max_new_tokens")
-
-
-# ---- sampling: the model's defaults, then the user's flags ------------------------------------------------------
-
-
-def add_sampling_args(parser) -> None:
-    group = parser.add_argument_group("sampling (unset: the model's generation_config, as vLLM reads it)")
-    for flag, kind in zip(SAMPLING_FLAGS, (float, float, int, float, float, float, float)):
-        group.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None,
-                           help=f"vLLM SamplingParams.{flag} (unset: the model's)")
-
-
-def model_sampling_defaults(args) -> dict:
-    """The model's default sampling parameters as vLLM derives them (LLM.get_default_sampling_params), read from
-    the model's generation_config.json without starting an engine, so a resume check fails in seconds.
-    Honours --generation-config (auto / vllm / a folder) and --override-generation-config."""
-    from vllm.transformers_utils.config import try_get_generation_config
-
-    source = args.generation_config
-    config = {}
-    if source != "vllm":
-        found = try_get_generation_config(args.model if source == "auto" else source,
-                                          trust_remote_code=args.trust_remote_code)
-        config = found.to_diff_dict() if found else {}
-    config.update(args.override_generation_config or {})
-    defaults = {key: config[key] for key in GENERATION_CONFIG_KEYS if config.get(key) is not None}
-    if "max_new_tokens" in defaults:
-        defaults["max_tokens"] = defaults.pop("max_new_tokens")
-    return defaults
-
-
-def sampling_params(defaults, overrides: dict, **fixed):
-    """`defaults` (a SamplingParams, e.g. from get_default_sampling_params()) with only the `overrides` that are set
-    (None means "keep the model's"), plus `fixed` settings that are ours (max_tokens, the label constraint)."""
-    from vllm import SamplingParams
-
-    chosen = {flag: getattr(defaults, flag) for flag in SAMPLING_FLAGS}
-    chosen.update({flag: value for flag, value in overrides.items() if value is not None})
-    return SamplingParams(**chosen, **fixed)
-
-
-def effective_sampling(params) -> dict:
-    """What goes into run records: every field a user could set, as the engine will use it."""
-    return {flag: getattr(params, flag) for flag in (*SAMPLING_FLAGS, "max_tokens")}
-
 
 # ---- the teacher: rendering, constraint, parsing ----------------------------------------------------------------
 

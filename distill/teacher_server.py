@@ -1,4 +1,6 @@
-"""Stage 2b's teacher server: `vllm serve`, except that a request scoring a rollout reads the shared prompt from the
+"""Owns the teacher server that reads the prompt from vLLM's prefix cache; must not change other requests.
+
+Stage 2b's teacher server: `vllm serve`, except that a request scoring a rollout reads the shared prompt from the
 prefix cache and still gets a log-probability for every answer position.
 
     python -m distill.teacher_server Qwen/Qwen3-30B-A3B-Thinking-2507 --tensor-parallel-size 4 --max-logprobs 1

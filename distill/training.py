@@ -1,4 +1,6 @@
-"""Stage-1 chat JSONL -> token ids with a completion mask: the loss covers the answer and the end-of-turn token,
+"""Owns stage 2's tokenized rows, batch arithmetic and the KD loss; must not read files or parse flags.
+
+Stage-1 chat JSONL -> token ids with a completion mask: the loss covers the answer and the end-of-turn token,
 nothing of the user's text or the template around it. A conversation's row trains on its last assistant turn (the
 teacher's new answer); the turns before it, earlier assistant turns included, are the student's prompt, rendered
 with the student's own side of the prompt file (stored in the stage-1 run record beside the file).
@@ -71,7 +73,7 @@ TARGET_COLUMNS = ("teacher_start", "teacher_top_ids", "teacher_top_logprobs")
 NO_MASS = -1e4
 
 
-def distillation_loss(logits, labels, target_ids, target_logprobs, target_mask, temperature: float, alpha: float,
+def kd_loss(logits, labels, target_ids, target_logprobs, target_mask, temperature: float, alpha: float,
                       num_items_in_batch=None):
     """Per answer token with a teacher target: alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE; every other
     token with a label (the end of turn, rows without targets) keeps CE; prompt tokens (label -100) add nothing.
@@ -100,8 +102,8 @@ def distillation_loss(logits, labels, target_ids, target_logprobs, target_mask, 
 def kl_from_top_k(student_logits, target_ids, target_logprobs, temperature: float = 1.0):
     """KL(teacher || student) per position, [..., vocab] logits against [..., K] teacher ids and log-probabilities:
     the teacher renormalised over its top K at temperature T (padding slots of NO_MASS get exactly 0), the student
-    softmax(logits / T) over its whole vocabulary. Training (distillation_loss) and the held-out measure
-    (distill.soft_targets.heldout_kl) share it, so the bench measures the quantity KD minimises."""
+    softmax(logits / T) over its whole vocabulary. Training (kd_loss) and the held-out measure
+    (bench/measures.py heldout_kl) share it, so the bench measures the quantity KD minimises."""
     import torch.nn.functional as F
 
     teacher_log_p = F.log_softmax(target_logprobs.float() / temperature, dim=-1)
@@ -139,13 +141,13 @@ class TeacherTargetCollator:
         return {**batch, "teacher_top_ids": ids, "teacher_top_logprobs": logprobs, "teacher_target_mask": mask}
 
 
-def distillation_trainer(temperature: float, alpha: float, **trainer_kwargs):
-    """An SFTTrainer whose loss is `distillation_loss`; the dataset carries TARGET_COLUMNS beside input_ids and
+def kd_trainer(temperature: float, alpha: float, **trainer_kwargs):
+    """An SFTTrainer whose loss is `kd_loss`; the dataset carries TARGET_COLUMNS beside input_ids and
     completion_mask. TRL's compute_loss_func hook is deprecated in TRL 1.16 (its warning says to subclass), hence a
     subclass; it is built here so that importing this module does not import TRL."""
     from trl import SFTTrainer
 
-    class DistillationTrainer(SFTTrainer):
+    class KDTrainer(SFTTrainer):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
             self.data_collator = TeacherTargetCollator(self.data_collator)
@@ -158,10 +160,10 @@ def distillation_trainer(temperature: float, alpha: float, **trainer_kwargs):
             targets = [inputs.pop(key) for key in ("teacher_top_ids", "teacher_top_logprobs", "teacher_target_mask")]
             labels = inputs.pop("labels")
             outputs = model(**inputs, use_cache=False)
-            loss = distillation_loss(outputs.logits, labels, *targets, temperature, alpha, num_items_in_batch)
+            loss = kd_loss(outputs.logits, labels, *targets, temperature, alpha, num_items_in_batch)
             # As TRL's compute_loss: num_items_in_batch counts every rank's tokens, and DDP averages the gradients.
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
             return (loss, outputs) if return_outputs else loss
 
-    return DistillationTrainer(**trainer_kwargs)
+    return KDTrainer(**trainer_kwargs)

@@ -58,9 +58,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -580,7 +580,7 @@ def helper_opd_server(work: Path) -> dict:
                 break
             except OSError:
                 if server.poll() is not None:
-                    raise SystemExit(f"gpu_check: the teacher server exited {server.returncode}")
+                    raise SystemExit(f"gpu_check: the teacher server exited {server.returncode}") from None
                 time.sleep(2)
         subprocess.run([sys.executable, "train_opd_trl.py", "--config", OPD_RECIPE, "--model_name_or_path",
                         str(work / "qwen3-4b-random"), "--teacher_server_url", f"http://127.0.0.1:{port}",

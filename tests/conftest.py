@@ -80,10 +80,10 @@ def run_cli(*args, timeout=600, check=True, env=None) -> subprocess.CompletedPro
 
 def run_main(script: str, *args, check=True) -> subprocess.CompletedProcess:
     """A stage script's main() in this process, as `run_cli` would run the script: the same argv (so the run record
-    names the command) and working directory, its output captured, the exit status as a process would have it (a sys.exit message or an
-    uncaught exception's traceback is its stderr, with status 1). For tests of a stage's behaviour, where a process
-    of its own is not the point: no interpreter start-up or imports per call, and an engine shared through
-    `shared_engines`."""
+    names the command) and working directory, its output captured, the exit status as a process would have it (a
+    sys.exit message or an uncaught exception's traceback is its stderr, with status 1). For tests of a stage's
+    behaviour, where a process of its own is not the point: no interpreter start-up or imports per call, and an engine
+    shared through `shared_engines`."""
     import contextlib
     import importlib
     import io

@@ -264,7 +264,8 @@ def test_rows_written_before_input_hashes_resume_with_a_note(first_run, work):
     command = [str(part) for part in first_run.command]
     command[command.index(str(first_run.output))] = str(copy / first_run.output.name)
     result = run_main(*command)
-    assert "5 finished rows carry no input hash" in result.stdout and "6 done by an earlier run, 0 to go" in result.stdout
+    assert "5 finished rows carry no input hash" in result.stdout
+    assert "6 done by an earlier run, 0 to go" in result.stdout
 
 
 # ---- stage 3: what evaluation scores, refused before the model loads ------------------------------------------

@@ -66,7 +66,8 @@ def test_the_language_rule_is_the_check_s_verifier():
     from distill.rules import check_verify
     from distill.rules import passes_each as rule_passes_each
 
-    answers = ["The sky is blue because air scatters blue light.", "Le ciel est bleu parce que l'air disperse la lumière."]
+    answers = ["The sky is blue because air scatters blue light.",
+               "Le ciel est bleu parce que l'air disperse la lumière."]
     assert rule_passes_each(check_verify({"language": "en"}), answers) == [True, False]
     assert rule_passes_each(check_verify({"language": "fr"}), answers) == passes_each(FRENCH, answers) == [False, True]
 

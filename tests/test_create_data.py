@@ -101,7 +101,7 @@ def test_resume_state_unit(tmp_path):
     assert resumed_ids(files, _settings()) == set()
     out.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "mess', encoding="utf-8")
     rejects.write_text('{"id": "d", "reason": "too_long"}\n', encoding="utf-8")
-    RunRecord("create_data", {}).finish(record, status="running", settings=_settings())
+    RunRecord("create_data", {}).mark_running(record, settings=_settings())
     assert resumed_ids(files, _settings()) == {"a", "b", "d"}
     assert out.read_text() == '{"id": "a"}\n{"id": "b"}\n'  # the torn line is cut
     for change in ({"temperature": 0.7}, {"top_k": 40}, {"model": "other"}, {"prompt_sha256": "def"},
@@ -118,7 +118,7 @@ def _shard_files(tmp_path, rows, count, settings=None):
         out, rejects, record = paths(tmp_path / f"shard-{i}-of-{count}.jsonl")
         out.write_text("".join(json.dumps({"id": r["id"], "teacher": {"label": "en"}}) + "\n" for r in part[1:]))
         rejects.write_text("".join(json.dumps({"id": r["id"], "reason": "no_answer_line"}) + "\n" for r in part[:1]))
-        RunRecord("create_data", {}).finish(record, status="finished", counts={"selected": len(part)},
+        RunRecord("create_data", {}).write(record, status="finished", counts={"selected": len(part)},
                                             settings=settings or _settings(), generation_seconds=1.5 + i)
     return str(tmp_path / f"shard-*-of-{count}.jsonl")
 
@@ -186,7 +186,7 @@ def _bad_malformed(tmp_path):
 
 def _bad_utf8(tmp_path):
     path = tmp_path / "bad.txt"
-    path.write_bytes("erste Zeile\nzweite Zeile\n".encode() + b"caf\xe9 au lait\nvierte\n")
+    path.write_bytes(b"erste Zeile\nzweite Zeile\n" + b"caf\xe9 au lait\nvierte\n")
     return path, 3
 
 
@@ -419,7 +419,8 @@ class Launch:
         self.log = log
         self.handle = open(log, "w")
         self.proc = subprocess.Popen([sys.executable, *map(str, command)], cwd=REPO,
-                                     env={**CLI_ENV, "PYTHONUNBUFFERED": "1"}, stdout=self.handle, stderr=subprocess.STDOUT, start_new_session=True)
+                                     env={**CLI_ENV, "PYTHONUNBUFFERED": "1"}, stdout=self.handle,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_for(self, condition, what: str, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
@@ -519,7 +520,7 @@ def test_kills_at_random_moments_then_resume(tiny_model, tmp_path):
     for number, how in ((2, "kill"), (3, "kill"), (4, "term")):
         run = Launch(command, tmp_path / f"run{number}.log")
         target = len(finished) + moments.randint(1, 6)
-        run.wait_for(lambda: newline_count(out, rejects) >= target, f"{target} rows were on disk")
+        run.wait_for(lambda target=target: newline_count(out, rejects) >= target, f"{target} rows were on disk")
         time.sleep(moments.uniform(0, 0.4))
         if how == "kill":
             run.kill()

@@ -52,9 +52,9 @@ def test_fsdp_gathered_adapter_equals_the_unsharded_one_and_loads(tiny_model, tm
 def assert_fingerprint_is_the_saved_adapters(out, model, dtype, abs_tolerance):
     """fingerprint.json, scored by the (sharded) model on every rank and written by rank 0, holds the
     log-probabilities the saved adapter gives when loaded in one process, within the precision it was scored in."""
-    from distill.fingerprint import answer_logprobs
-
     from transformers import AutoModelForCausalLM
+
+    from distill.fingerprint import answer_logprobs
 
     fingerprint = json.loads((out / "fingerprint.json").read_text())
     assert fingerprint["dtype"] == dtype and fingerprint["probes"]
@@ -78,7 +78,8 @@ def test_two_process_launch_saves_one_adapter_with_the_recipe_batch(tiny_model, 
     result = run_cli("bash", "train_trl.sh", "--model_name_or_path", tiny_model, "--max_steps", 2,
                      "--report_to", "none", "--output_dir", out, "--global_batch_size", 16,
                      "--per_device_train_batch_size", 4, "--save_strategy", "no",
-                     env={**ACCELERATE_CPU, "NUM_GPUS": "2", "MASTER_PORT": str(free_port()), "RECIPE": "recipes/cpu.yaml",
+                     env={**ACCELERATE_CPU, "NUM_GPUS": "2", "MASTER_PORT": str(free_port()),
+                          "RECIPE": "recipes/cpu.yaml",
                           "DATA": str(gold_teacher_file), "PYTHON": sys.executable}, timeout=600)
     record = json.loads((out / "distill_run.json").read_text())
     assert record["status"] == "finished"
@@ -90,7 +91,8 @@ def test_two_process_launch_saves_one_adapter_with_the_recipe_batch(tiny_model, 
     assert "-bs16" in record["args"]["training"]["run_name"]
     assert record["saved"]["adapter_tensors"] > 0 and record["saved"]["max_abs_lora_b"] > 0
     assert result.stdout.count("train: done") == 1, "only rank 0 reports and writes"
-    leftovers = [path.name for path in out.iterdir() if path.name.endswith(".tmp") or path.name.startswith("checkpoint")]
+    leftovers = [path.name for path in out.iterdir()
+                 if path.name.endswith(".tmp") or path.name.startswith("checkpoint")]
     assert not leftovers
     assert len(list(tmp_path.rglob("adapter_config.json"))) == 1
 

@@ -187,8 +187,9 @@ class ScriptedModel:
         self.scripts, self.vocab, self.inputs = scripts, vocab, []
 
     def __call__(self, input_ids, attention_mask, position_ids, past_key_values, use_cache, output_router_logits):
-        import torch
         from types import SimpleNamespace
+
+        import torch
 
         assert use_cache and (past_key_values is None) == (not self.inputs)
         step = len(self.inputs)
@@ -436,8 +437,9 @@ def test_a_dropped_adapter_fails_and_skip_fingerprint_scores_it_anyway(strong_ru
 def test_an_adapter_that_barely_moved_is_refused_before_the_engine_starts(tiny_model, gold_teacher_file, tmp_path):
     import argparse
 
-    import evaluate
     from transformers import AutoTokenizer
+
+    import evaluate
 
     adapter = tmp_path / "barely"
     run_main("train_sft_trl.py", "--config", "recipes/cpu.yaml", "--model_name_or_path", tiny_model,
@@ -473,8 +475,9 @@ def test_a_changed_chat_template_fails_before_a_merge_or_the_engine_naming_the_t
 def test_an_adapter_without_fingerprint_is_a_warning_and_recorded_as_absent(tiny_model, tmp_path, capsys):
     import argparse
 
-    import evaluate
     from transformers import AutoTokenizer
+
+    import evaluate
 
     adapter = tmp_path / "old-adapter"
     adapter.mkdir()

@@ -12,7 +12,7 @@ from vllm import SamplingParams
 import create_data
 from distill import stage1
 from distill.answers import parse_generative
-from distill.metrics import judge_answers, score_generative, sentence_chrf
+from distill.metrics import score_generative, sentence_chrf, strict_verdicts
 from distill.prompts import load_prompt
 from distill.records import output_paths, read_jsonl
 from distill.teacher import Teacher, stream
@@ -23,7 +23,8 @@ from tests.test_teacher_stream import IndexTokenizer, ScramblingEngine
 GENERAL_QUESTIONS = REPO / "example-data" / "general_questions.jsonl"
 # Any non-blank answer passes the check, so the tiny random model's answers can pass it and fail only by being empty;
 # strict scoring still refuses its echoes and loops (random text shares no word with the question: no topic check).
-ANY_TEXT_PROMPT = '---\ncheck: {regex: "\\\\S"}\non_topic: none\n---\nYou answer every question in one short sentence.\n'
+ANY_TEXT_PROMPT = ('---\ncheck: {regex: "\\\\S"}\non_topic: none\n---\n'
+                   'You answer every question in one short sentence.\n')
 
 
 @pytest.fixture()
@@ -175,7 +176,7 @@ def test_strict_pass_rate_check_rate_and_chrf_on_known_answers():
                "Le réponds en français, en une phrase courte."]
     reasons = ["ok", "ok", "empty_answer", "cut_at_max_tokens", "ok"]
     teachers = ["Le chat dort sur le lit.", "Le chat dort.", None, None, None]
-    judged = judge_answers(prompt, questions, answers, reasons, teachers)
+    judged = strict_verdicts(prompt, questions, answers, reasons, teachers)
     expected = [CHRF().sentence_score(answers[0], [teachers[0]]).score,
                 CHRF().sentence_score(answers[1], [teachers[1]]).score]
     assert 0 < expected[1] < expected[0] < 100  # a closer answer scores higher
@@ -198,7 +199,8 @@ def test_strict_pass_rate_check_rate_and_chrf_on_known_answers():
     assert summary["mean_answer_tokens"] == 28 / 5
     assert summary["mean_answer_chars"] == pytest.approx(sum(map(len, answers)) / 5)
     assert [f["id"] for f in summary["failures"]] == ["1", "2", "3", "4"]
-    assert summary["failures"][0] == {"id": "1", "text": questions[1], "answer": "The cat sleeps.", "reason": "off_topic",
+    assert summary["failures"][0] == {"id": "1", "text": questions[1], "answer": "The cat sleeps.",
+                                      "reason": "off_topic",
                                       "check_passed": False}
 
 
@@ -236,9 +238,9 @@ def test_constrain_labels_on_a_generative_prompt_is_refused_before_the_model(gen
 
 
 def test_the_generative_student_answers_in_64_tokens_by_default(tiny_model, generative_prompt, monkeypatch):
-    import evaluate
     from transformers import AutoTokenizer
 
+    import evaluate
     from distill.render import student_ids
     from distill.splits import select
 
@@ -287,8 +289,8 @@ def pick_rows(groups: dict[str, int]) -> list[dict]:
 def test_generative_stages_one_two_three(tiny_model, generative_prompt, tmp_path, shared_engines):
     from transformers import AutoTokenizer
 
-    from distill.splits import select
     from distill.render import student_example
+    from distill.splits import select
 
     model = eager_to_stop(tiny_model, tmp_path / "eager-tiny")
     rows = pick_rows({"space": 8, "physics": 8, "drinks": 6})  # drinks is a held-out group
@@ -339,7 +341,8 @@ def test_generative_stages_one_two_three(tiny_model, generative_prompt, tmp_path
     # 2 steps (the first cpu.yaml's warm-up) barely move the eager-to-stop model's answers: the fingerprint says so
     assert results["fingerprint"]["allow_inconclusive"] is True
     keys = {"task", "check", "check_description", "mode", "model_path", "split", "test_file", "n", "strict_pass_rate",
-            "n_strict_passed", "check_pass_rate", "n_check_passed", "non_answers", "agreement_with_teacher_chrf", "n_with_teacher", "mean_answer_chars", "mean_answer_tokens",
+            "n_strict_passed", "check_pass_rate", "n_check_passed", "non_answers", "agreement_with_teacher_chrf",
+            "n_with_teacher", "mean_answer_chars", "mean_answer_tokens",
             "empty_answers", "failures", "cost", "examples"}
     assert keys <= set(results) and "confusion_matrix" not in results
     assert results["task"] == "generative" and results["check"] == {"regex": "\\S"}
@@ -396,12 +399,12 @@ def test_evaluation_scores_a_cut_teacher_answer_as_written(generative_prompt):
 def test_the_task_stop_strings_reach_the_teachers_sampling():
     from argparse import Namespace
 
-    from distill.teacher import SAMPLING_FLAGS
+    from distill.sampling import SAMPLING_FLAGS, expected_sampling
 
     french = load_prompt(REPO / "prompts" / "answer_in_french.md")
     args = Namespace(**dict.fromkeys(SAMPLING_FLAGS), max_tokens=40, save_logprobs=None)
     llm = SimpleNamespace(get_default_sampling_params=SamplingParams)  # an engine's defaults, without the engine
-    settings = stage1.expected_sampling(args, {}, 40)
+    settings = expected_sampling(args, {}, 40)
     params = stage1.teacher_sampling(llm, args, Teacher(IndexTokenizer(), french, 4096), settings)
     assert params.stop == [". ", ".\n", "\n"] and params.include_stop_str_in_output and params.max_tokens == 40
     assert stage1.teacher_sampling(llm, args, Teacher(IndexTokenizer(), load_prompt(), 4096), settings).stop == []

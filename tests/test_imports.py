@@ -55,3 +55,19 @@ def test_distill_imports_form_no_cycle():
         if module not in state:
             visit(module, [module])
     assert cycles == [], " ; ".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def test_no_bench_imports_a_stage_script():
+    """Benches measure what users run: a stage through its CLI, or the distill/ code a stage calls."""
+    offenders = {path.name: sorted(imported_modules(path) & STAGE_SCRIPTS) for path in (REPO / "bench").glob("*.py")}
+    assert {name: stages for name, stages in offenders.items() if stages} == {}
+
+
+def test_every_distill_module_opens_with_what_it_owns_and_must_not_do():
+    import ast
+
+    for path in sorted((REPO / "distill").glob("*.py")):
+        if path.stem == "__init__":
+            continue
+        first = (ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or "").splitlines()[:1]
+        assert first and first[0].startswith("Owns ") and "must not" in first[0], f"{path.name}: {first}"

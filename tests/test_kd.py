@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from distill.records import InputError
-from distill.soft_targets import (NO_MASS, TeacherTargets, check_tokenizer, sidecar_path, sync_sidecar,
-                                  tokenizer_hash)
-from distill.training import TeacherTargetCollator, distillation_loss
+from distill.run_files import sidecar_path, sync_sidecar
+from distill.soft_targets import TeacherTargets, check_tokenizer, tokenizer_hash
+from distill.training import NO_MASS, TeacherTargetCollator, kd_loss
 from tests.conftest import run_main
 from tests.test_create_data import MAX_LEN, complete_rows, example_subset, paths
 from tests.test_train import build, train_args
@@ -40,7 +40,7 @@ def test_kd_loss_equals_hand_computed_value():
     kd = 0.75 * math.log(3) + 0.25 * math.log(2)
     end_of_turn = -math.log(3 / 8)
     expected = (kd + end_of_turn) / 2
-    assert distillation_loss(*fixture, temperature=1.0, alpha=1.0).item() == pytest.approx(expected, rel=1e-6)
+    assert kd_loss(*fixture, temperature=1.0, alpha=1.0).item() == pytest.approx(expected, rel=1e-6)
 
     # T = 2, alpha = 0.5 (kd+ce). Teacher: softmax(ln[0.6, 0.2] / 2) = [sqrt 3, 1] / (sqrt 3 + 1).
     # Student: softmax(ln[1, 1, 2, 4] / 2) = [1, 1, sqrt 2, 2] / (4 + sqrt 2), so q[2] = sqrt 2 / (4 + sqrt 2) and
@@ -50,10 +50,10 @@ def test_kd_loss_equals_hand_computed_value():
     kd_t2 = p2 * math.log(p2 / q2) + p0 * math.log(p0 / q0)
     answer = 0.5 * 2**2 * kd_t2 + 0.5 * -math.log(2 / 8)
     expected = (answer + end_of_turn) / 2
-    assert distillation_loss(*fixture, temperature=2.0, alpha=0.5).item() == pytest.approx(expected, rel=1e-6)
+    assert kd_loss(*fixture, temperature=2.0, alpha=0.5).item() == pytest.approx(expected, rel=1e-6)
     # alpha = 0 is plain CE on both tokens
     plain = (-math.log(2 / 8) + end_of_turn) / 2
-    assert distillation_loss(*fixture, temperature=2.0, alpha=0.0).item() == pytest.approx(plain, rel=1e-6)
+    assert kd_loss(*fixture, temperature=2.0, alpha=0.0).item() == pytest.approx(plain, rel=1e-6)
 
 
 def test_prompt_positions_never_contribute():
@@ -64,17 +64,17 @@ def test_prompt_positions_never_contribute():
     target_ids = torch.randint(0, vocab, (1, length, 3))
     target_logprobs = torch.log_softmax(torch.randn(1, length, 3), -1)
     target_mask = torch.ones(1, length, dtype=torch.bool)  # targets everywhere, even on the prompt: labels decide
-    loss = distillation_loss(logits, labels, target_ids, target_logprobs, target_mask, 2.0, 0.5)
+    loss = kd_loss(logits, labels, target_ids, target_logprobs, target_mask, 2.0, 0.5)
 
     perturbed = logits.clone()
     perturbed[:, :3] += 5 * torch.randn(1, 3, vocab)  # the logits that predict prompt tokens 1..3
     other_targets = target_logprobs.clone()
     other_targets[:, :4] = torch.log_softmax(torch.randn(1, 4, 3), -1)
-    assert distillation_loss(perturbed, labels, target_ids, other_targets, target_mask, 2.0, 0.5).item() == \
+    assert kd_loss(perturbed, labels, target_ids, other_targets, target_mask, 2.0, 0.5).item() == \
         pytest.approx(loss.item(), abs=1e-6)
 
     perturbed[:, 4] += 5 * torch.randn(vocab)  # predicts answer token 5: the loss must move
-    assert distillation_loss(perturbed, labels, target_ids, target_logprobs, target_mask, 2.0, 0.5).item() != \
+    assert kd_loss(perturbed, labels, target_ids, target_logprobs, target_mask, 2.0, 0.5).item() != \
         pytest.approx(loss.item(), abs=1e-3)
 
 
@@ -225,8 +225,8 @@ def test_kd_training_on_the_sidecar_changes_the_adapter(logprob_run, tmp_path):
 
 
 def test_vote_shares_become_a_soft_target_on_the_first_answer_token(tmp_path):
-    from distill.soft_targets import find_targets, row_targets
     from distill.render import student_example
+    from distill.soft_targets import find_targets, row_targets
     from tests.tiny_model import build_tokenizer
 
     tokenizer = build_tokenizer(1024)
@@ -273,7 +273,7 @@ def test_merge_shards_merges_sidecars_and_refuses_a_missing_line(tmp_path):
 def test_heldout_kl_is_zero_on_the_students_own_distribution_and_minus_log_q_for_a_sure_teacher(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.soft_targets import heldout_kl
+    from bench.measures import heldout_kl
     from distill.render import student_example
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -310,8 +310,8 @@ def test_answer_span_leaves_out_a_kept_stop_newline_so_free_form_answers_get_tar
     row silently falls back to CE."""
     from transformers import AutoTokenizer
 
-    from distill.soft_targets import answer_span, logprob_targets
     from distill.render import student_example
+    from distill.soft_targets import answer_span, logprob_targets
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     answer = "la langue est le francais."
@@ -340,7 +340,8 @@ class CharTokenizer:
     def __call__(self, text, add_special_tokens=False):
         from types import SimpleNamespace
 
-        return SimpleNamespace(input_ids=[self.vocab.index(text)] if text in self.vocab else [self.vocab.index(text[0])])
+        return SimpleNamespace(input_ids=[self.vocab.index(text)] if text in self.vocab
+                               else [self.vocab.index(text[0])])
 
 
 def test_label_distribution_counts_prefix_tokens_a_constrained_teacher_spells_labels_with():

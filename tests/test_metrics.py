@@ -23,7 +23,8 @@ def result():
 
 
 def examples():
-    return [{"id": f"r{i}", "text": f"text {i}", "gold": g, "prediction": p} for i, (g, p) in enumerate(zip(GOLDS, PREDS))]
+    return [{"id": f"r{i}", "text": f"text {i}", "gold": g, "prediction": p}
+            for i, (g, p) in enumerate(zip(GOLDS, PREDS))]
 
 
 def test_rates(result):

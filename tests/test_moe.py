@@ -62,7 +62,8 @@ def test_all_linear_trains_experts_and_attention_but_not_the_router(tiny_moe, go
     assert experts and routers
     assert all(not torch.allclose(merged[key], base[key]) for key in experts), "every expert tensor was trained"
     assert all(torch.equal(merged[key], base[key]) for key in routers), "the router is frozen by default"
-    assert not torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(merged[q_proj], base[q_proj])
 
     run_main("train_sft_trl.py", *common, "--output_dir", tmp_path / "router", "--train_router")
     merged = merged_weights(tiny_moe, tmp_path / "router")

@@ -344,9 +344,9 @@ class TokenCodingTeacherClient:
         type(self).sequences.extend(sequences)
         scored = [[[token_code(token) - (0.0 if start > 500 else 0.5)] for token in sequence[start:]]
                   for sequence, start in zip(sequences, prompt_lengths)]
-        return {"logprobs": scored, "logprob_token_ids": [[[t] for t in s[p:]] for s, p in zip(sequences, prompt_lengths)],
-                "actual_logprobs": scored, "actual_token_ids": [[[t] for t in s[p:]] for s, p in zip(sequences,
-                                                                                                     prompt_lengths)]}
+        token_ids = [[[t] for t in s[p:]] for s, p in zip(sequences, prompt_lengths)]
+        return {"logprobs": scored, "logprob_token_ids": token_ids, "actual_logprobs": scored,
+                "actual_token_ids": token_ids}
 
 
 @pytest.mark.slow
@@ -451,7 +451,7 @@ def test_held_out_kl_and_drift_measure_what_they_say(tiny):
     itself and positive once the student's weights move."""
     import dataclasses
 
-    from distill.onpolicy import answer_ids, drift_from_base, kl_to_teacher
+    from bench.measures import answer_ids, drift_from_base, kl_to_teacher
     from distill.prompts import StudentSide
 
     model, tokenizer = tiny
@@ -538,7 +538,7 @@ def build_opd_trainer(model, prompt_file, output_dir, *extra, prompt=None):
     """Stage 2b's trainer as train_opd_trl.main builds it, in this process (no training yet)."""
     import train_opd_trl
     from distill import opd_setup
-    from distill.student import lora_config
+    from distill.trainer_setup import lora_config
 
     script_args, training_args, model_args = train_opd_trl.parse_args([
         "--config", "recipes/opd_cpu.yaml", "--model_name_or_path", str(model), "--prompt_file", str(prompt_file),

@@ -201,7 +201,8 @@ def test_a_template_without_a_system_role_gets_the_system_turn_in_the_first_user
     tokenizer = copy.deepcopy(plain)
     tokenizer.chat_template = ("{%- for m in messages %}{%- if m.role == 'system' %}" + system_branch + "{%- else %}"
                                "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
-                               "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+                               "{%- endfor %}"
+                               "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
     assert takes_system_role(plain) and not takes_system_role(tokenizer)
     text = chat_text(tokenizer, student_messages(CONVERSATION, StudentSide("Answer briefly.")), answer_next=True)
     assert text.startswith("<|im_start|>user\nAnswer briefly.\n\nThe user is a beginner cook.\n\nCan I freeze rice?")

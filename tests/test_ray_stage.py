@@ -22,10 +22,20 @@ import pytest
 
 import create_data
 from distill import ray_stage
-from distill.soft_targets import read_sidecar, sidecar_path
+from distill.run_files import read_sidecar, sidecar_path
 from tests.conftest import CLI_ENV, REPO, run_cli, run_main
-from tests.test_create_data import (MAX_LEN, Launch, check_survivors, complete_rows, example_subset,
-                                    ids_once, input_ids, newline_count, paths, run_record)
+from tests.test_create_data import (
+    MAX_LEN,
+    Launch,
+    check_survivors,
+    complete_rows,
+    example_subset,
+    ids_once,
+    input_ids,
+    newline_count,
+    paths,
+    run_record,
+)
 
 RAY = Path(sys.executable).parent / "ray"
 # The test cluster runs without Ray's token authentication: it listens on this machine only, and the tests must not

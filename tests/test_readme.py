@@ -48,13 +48,13 @@ def load_gpu_check():
 @pytest.fixture(scope="module")
 def built():
     """script -> its parser, built as the script builds it, with no model loaded."""
+    from trl import DistillationConfig, ModelConfig, SFTConfig, TrlParser
+
     import create_data
     import create_queries
     import evaluate
     import train_opd_trl
     import train_sft_trl
-    from trl import DistillationConfig, ModelConfig, SFTConfig, TrlParser
-
     from distill import teacher_server
 
     return {"create_data.py": create_data.build_parser(), "evaluate.py": evaluate.build_parser(),
@@ -91,7 +91,7 @@ def named_flags():
     """(script or None, flag, the doc and the unit's text) for every flag the README and docs/ name, attributed to the
     last script named before it in its unit; None where no script is named there (then any of ours must have it)."""
     for doc, content in DOCS.items():
-        for kind, text in units(content):
+        for _kind, text in units(content):
             owner = None
             for match in TOKEN.finditer(text):
                 if match["script"]:

@@ -90,7 +90,8 @@ def test_readme_gpu_commands_run_recipes_with_a_case():
     named = {match for text in texts for match in re.findall(r"recipes/(\w[\w.-]*\.yaml)", text)} - {"X.yaml"}
     assert named and named <= set(CASES) | set(ACCELERATE_CONFIGS)
     launcher = (REPO / "train_trl.sh").read_text()
-    assert "default_recipe=recipes/tinker_30b_fsdp.yaml" in launcher and "default_recipe=recipes/tinker.yaml" in launcher
+    assert "default_recipe=recipes/tinker_30b_fsdp.yaml" in launcher
+    assert "default_recipe=recipes/tinker.yaml" in launcher
 
 
 # ---- the models --------------------------------------------------------------------------------------------------

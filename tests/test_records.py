@@ -5,8 +5,16 @@ import re
 
 import pytest
 
-from distill.records import (InputError, RunRecord, append_jsonl, read_jsonl, read_queries, repair_torn_tail, text_id,
-                             write_json)
+from distill.records import (
+    InputError,
+    RunRecord,
+    append_jsonl,
+    read_jsonl,
+    read_queries,
+    repair_torn_tail,
+    text_id,
+    write_json,
+)
 
 
 def write(path, data: bytes):
@@ -65,7 +73,7 @@ def test_invalid_utf8_in_csv_names_line(tmp_path):
 
 def test_long_line_is_one_query(tmp_path):
     long_text = ("Der Hund läuft über die Straße. " * 4000)[:100_000].strip()
-    path = write(tmp_path / "long.txt", f"short one\n{long_text}\nshort two\n".encode("utf-8"))
+    path = write(tmp_path / "long.txt", f"short one\n{long_text}\nshort two\n".encode())
     rows = read_queries(path).rows
     assert [row["text"] for row in rows] == ["short one", long_text, "short two"]
     jpath = write(tmp_path / "long.jsonl", jsonl({"text": long_text}))
@@ -73,7 +81,7 @@ def test_long_line_is_one_query(tmp_path):
 
 
 def test_duplicates_kept_once_and_counted(tmp_path):
-    path = write(tmp_path / "dups.txt", "hola\nhello\nhola\n\n   \nhello\nhola\nbye\n".encode())
+    path = write(tmp_path / "dups.txt", b"hola\nhello\nhola\n\n   \nhello\nhola\nbye\n")
     queries = read_queries(path)
     assert [row["text"] for row in queries.rows] == ["hola", "hello", "bye"]
     assert queries.duplicates == 3 and queries.empty == 2 and queries.lines == 8
@@ -99,7 +107,8 @@ def test_jsonl_row_that_is_not_an_object(tmp_path):
 
 
 def test_missing_text_field_names_line_and_columns(tmp_path):
-    path = write(tmp_path / "fields.jsonl", jsonl({"text": "one"}, {"text": "two"}, {"sentence": "three", "lang": "en"}))
+    path = write(tmp_path / "fields.jsonl",
+                 jsonl({"text": "one"}, {"text": "two"}, {"sentence": "three", "lang": "en"}))
     with pytest.raises(InputError) as error:
         read_queries(path)
     assert f"{path}:3:" in str(error.value) and "'text'" in str(error.value) and "sentence" in str(error.value)
@@ -216,7 +225,7 @@ def test_write_json_is_atomic_and_leaves_no_temp(tmp_path):
 
 def test_run_record(tmp_path):
     record = RunRecord("stage", {"x": 1})
-    result = record.finish(tmp_path / "run.json", status="finished", counts={"n": 3})
+    result = record.write(tmp_path / "run.json", status="finished", counts={"n": 3})
     saved = json.loads((tmp_path / "run.json").read_text())
     assert saved == result
     assert saved["stage"] == "stage" and saved["args"] == {"x": 1} and saved["counts"] == {"n": 3}

@@ -1,8 +1,8 @@
 """One row rendered through every stage gives the same token ids per side (distill/render.py is the one place a model
-input is rendered): the student's input in stage 2 (train_sft_trl.prepare), stage 2b (what TRL samples from), stage 3
-(evaluate.render_prompts) and the fingerprint's probes; the teacher's in stage 1 (create_data's Teacher) and stage 3
---with_prompt, and in stage 2b the same input in the final-answer state of its own template. For each kind of Qwen3
-chat template the recipes use: Instruct-2507, Thinking-2507 and hybrid."""
+input is rendered): the student's input in stage 2 (distill.sft_setup.prepare), stage 2b (what TRL samples from),
+stage 3 (evaluate.render_prompts) and the fingerprint's probes; the teacher's in stage 1 (create_data's Teacher) and
+stage 3 --with_prompt, and in stage 2b the same input in the final-answer state of its own template. For each kind of
+Qwen3 chat template the recipes use: Instruct-2507, Thinking-2507 and hybrid."""
 
 import json
 from types import SimpleNamespace
@@ -45,11 +45,12 @@ def setting(request, tiny_model, tmp_path_factory):
 
 def stage2_student_ids(s) -> list[int]:
     import train_sft_trl
+    from distill import sft_setup
 
     args = train_sft_trl.parse_args(["--config", "recipes/cpu.yaml", "--model_name_or_path", str(s.model),
                                      "--dataset_name", str(s.stage1), "--output_dir", str(s.root / "sft"),
                                      "--report_to", "none", "--heldout_fraction", "0"])
-    example = train_sft_trl.prepare(*args).examples[0]
+    example = sft_setup.prepare(*args).examples[0]
     return example["input_ids"][: example["completion_mask"].index(1)]
 
 

@@ -78,8 +78,8 @@ def test_verdicts_give_every_verifiable_rule_of_every_answer():
     ({"id": "startend:end_checker", "args": {"end_phrase": "Any other questions?"}}, "Done. Any other questions?",
      True),
     ({"id": "startend:end_checker", "args": {"end_phrase": "Any other questions?"}}, "Done.", False),
-    ({"id": "length_constraints:number_words", "args": {"num_words": 5, "relation": "less than"}}, "Four words are here",
-     True),
+    ({"id": "length_constraints:number_words", "args": {"num_words": 5, "relation": "less than"}},
+     "Four words are here", True),
     ({"id": "keywords:existence", "args": {"keywords": ["refund"]}}, "No money back.", False),
     ({"id": "detectable_format:json_format"}, '{"a": 1}', True),
     ({"id": "punctuation:no_comma"}, "", False),  # IFEval's strict reading: an empty answer fails
@@ -233,7 +233,7 @@ def test_stage_1_rejects_an_answer_that_breaks_a_rule_and_counts_each_rule(tiny_
         assert record["counts"]["rules_broken"] == {"rejected": {"check": 1, "short": 1, "no_exclamation": 2},
                                                     "kept": {}}
         assert "no_exclamation: 2 rejected, check: 1 rejected, short: 1 rejected" in printed
-    assert record["settings"]["keep_rule_failures"] is (True if keep else None)
+    assert record["settings"]["keep_rule_failures"] is keep
 
 
 # ---- stage 3: per-rule pass rates, transfer, lost and gained ---------------------------------------------------

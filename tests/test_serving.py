@@ -58,7 +58,7 @@ def write_run_record(model_dir, heldout_fraction=0.2, split_seed=0):
     from train_sft_trl import RUN_RECORD, DistillArguments
 
     script = asdict(DistillArguments(heldout_fraction=heldout_fraction, split_seed=split_seed))
-    RunRecord("train_sft_trl", {"script": script, "model": {}, "training": {}}).finish(
+    RunRecord("train_sft_trl", {"script": script, "model": {}, "training": {}}).write(
         model_dir / RUN_RECORD, status="finished", counts={})
 
 
@@ -190,9 +190,9 @@ def stop_at_the_engine(monkeypatch):
 
 def test_main_sets_max_model_len_from_the_prompts_and_refuses_a_foreign_teacher_file(
         tiny_model, tmp_path, example_rows, monkeypatch):
-    import evaluate
     from transformers import AutoTokenizer
 
+    import evaluate
     from distill.render import student_ids
     from distill.splits import select
 

@@ -62,7 +62,8 @@ def test_generative_table_shows_each_system_strict_and_check_rates_and_the_share
     assert teacher.split()[3:9] == ["94.3%", "97.1%", "n/a", "41.0", "1210.0", "900.0"]  # 66/70, 68/70
     assert student.split()[4:10] == ["90.0%", "92.9%", "48.3", "39.5", "40.0", "300.0"]  # 63/70, 65/70
     # 63/66 of the teacher's strict passes: 95.5%, over the 90% goal
-    assert "The distilled student reaches 95% of the teacher's strict pass rate (90.0% vs 94.3%); goal >= 90%: met." in notes
+    assert ("The distilled student reaches 95% of the teacher's strict pass rate (90.0% vs 94.3%); goal >= 90%: met."
+            in notes)
     assert "heldout split of example-data/general_questions.jsonl, n=70 questions" in notes
     assert "Strict pass = answer in language 'fr' (lingua), and the answer is an answer" in notes
     assert "Not answers: base model, no prompt echo 2; teacher + prompt echo 2;" in notes
@@ -95,8 +96,8 @@ def test_generative_table_ends_with_five_seeded_questions_and_every_models_answe
 def test_generative_share_line_says_when_the_goal_is_missed_and_when_it_is_undefined():
     base, teacher, student = french_trio()
     student["strict_pass_rate"] = 0.5
-    assert "reaches 53% of the teacher's strict pass rate (50.0% vs 94.3%); goal >= 90%: not met." in flat(generative_table(
-        base, teacher, student))
+    assert "reaches 53% of the teacher's strict pass rate (50.0% vs 94.3%); goal >= 90%: not met." in flat(
+        generative_table(base, teacher, student))
     teacher["strict_pass_rate"] = 0.0
     assert "the student's share of its strict pass rate is undefined" in flat(generative_table(base, teacher, student))
 

@@ -14,8 +14,8 @@ from distill import stage1
 from distill.defaults import TEACHER_MAX_TOKENS
 from distill.prompts import load_prompt
 from distill.records import output_paths, read_jsonl
-from distill.teacher import (StreamStats, Teacher, effective_sampling, model_sampling_defaults, sampling_params,
-                             stream)
+from distill.sampling import effective_sampling, model_sampling_defaults, sampling_params
+from distill.teacher import StreamStats, Teacher, stream
 from tests.conftest import EXAMPLE_DATA, REPO, run_main
 
 PROMPT = load_prompt()
@@ -242,12 +242,6 @@ def test_resume_settings_hold_the_effective_values(tmp_path):
     assert (settings["temperature"], settings["top_p"], settings["top_k"]) == (0.6, 0.95, 40)
     assert settings["max_tokens"] == TEACHER_MAX_TOKENS
     assert set(stage1.RESUME_KEYS) <= set(settings)
-
-
-def test_batch_size_is_refused_with_its_replacement(capsys):
-    with pytest.raises(SystemExit):
-        create_data.parse_args(["--batch_size", "8"])
-    assert "--batch_size was removed" in capsys.readouterr().err
 
 
 # ---- slow: one teacher path for stage 1 and evaluate.py --with_prompt ------------------------------------------

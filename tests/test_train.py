@@ -24,10 +24,11 @@ def train_args(model, data, output_dir, *extra):
 def build(model, data, output_dir, *extra):
     """The trainer and the run record's counts, built in this process as train_sft_trl.main builds them."""
     import train_sft_trl
+    from distill import sft_setup
 
     args = train_sft_trl.parse_args(train_args(model, data, output_dir, "--max_steps", 2, *extra))
-    prepared = train_sft_trl.prepare(*args)
-    return train_sft_trl.build_trainer(*args, prepared), prepared.counts
+    prepared = sft_setup.prepare(*args)
+    return sft_setup.build_trainer(*args, prepared), prepared.counts
 
 
 def sha256(path):
@@ -92,8 +93,7 @@ def test_smollm2_mask_covers_only_answer_despite_default_system_prompt():
         pytest.skip(f"{SMOLLM2} is not built (make setup)")
     from transformers import AutoTokenizer
 
-    from distill.render import student_ids
-    from distill.render import student_example
+    from distill.render import student_example, student_ids
 
     tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
     query = "Je voudrais un café, s'il vous plaît."
@@ -114,10 +114,10 @@ def test_a_conversation_trains_on_its_new_answer_with_the_student_side_of_stage_
     """A stage-1 row of a conversation: the loss covers only its last assistant turn; the earlier turns, the row's
     own system turn and the student side stage 1's run record names make up the prompt, as evaluation renders it."""
     import train_sft_trl
-
+    from distill import sft_setup
     from distill.prompts import StudentSide
-    from distill.render import student_ids
     from distill.records import output_paths
+    from distill.render import student_ids
     from distill.splits import select
 
     chat = [{"role": "system", "content": "A cooking app."}, {"role": "user", "content": "Can I freeze rice?"},
@@ -129,7 +129,7 @@ def test_a_conversation_trains_on_its_new_answer_with_the_student_side_of_stage_
     student = StudentSide("Be brief.", "Q: {query}\nA:")
     output_paths(str(data))[2].write_text(json.dumps({"student": student.to_dict()}))  # stage 1's run record
     args = train_sft_trl.parse_args(train_args(tiny_model, data, tmp_path / "out", "--max_steps", 1))
-    prepared = train_sft_trl.prepare(*args)
+    prepared = sft_setup.prepare(*args)
     tokenizer = prepared.tokenizer
     train = select(rows, "train")
     assert len(prepared.examples) == len(train) > 0
@@ -487,7 +487,8 @@ def test_messages_field_names_the_turns_column(tmp_path, example_rows):
 
     import datasets
 
-    from train_sft_trl import load_rows
+    from distill.records import InputError
+    from distill.sft_setup import load_rows
 
     source = write_teacher_file(tmp_path / "teacher.jsonl", example_rows[:3])
     renamed = [{"id": row["id"], "chat": row["messages"]} for row in map(json.loads, source.read_text().splitlines())]
@@ -498,7 +499,7 @@ def test_messages_field_names_the_turns_column(tmp_path, example_rows):
     assert [row["messages"] for row in rows] == [row["chat"] for row in renamed]
     jsonl = tmp_path / "chats.jsonl"
     jsonl.write_text("\n".join(json.dumps(row) for row in renamed[:2] + [{"id": "x"}]) + "\n")
-    with pytest.raises(SystemExit, match=r"chats.jsonl:3: no 'chat' column"):
+    with pytest.raises(InputError, match=r"chats.jsonl:3: no 'chat' column"):
         load_rows(SimpleNamespace(**{**vars(args), "dataset_name": str(jsonl)}))
 
 

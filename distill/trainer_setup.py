@@ -1,4 +1,6 @@
-"""What the two student-training stages share (train_sft_trl.py, train_opd_trl.py): parsing a recipe and the flags,
+"""Owns what stages 2 and 2b share (recipe, LoRA, output dir, plan, the record's end); must not build data.
+
+What the two student-training stages share (train_sft_trl.py, train_opd_trl.py): parsing a recipe and the flags,
 the LoRA config with an MoE router kept out, the output-dir policy, the memory plan, the run record's last word and
 the wandb config."""
 
@@ -109,9 +111,9 @@ def finish_record(record, record_path, report, result, trainer, model_args, save
     """`finished` only when the saved adapter is on disk, loads and was trained (an optimizer step changed it from
     where it started: LoRA B off zero, or off --init_adapter's tensors, whose path stage 2b's `report` holds);
     otherwise the record says `failed` and why, and the process exits non-zero."""
-    from distill.checkpoint import check_adapter, untrained_reason
-
     import torch
+
+    from distill.checkpoint import check_adapter, untrained_reason
 
     out = record_path.parent
     history = {"train_metrics": result.metrics, "log_history": trainer.state.log_history}
@@ -121,13 +123,13 @@ def finish_record(record, record_path, report, result, trainer, model_args, save
         saved = check_adapter(out, saved_tensors) if model_args.use_peft else {"model_files": sorted(
             path.name for path in out.glob("*.safetensors"))}
     except RuntimeError as error:
-        record.finish(record_path, status="failed", error=str(error), **report, **history)
+        record.write(record_path, status="failed", error=str(error), **report, **history)
         sys.exit(f"error: training ran but the adapter is not usable: {error}")
     untrained = untrained_reason(out if model_args.use_peft else None, trainer.state, report.get("init_adapter"))
     if untrained:
-        record.finish(record_path, status="failed", error=untrained, saved=saved, **report, **history)
+        record.write(record_path, status="failed", error=untrained, saved=saved, **report, **history)
         sys.exit(f"error: the run trained nothing: {untrained}. {out}/{RUN_RECORD} says failed")
-    record.finish(record_path, status="finished", saved=saved, **report, **history)
+    record.write(record_path, status="finished", saved=saved, **report, **history)
     print(f"train: done, loss {result.metrics.get('train_loss'):.4f}, "
           f"{result.metrics.get('train_runtime'):.1f} s -> {out} ({saved})")
 

@@ -13,10 +13,6 @@ fails the suite."""
 
 import json
 import re
-import socket
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,42 +160,13 @@ def test_a_stage2_recipe_trains_as_users_run_it(name, models, stage1_file, tmp_p
 # ---- stage 2b ---------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def shared_prefix_of(model: Path, prompt_file: Path) -> list[int]:
+    from transformers import AutoTokenizer
 
+    from distill.onpolicy import shared_prefix
+    from distill.prompts import load_prompt
 
-def start_teacher_server(model: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    """The teacher on a vLLM server on 127.0.0.1, started as the recipe's comment starts it (distill.teacher_server:
-    scoring reads the prompt from the prefix cache)."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "distill.teacher_server", str(model),
-                               "--host", "127.0.0.1", "--port", str(port), "--max-logprobs", "1",
-                               "--max-model-len", "8192", "--dtype", "float32", "--enforce-eager"],
-                              env=CLI_ENV, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600  # an engine start on 2 busy cores can take minutes
-    import urllib.request
-
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            return server, url
-        except OSError:
-            assert server.poll() is None, log.read_text()[-3000:]
-            time.sleep(2)
-    server.kill()
-    raise AssertionError("the teacher server did not come up: " + log.read_text()[-3000:])
-
-
-def stop(server: subprocess.Popen) -> None:
-    server.terminate()
-    try:
-        server.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait(timeout=60)
+    return shared_prefix(AutoTokenizer.from_pretrained(model), load_prompt(prompt_file))
 
 
 @pytest.mark.slow
@@ -213,18 +180,23 @@ def test_a_stage2b_recipe_trains_against_a_teacher_that_reads_the_prompt(name, m
     flags = ["--config", RECIPES / name, "--model_name_or_path", models[case.student], "--prompt_file", prompt_file,
              "--dataset_name", dataset, "--output_dir", out, "--report_to", "none", "--max_steps", 2,
              *case.cpu_flags, *case.sizes]
-    server = None
-    if case.teacher.startswith("server:"):
-        teacher_kind = case.teacher.removeprefix("server:")
-        server, url = start_teacher_server(models[teacher_kind], tmp_path / "server.log")
-        flags += ["--teacher_server_url", url]  # its tokenizer: the model the server says it serves
-    else:
+    if case.teacher == "self":
         teacher_kind = case.student
-    try:
         run_main("train_opd_trl.py", *flags)
-    finally:
-        if server:
-            stop(server)
+    else:  # the teacher server as the recipe's comment starts it: scoring reads the prompt from its prefix cache
+        from distill.teacher_server import prompt_token_counts, serving
+
+        teacher_kind = case.teacher.removeprefix("server:")
+        server_flags = [models[teacher_kind], "--max-logprobs", "1", "--max-model-len", "8192", "--dtype", "float32",
+                        "--enforce-eager"]
+        with serving(server_flags, tmp_path / "server.log", env=CLI_ENV) as url:
+            # its tokenizer: the model the server says it serves
+            run_main("train_opd_trl.py", *flags, "--teacher_server_url", url)
+            received, read_from_cache = prompt_token_counts(url)
+        prefix = len(shared_prefix_of(models[teacher_kind], prompt_file))
+        # every scoring request but the first step's prompt check (whose bare rows end the shared part early) read
+        # the prompt's tokens from the cache: 2 steps of 4 rollouts
+        assert read_from_cache >= 2 * 4 * (prefix - 200) and received > read_from_cache, (received, read_from_cache)
     record = json.loads((out / "distill_run.json").read_text())
     assert record["status"] == "finished" and record["saved"]["max_abs_lora_b"] > 0, "the adapter trained"
     check_recipe_settings(record, name)

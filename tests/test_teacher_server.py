@@ -3,16 +3,16 @@
 On the embedded model in fp32, answers scored through the prompt's prefix cache equal, row by row, answers scored
 without it (vLLM's default for prompt_logprobs), identical rollouts and rollouts sharing a block-aligned answer start
 included: the cache hit stops before the first answer position, and a position a request does not score comes back
-marked, never as a made-up value; the CLI trains against the server. Flags of its own are refused before any model
-loads, and the client refuses a response with a missing score.
+marked, never as a made-up value (stage 2b's CLI against the server, reading the prompt from its cache, is the
+opd_4b_server.yaml case of tests/test_recipes.py). Flags of its own are refused before any model loads, and the client
+refuses a response with a missing score.
 """
 
-import json
 import random
 
 import pytest
 
-from tests.conftest import CLI_ENV, REPO, run_main
+from tests.conftest import CLI_ENV, REPO
 
 SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct"
 IN_SHORT = REPO / "prompts" / "in_short.md"
@@ -87,7 +87,6 @@ def test_answers_scored_through_the_prompt_cache_equal_answers_scored_without_it
 
     from distill.onpolicy import server_trainer_class
     from distill.teacher_server import NOT_SCORED, PROMPT_LOGPROBS_FROM, prompt_token_counts, serving
-    from tests.test_onpolicy import lora_b_norm, queries_file
 
     sequences, starts = rollouts(AutoTokenizer.from_pretrained(SMOLLM2))
     with serving(SERVER_FLAGS, tmp_path / "server.log", env=CLI_ENV) as url:
@@ -119,16 +118,3 @@ def test_answers_scored_through_the_prompt_cache_equal_answers_scored_without_it
         scores = [response[p][str(sequences[0][p])]["logprob"] for p in range(starts[0], len(sequences[0]))]
         assert scores[:150] == [NOT_SCORED] * 150
         assert max(abs(x - y[0]) for x, y in zip(scores[150:], plain["actual_logprobs"][0][150:])) <= 1e-4
-
-        # Stage 2b against it: the CLI trains, each step's 4 rollouts reading the prompt from the cache (the first
-        # step's prompt-reading check, prompted and bare rows in one request, reads nothing: its earliest answer
-        # start is a bare row's).
-        before = prompt_token_counts(url)
-        out = tmp_path / "opd"
-        run_main("train_opd_trl.py", "--config", "recipes/opd_cpu.yaml", "--teacher_server_url", url,
-                 "--prompt_file", IN_SHORT, "--dataset_name", queries_file(tmp_path), "--max_steps", 2,
-                 "--per_device_train_batch_size", 4, "--max_completion_length", 8, "--learning_rate", 1e-2,
-                 "--output_dir", out, "--report_to", "none")
-        assert json.loads((out / "distill_run.json").read_text())["status"] == "finished"
-        assert lora_b_norm(out) > 0
-        assert prompt_token_counts(url)[1] - before[1] >= 2 * 4 * 1800

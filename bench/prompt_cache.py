@@ -19,14 +19,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def cache_bench_parser(description: str) -> argparse.ArgumentParser:
+    """The flags both prompt-cache benches take (this one, in process; bench/server_prompt_cache.py, on the server),
+    so the two measure the same rows, batches and answer lengths."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models/SmolLM2-135M-Instruct")
     parser.add_argument("--prompt_file", default="prompts/in_short.md")
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--answer_tokens", type=int, default=24)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = cache_bench_parser(__doc__).parse_args(argv)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -14,7 +14,6 @@ server's own counts of prompt tokens and of tokens read from the cache), and the
 results' log-probabilities (they must agree).
 """
 
-import argparse
 import datetime
 import sys
 import tempfile
@@ -22,16 +21,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.prompt_cache import cache_bench_parser  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="models/SmolLM2-135M-Instruct")
-    parser.add_argument("--prompt_file", default="prompts/in_short.md")
-    parser.add_argument("--rows", type=int, default=32)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--answer_tokens", type=int, default=24)
-    args = parser.parse_args(argv)
+    args = cache_bench_parser(__doc__).parse_args(argv)
 
     import os
     import random

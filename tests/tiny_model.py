@@ -5,9 +5,9 @@ step takes well under a second. It loads in vLLM, TRL and PEFT like any hub chec
 
 from pathlib import Path
 
-# The Qwen3 chat template, trimmed of tools: with enable_thinking=False the generation prompt closes an empty think
-# block, and the last assistant turn carries one too, as the real hybrid Qwen3 templates do.
-QWEN3_TEMPLATE = (
+# The turns as both Qwen3 templates with think blocks write them: the last assistant turn carries its (here empty)
+# reasoning, the others none.
+_TURNS_LAST_WITH_THINK = (
     "{%- for message in messages %}"
     "{%- if message.role == 'assistant' and loop.last %}"
     "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + message.content + '<|im_end|>\\n' }}"
@@ -15,7 +15,12 @@ QWEN3_TEMPLATE = (
     "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
     "{%- endif %}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
+)
+# The Qwen3 chat template, trimmed of tools: with enable_thinking=False the generation prompt closes an empty think
+# block, and the last assistant turn carries one too, as the real hybrid Qwen3 templates do.
+QWEN3_TEMPLATE = (
+    _TURNS_LAST_WITH_THINK
+    + "{%- if add_generation_prompt %}"
     "{{- '<|im_start|>assistant\\n' }}"
     "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
     "{%- endif %}"
@@ -30,14 +35,8 @@ INSTRUCT_2507_TEMPLATE = (
 # Qwen3 Thinking-2507's, trimmed: the generation prompt opens <think> (the model writes its reasoning, </think>, then
 # the answer), and there is no switch to turn it off; the last assistant turn carries its (here empty) reasoning.
 THINKING_2507_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message.role == 'assistant' and loop.last %}"
-    "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + message.content + '<|im_end|>\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
+    _TURNS_LAST_WITH_THINK
+    + "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
 )
 TEMPLATES = {"hybrid": QWEN3_TEMPLATE, "instruct-2507": INSTRUCT_2507_TEMPLATE, "thinking-2507": THINKING_2507_TEMPLATE}
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]

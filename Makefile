@@ -43,7 +43,7 @@ test-fast: lint
 	$(PYTEST) -m "not slow" tests
 
 # The kill/resume tests (stage 1 killed mid-stream, a Ray replica and the Ray driver killed) N times over, with the rows
-# lost and duplicated per run (scripts/soak.py; a run took 3.5 min on 2 cores). N=1 checks the plumbing.
+# lost and duplicated per run (scripts/soak.py; a run takes about 3 min on 2 cores). N=1 checks the plumbing.
 N ?= 10
 soak: setup
 	$(PY) scripts/soak.py --runs $(N)

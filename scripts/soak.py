@@ -11,7 +11,7 @@ Each test writes its figures to the file in SOAK_REPORT at every check (tests/te
 rows lost (finished before a kill and gone or changed after it, or a selected id missing at the end) and rows
 duplicated. This prints, per run and test, the figures at its last check and whether it passed, then the totals;
 it exits 1 if any row was lost or doubled or any test failed. Logs go to --log_dir (default data/soak/).
-One run took 208 s on the 2-core CPU machine (2026-12-07, N=1, other agents' light jobs beside it, load 2-4).
+A run took 146-200 s on the 2-core CPU machine (2026-12-07, N=10, nothing beside it: 28 min 41 s in all).
 """
 
 import argparse

@@ -178,7 +178,7 @@ def main(argv=None):
     if teacher_cost and not args.with_prompt:
         results["cost"]["vs_teacher_with_prompt"] = cost_ratio(teacher_cost, results["cost"])
 
-    output_file = Path(args.output_file or Path(args.model_path) / f"eval_{args.split}.json")
+    output_file = results_file(args)
     full = {"mode": mode, "model_path": str(Path(args.model_path)), "serving": served.description,
             "max_model_len": served_max_model_len, "sampling": generation.sampling,
             "split_check": dataclasses.asdict(split_check), "fingerprint": dataclasses.asdict(fingerprint_check),
@@ -188,6 +188,11 @@ def main(argv=None):
             "teacher_file": args.teacher_file, **results, "examples": examples}
     record.write(output_file, **full)
     report.show(full, output_file, wandb=args.report_to == "wandb")
+
+
+def results_file(args) -> Path:
+    """--output_file, or eval_<split>.json beside the model."""
+    return Path(args.output_file or Path(args.model_path) / f"eval_{args.split}.json")
 
 
 def compare(args) -> None:
@@ -207,7 +212,7 @@ def read_inputs(args):
                                  "directory or a hub id")
         if args.base_model:
             input_checks.check_model("--base_model", args.base_model)
-        input_checks.check_writable("--output_file", args.output_file or Path(args.model_path) / "eval.json")
+        input_checks.check_writable("--output_file", results_file(args))
         prompt = load_prompt(args.prompt_file)
         queries = read_queries(args.test_file, args.text_field, args.dataset_split, args.messages_field)
         input_checks.require_rows(args.test_file, queries)

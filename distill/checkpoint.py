@@ -46,9 +46,10 @@ def save_adapter(trainer, output_dir: str) -> int:
     return count
 
 
-def check_adapter(output_dir: str | Path, expected_tensors: int) -> dict:
+def check_adapter(output_dir: str | Path, expected_tensors: int) -> tuple[dict, dict]:
     """Raises RuntimeError unless output_dir holds an adapter config and weights that load, with one finite tensor
-    per trainable parameter. Returns a summary for the run record."""
+    per trainable parameter. Returns a summary for the run record, and the weights (name -> tensor) it loaded, so
+    untrained_reason reads them without loading the file again."""
     from safetensors.torch import load_file
 
     output_dir = Path(output_dir)
@@ -65,17 +66,19 @@ def check_adapter(output_dir: str | Path, expected_tensors: int) -> dict:
     broken = [name for name, tensor in weights.items() if not tensor.isfinite().all()]
     if broken:
         raise RuntimeError(f"{weights_path}: non-finite values in {', '.join(broken[:3])}")
-    return {"adapter_tensors": len(weights), "adapter_parameters": sum(t.numel() for t in weights.values()),
-            "peft_type": str(config.peft_type), "adapter_bytes": weights_path.stat().st_size,
-            "max_abs_lora_b": max((t.abs().max().item() for n, t in weights.items() if "lora_B" in n),
-                                  default=math.nan)}
+    summary = {"adapter_tensors": len(weights), "adapter_parameters": sum(t.numel() for t in weights.values()),
+               "peft_type": str(config.peft_type), "adapter_bytes": weights_path.stat().st_size,
+               "max_abs_lora_b": max((t.abs().max().item() for n, t in weights.items() if "lora_B" in n),
+                                     default=math.nan)}
+    return summary, weights
 
 
-def untrained_reason(adapter_dir: str | Path | None, state, init_adapter: str | None = None) -> str | None:
+def untrained_reason(weights: dict | None, state, init_adapter: str | None = None) -> str | None:
     """Why a run that ended trained nothing, or None: it took no optimizer step (fewer rows than one batch), every
-    logged step had learning rate 0, or its saved adapter (`adapter_dir`; None for a full model, whose weights are
-    not compared) is still what it started from: every LoRA B zero (PEFT's initialisation, under which the adapter
-    adds nothing) or, warm-started, --init_adapter's tensors. `state` is the Trainer's (global_step, log_history)."""
+    logged step had learning rate 0, or its saved adapter (`weights`, name -> tensor as check_adapter loaded them;
+    None for a full model, whose weights are not compared) is still what it started from: every LoRA B zero (PEFT's
+    initialisation, under which the adapter adds nothing) or, warm-started, --init_adapter's tensors. `state` is the
+    Trainer's (global_step, log_history)."""
     import torch
     from safetensors.torch import load_file
 
@@ -86,9 +89,8 @@ def untrained_reason(adapter_dir: str | Path | None, state, init_adapter: str | 
     warm_up = ("every logged step's learning rate was 0" if rates and not any(rates) else
                "as a learning rate of 0 in every step does") + (
         ": a warm-up as long as the run; lower --warmup_steps / --warmup_ratio or train longer")
-    if adapter_dir is None:
+    if weights is None:
         return warm_up if rates and not any(rates) else None
-    weights = load_file(Path(adapter_dir) / "adapter_model.safetensors")
     if init_adapter:
         initial = load_file(Path(init_adapter) / "adapter_model.safetensors")
         shared = weights.keys() & initial.keys()

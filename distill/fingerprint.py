@@ -199,18 +199,16 @@ def record(model, probe_rows: list[dict], output_dir: str, device, is_main_proce
                                          f"{other} ({other}_mean)| over the probes",
                    "tolerance": tolerance_for(noise_floor),
                    "tolerance_rule": f"{FLOOR_MULTIPLE:g} x noise_floor + {MIN_TOLERANCE:g}", "probes": scored}
-    effect = adapter_effect(fingerprint)
     if is_main_process:
         (Path(output_dir) / FINGERPRINT).write_text(json.dumps(fingerprint, ensure_ascii=False, indent=1))
-        if effect is not None and effect <= fingerprint["tolerance"]:
-            print(f"fingerprint: warning: the adapter moves its probes' mean answer log-probability by at most "
-                  f"{effect:.3g}, within the tolerance {fingerprint['tolerance']:.3g}: evaluate.py cannot tell it from "
-                  f"its base and refuses it unless --allow_inconclusive (train longer or at a higher learning rate)",
+        if conclusive(fingerprint) is False:
+            print(f"fingerprint: warning: {within_tolerance(fingerprint)}: evaluate.py cannot tell it from its base "
+                  f"and refuses it unless --allow_inconclusive (train longer or at a higher learning rate)",
                   file=sys.stderr)
     return {"file": FINGERPRINT, "probes": len(scored), "greedy_probes": len(probe_rows), "dtype": dtype,
             "answer_tokens": sum(len(p["logprobs"]) for p in scored), "noise_floor": noise_floor,
-            "tolerance": fingerprint["tolerance"], "adapter_effect": effect,
-            "conclusive": None if effect is None else effect > fingerprint["tolerance"]}
+            "tolerance": fingerprint["tolerance"], "adapter_effect": adapter_effect(fingerprint),
+            "conclusive": conclusive(fingerprint)}
 
 
 def record_trained(trainer, probe_rows: list[dict], output_dir: str) -> dict | None:
@@ -271,14 +269,25 @@ def adapter_effect(fingerprint: dict) -> float | None:
     return max(abs(p["mean"] - p["base_mean"]) for p in fingerprint["probes"])
 
 
+def conclusive(fingerprint: dict) -> bool | None:
+    """Whether the adapter moves some probe beyond the tolerance (a served model without it would fail the check);
+    None where there is no base to compare."""
+    effect = adapter_effect(fingerprint)
+    return None if effect is None else effect > fingerprint["tolerance"]
+
+
+def within_tolerance(fingerprint: dict) -> str:
+    """What an inconclusive fingerprint's adapter moves, for its warning or error."""
+    return (f"the adapter moves its probes' mean answer log-probability by at most {adapter_effect(fingerprint):.3g}, "
+            f"within the tolerance {fingerprint['tolerance']:.3g}")
+
+
 def check_conclusive(fingerprint: dict, allow_inconclusive: bool) -> None:
     """Raises FingerprintMismatch when the adapter moves no probe beyond the tolerance (a dropped adapter would pass
     the check), unless allow_inconclusive, which warns instead."""
-    effect = adapter_effect(fingerprint)
-    if effect is None or effect > fingerprint["tolerance"]:
+    if conclusive(fingerprint) is not False:
         return
-    message = (f"fingerprint: inconclusive: the adapter moves its probes' mean answer log-probability by at most "
-               f"{effect:.3g}, within the tolerance {fingerprint['tolerance']:.3g} (noise floor "
+    message = (f"fingerprint: inconclusive: {within_tolerance(fingerprint)} (noise floor "
                f"{fingerprint['noise_floor']:.3g}): served without its adapter, the model would pass the check")
     if not allow_inconclusive:
         raise FingerprintMismatch(f"{message}. Train longer or at a higher learning rate, or pass "
@@ -354,10 +363,9 @@ def compare(fingerprint: dict, served: list[list[float]], served_dtype: str, mis
     probes = fingerprint["probes"]
     diffs = [abs(p["mean"] - mean(lps)) for p, lps in zip(probes, served)]
     limit = fingerprint["tolerance"]
-    effect = adapter_effect(fingerprint)
     check = FingerprintCheck("passed", len(diffs), sum(map(len, served)), max(diffs), mean(diffs), limit,
-                             fingerprint["noise_floor"], fingerprint["dtype"], served_dtype, effect,
-                             None if effect is None else effect > limit, allow_inconclusive, diffs)
+                             fingerprint["noise_floor"], fingerprint["dtype"], served_dtype,
+                             adapter_effect(fingerprint), conclusive(fingerprint), allow_inconclusive, diffs)
     if not all(map(math.isfinite, diffs)) or check.max_abs_diff > limit:  # max() skips a NaN that is not first
         worst = max(range(len(diffs)), key=lambda i: diffs[i] if math.isfinite(diffs[i]) else math.inf)
         raise FingerprintMismatch(

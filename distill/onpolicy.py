@@ -395,8 +395,8 @@ def server_trainer_class():
             super().__init__(*args, **kwargs)
             # TRL's __init__ connected its own VLLMClient; ours is the same client with the answers' start in each
             # request, so that the shared prompt is read from the server's prefix cache, not recomputed per row.
-            self.teacher_client = PromptCacheClient(base_url=self.args.teacher_model_server_url,
-                                                    connection_timeout=60.0)
+            self.teacher_client = self.teacher_client_class(base_url=self.args.teacher_model_server_url,
+                                                            connection_timeout=60.0)
 
         # Overrides ServerDistillationTrainer._get_teacher_token_logprobs_from_server, which sends the student's
         # input ids: the same request goes out with the teacher's input (whole, prompt included: the teacher

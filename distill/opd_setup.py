@@ -35,9 +35,7 @@ SERVER_PROBE_SECONDS = 3.0
 def task_prompt(path: str):
     """The prompt the teacher reads: refused without system text and example turns (the teacher would be the base
     model, unprompted), a note with example turns alone."""
-    if not Path(path).exists():
-        raise InputError(f"--prompt_file {path}: no such file")
-    prompt = load_prompt(path)
+    prompt = load_prompt(path)  # an InputError naming the flag if there is no such file
     if not prompt.text and not prompt.example_turns:
         raise InputError(f"--prompt_file {path}: no system text below the front matter and no example_turns, so the "
                          f"teacher would read only the query (in its query_template): the base model unprompted, "

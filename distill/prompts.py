@@ -43,12 +43,14 @@ import hashlib
 import re
 import string
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import yaml
 
 from distill import checks
 from distill.input_checks import yaml_error
+from distill.records import InputError
 from distill.rules import Rule, RuleError, parse_rules
 
 DEFAULT_PROMPT = Path(__file__).resolve().parent.parent / "prompts" / "language_identification.md"
@@ -110,8 +112,9 @@ class TaskPrompt:
         head = re.sub(r"(\\ )+", r"\\s*", head)  # tolerate extra or missing spaces around the label
         return re.compile(rf"^\s*{head}\s*(?P<label>\S+?)\s*{tail}\s*$", re.IGNORECASE)
 
-    @property
+    @cached_property
     def sha256(self) -> str:
+        """The prompt file's bytes, hashed once per load (a stage hashes every query's input with it)."""
         return hashlib.sha256(Path(self.path).read_bytes()).hexdigest()
 
     def echo_sources(self) -> list[str]:
@@ -124,7 +127,7 @@ class TaskPrompt:
 def load_prompt(path: str | Path = DEFAULT_PROMPT) -> TaskPrompt:
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--prompt_file {path}: no such file; the prompts are in prompts/")
+        raise InputError(f"--prompt_file {path}: no such file; the prompts are in prompts/")
     raw = path.read_text(encoding="utf-8-sig")  # a BOM from a Windows editor is not content
     match = re.match(r"^---\n(.*?)\n---\n(.*)$", raw, re.DOTALL)
     if not match:

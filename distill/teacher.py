@@ -27,7 +27,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from copy import copy
 from dataclasses import dataclass, field
-from functools import cached_property
 
 from distill import render
 from distill.answers import Parsed, parse_generative, parse_teacher
@@ -56,7 +55,7 @@ class Teacher:
         return render.teacher_text(self.tokenizer, self.prompt, query)
 
     def token_ids(self, query: str | list[dict]) -> list[int]:
-        return self.encode(query)[0]
+        return render.token_ids(self.tokenizer, self.render(query))
 
     def encode(self, query: str | list[dict]) -> tuple[list[int], str]:
         """The query's input ids and its input_sha256, from one rendering (the stream admits every query this way)."""
@@ -70,11 +69,7 @@ class Teacher:
         return self.sha256_of(self.render(query))
 
     def sha256_of(self, rendered: str) -> str:
-        return hashlib.sha256(f"{self.prompt_sha256}\n{rendered}".encode()).hexdigest()
-
-    @cached_property
-    def prompt_sha256(self) -> str:
-        return self.prompt.sha256  # the file read once, not once per query
+        return hashlib.sha256(f"{self.prompt.sha256}\n{rendered}".encode()).hexdigest()
 
     def constraint(self):
         """vLLM structured outputs over the label set (after the reasoning, with a reasoning parser), or None."""

@@ -38,6 +38,8 @@ distill.teacher_server.prompt_cache_scheduler` is the same server. TRL 1.16's `t
 """
 
 import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -136,7 +138,8 @@ def prompt_token_counts(url: str) -> tuple[int, int]:
 @contextlib.contextmanager
 def serving(argv: list, log_path: Path, env: dict | None = None, start_seconds: float = 600):
     """`python -m distill.teacher_server ARGV` as a child process on a free local port until the block ends; yields
-    its URL once /health answers (the bench and the tests start it this way)."""
+    its URL once /health answers (the bench, the tests and the GPU check start it this way). It runs in a session of
+    its own and the whole group is stopped, so an engine process vLLM forks (multiprocessing, on a GPU) goes too."""
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
@@ -144,7 +147,7 @@ def serving(argv: list, log_path: Path, env: dict | None = None, start_seconds: 
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "distill.teacher_server", *map(str, argv), "--host",
                                     "127.0.0.1", "--port", str(port)], cwd=Path(__file__).resolve().parent.parent,
-                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+                                   env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + start_seconds  # an engine start on 2 busy cores can take minutes
         while True:
@@ -158,11 +161,11 @@ def serving(argv: list, log_path: Path, env: dict | None = None, start_seconds: 
                 time.sleep(2)
         yield url
     finally:
-        process.terminate()
+        os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=60)
 
 

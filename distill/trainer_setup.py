@@ -120,12 +120,12 @@ def finish_record(record, record_path, report, result, trainer, model_args, save
     if torch.cuda.is_available():
         history["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)  # this process's GPU
     try:
-        saved = check_adapter(out, saved_tensors) if model_args.use_peft else {"model_files": sorted(
-            path.name for path in out.glob("*.safetensors"))}
+        saved, weights = check_adapter(out, saved_tensors) if model_args.use_peft else ({"model_files": sorted(
+            path.name for path in out.glob("*.safetensors"))}, None)
     except RuntimeError as error:
         record.write(record_path, status="failed", error=str(error), **report, **history)
         sys.exit(f"error: training ran but the adapter is not usable: {error}")
-    untrained = untrained_reason(out if model_args.use_peft else None, trainer.state, report.get("init_adapter"))
+    untrained = untrained_reason(weights, trainer.state, report.get("init_adapter"))
     if untrained:
         record.write(record_path, status="failed", error=untrained, saved=saved, **report, **history)
         sys.exit(f"error: the run trained nothing: {untrained}. {out}/{RUN_RECORD} says failed")

@@ -276,6 +276,15 @@ def train_step(name: str, model: str, output: str, recipe: str, flags: list[str]
 OPD_RECIPE = "recipes/opd_4b_server.yaml"
 
 
+def opd_argv(work: Path, output: str, *extra: str) -> list[str]:
+    """Stage 2b on the 4B shape with OPD_RECIPE, its sizes cut to 2 optimizer steps of 8 rollouts of 32 tokens."""
+    return [sys.executable, "train_opd_trl.py", "--config", OPD_RECIPE, "--model_name_or_path",
+            str(work / "qwen3-4b-random"), "--dataset_name", str(work / "teacher.jsonl"), "--prompt_file",
+            "prompts/language_identification.md", *extra, "--max_steps", "2", "--per_device_train_batch_size", "8",
+            "--gradient_accumulation_steps", "1", "--max_completion_length", "32", "--report_to", "none",
+            "--output_dir", str(work / output), "--overwrite"]
+
+
 def opd_check(output: str):
     """What a stage-2b run must show, read from its record: finished, with the recipe's gradient checkpointing, finite
     losses from a first loss clearly above zero (a fresh adapter: the distance to the prompted teacher), and the
@@ -316,13 +325,7 @@ def opd_step(needs: tuple) -> Step:
     vLLM needs vllm), its own base reading the 2,300-token language-ID prompt grades every token through the prompt's
     KV cache; 2 optimizer steps of 8 rollouts."""
     def command(state: dict) -> list[str]:
-        work = state["work"]
-        return [sys.executable, "train_opd_trl.py", "--config", OPD_RECIPE, "--model_name_or_path",
-                str(work / "qwen3-4b-random"), "--dataset_name", str(work / "teacher.jsonl"), "--prompt_file",
-                "prompts/language_identification.md", "--use_vllm", "false", "--max_steps", "2",
-                "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
-                "--max_completion_length", "32", "--report_to", "none", "--output_dir", str(work / "run-4b-opd"),
-                "--overwrite"]
+        return opd_argv(state["work"], "run-4b-opd", "--use_vllm", "false")
 
     return Step("4B on-policy, 1 GPU: recipes/opd_4b_server.yaml's settings, self-teacher reading the prompt",
                 command, 40, 240, opd_check("run-4b-opd"), needs, one_gpu=True)
@@ -563,35 +566,14 @@ def helper_merge(work: Path, base_folder: str, adapter_folder: str, device: str 
 
 
 def helper_opd_server(work: Path) -> dict:
-    """Starts the 4B shape as the teacher on a vLLM server on this GPU, runs stage 2b with recipes/opd_4b_server.yaml
-    against it (sizes cut), and stops the server."""
-    import urllib.request
+    """Starts the 4B shape as the teacher on a vLLM server on this GPU (as the recipe starts it), runs stage 2b with
+    recipes/opd_4b_server.yaml against it (sizes cut), and stops the server."""
+    from distill.teacher_server import serving
 
-    port = 8765
-    log = open(work / "logs" / "teacher-server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "distill.teacher_server",  # as the recipe starts it
-                               str(work / "qwen3-4b-random"), "--port", str(port), "--max-logprobs", "1",
-                               "--gpu-memory-utilization", "0.35", "--max-model-len", "8192", "--enforce-eager"],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None:
-                    raise SystemExit(f"gpu_check: the teacher server exited {server.returncode}") from None
-                time.sleep(2)
-        subprocess.run([sys.executable, "train_opd_trl.py", "--config", OPD_RECIPE, "--model_name_or_path",
-                        str(work / "qwen3-4b-random"), "--teacher_server_url", f"http://127.0.0.1:{port}",
-                        "--dataset_name", str(work / "teacher.jsonl"), "--prompt_file",
-                        "prompts/language_identification.md", "--vllm_gpu_memory_utilization", "0.2", "--max_steps",
-                        "2", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
-                        "--max_completion_length", "32", "--report_to", "none", "--output_dir",
-                        str(work / "run-4b-opd-server"), "--overwrite"], check=True)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+    with serving([work / "qwen3-4b-random", "--max-logprobs", "1", "--gpu-memory-utilization", "0.35",
+                  "--max-model-len", "8192", "--enforce-eager"], work / "logs" / "teacher-server.log") as url:
+        subprocess.run(opd_argv(work, "run-4b-opd-server", "--teacher_server_url", url,
+                                "--vllm_gpu_memory_utilization", "0.2"), check=True)
     return {"detail": "stage 2b against the teacher server"}
 
 

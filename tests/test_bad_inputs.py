@@ -20,6 +20,7 @@ from distill import stage1
 from distill.records import output_paths
 from distill.splits import split_of
 from tests.conftest import EXAMPLE_DATA, run_main, write_teacher_file
+from tests.test_teacher_stream import ScramblingEngine
 
 MAX_LEN = ["--max-model-len", "4096"]  # the tiny model's context: the long prompt is ~3.7k of its tokens
 IN_SHORT = "prompts/in_short.md"
@@ -47,37 +48,16 @@ def files_under(*places: Path) -> dict:
     return found
 
 
-class AnsweringEngine:
-    """distill.teacher.VllmEngine's three calls: every request is answered `text` at the next step."""
-
-    def __init__(self, text: str):
-        self.text, self.live, self.count = text, [], 0
-
-    def add_request(self, token_ids, params):
-        self.count += 1
-        self.live.append(f"req-{self.count}")
-        return self.live[-1]
-
-    def step(self):
-        done, self.live = self.live, []
-        return [SimpleNamespace(request_id=request, finished=True, prompt_token_ids=[0], num_cached_tokens=0,
-                                outputs=[SimpleNamespace(text=self.text, finish_reason="stop", token_ids=[1, 2])])
-                for request in done]
-
-    def abort_request(self, request_ids):
-        self.live = [request for request in self.live if request not in request_ids]
-
-
 def stand_in_answers(args, teacher, todo, selected, settings, files):
-    """stage1.answer_queries with a stand-in engine that answers every query 'Final Answer: en'."""
+    """stage1.answer_queries with a stand-in engine that answers every query 'Final Answer: en' at the next step."""
     from vllm import SamplingParams
 
     from distill.teacher import StreamStats, stream
 
     stats = StreamStats()
+    engine = ScramblingEngine(lambda query, attempt: "Final Answer: en", max_steps=1)  # done at the next step
     with stage1.answer_writer(files, stats, selected, selected - len(todo)) as write:
-        for outcome in stream(AnsweringEngine("Final Answer: en"), teacher, todo, SamplingParams(max_tokens=8),
-                              stats=stats):
+        for outcome in stream(engine, teacher, todo, SamplingParams(max_tokens=8), stats=stats):
             write(stage1.answer_records(outcome, args, teacher))
     return stats.summary(), None
 
@@ -109,9 +89,13 @@ def read_only_dir(work) -> Path:
     pytest.skip("no read-only directory on this machine (root on a writable filesystem)")
 
 
-def stage1_run(tiny_model, input_file, output, *extra, prompt=None):
+# A model path that does not exist: a refusal that names its input, not this, came before any model loaded.
+NO_MODEL = "no-such-model"
+
+
+def stage1_run(model, input_file, output, *extra, prompt=None):
     return run_main("create_data.py", "--input_file", input_file, "--output_file", output, "--model_name",
-                    tiny_model, *(["--prompt_file", prompt] if prompt else []), *MAX_LEN, *extra, check=False)
+                    model, *(["--prompt_file", prompt] if prompt else []), *MAX_LEN, *extra, check=False)
 
 
 def jsonl(path: Path, rows: list) -> Path:
@@ -137,11 +121,11 @@ BAD_INPUTS = {  # file name, content, what the message must name besides the fil
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
-def test_a_bad_input_file_is_named_at_its_line(tiny_model, tmp_path, case):
+def test_a_bad_input_file_is_named_at_its_line(tmp_path, case):
     name, content, message = BAD_INPUTS[case]
     source = tmp_path / name
     source.write_bytes(content)
-    result = stage1_run(tiny_model, source, tmp_path / "out" / "teacher.jsonl")
+    result = stage1_run(NO_MODEL, source, tmp_path / "out" / "teacher.jsonl")
     refused(result, f"{source}{message}")
     assert not (tmp_path / "out").exists()
 
@@ -155,17 +139,17 @@ PROMPTS = {  # front matter and body, what the message must name after the file
 
 
 @pytest.mark.parametrize("case", PROMPTS)
-def test_a_bad_prompt_file_is_named_at_its_line(tiny_model, tmp_path, case):
+def test_a_bad_prompt_file_is_named_at_its_line(tmp_path, case):
     text, message = PROMPTS[case]
     prompt = tmp_path / "prompt.md"
     prompt.write_text(text, encoding="utf-8")
-    refused(stage1_run(tiny_model, EXAMPLE_DATA, tmp_path / "out" / "teacher.jsonl", prompt=prompt),
+    refused(stage1_run(NO_MODEL, EXAMPLE_DATA, tmp_path / "out" / "teacher.jsonl", prompt=prompt),
             f"{prompt}{message}")
     assert not (tmp_path / "out").exists()
 
 
-def test_a_missing_prompt_file_names_the_flag(tiny_model, tmp_path):
-    refused(stage1_run(tiny_model, EXAMPLE_DATA, tmp_path / "out" / "teacher.jsonl", prompt=tmp_path / "nope.md"),
+def test_a_missing_prompt_file_names_the_flag(tmp_path):
+    refused(stage1_run(NO_MODEL, EXAMPLE_DATA, tmp_path / "out" / "teacher.jsonl", prompt=tmp_path / "nope.md"),
             f"--prompt_file {tmp_path / 'nope.md'}: no such file")
     assert not (tmp_path / "out").exists()
 
@@ -182,7 +166,7 @@ def test_max_samples_must_be_positive(tiny_model, tmp_path, script, value):
 
 def test_a_read_only_output_dir_is_refused_before_the_model(tiny_model, tmp_path, read_only_dir):
     output = read_only_dir / "run" / "teacher.jsonl"
-    refused(stage1_run(tiny_model, EXAMPLE_DATA, output), f"--output_file {output}: cannot write in")
+    refused(stage1_run(NO_MODEL, EXAMPLE_DATA, output), f"--output_file {output}: cannot write in")
     refused(run_main("evaluate.py", "--model_path", tiny_model, "--with_prompt", "--output_file", output, check=False),
             f"--output_file {output}: cannot write in")
     refused(run_main("train_sft_trl.py", "--config", "recipes/cpu.yaml", "--model_name_or_path", tiny_model,
@@ -465,7 +449,7 @@ def test_an_on_policy_run_of_zero_steps_ends_failed(tiny_model, work):
 def test_a_warm_start_left_as_it_was_is_untrained(tmp_path):
     """--init_adapter's tensors unchanged is no training; one changed value is."""
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     from distill.checkpoint import untrained_reason
 
@@ -475,8 +459,9 @@ def test_a_warm_start_left_as_it_was_is_untrained(tmp_path):
         (tmp_path / name).mkdir()
         save_file(tensors, tmp_path / name / "adapter_model.safetensors")
     state = SimpleNamespace(global_step=3, log_history=[{"learning_rate": 0.0}, {"learning_rate": 0.0}])
-    assert "equals --init_adapter" in untrained_reason(tmp_path / "same", state, str(tmp_path / "init"))
-    assert "learning rate was 0" in untrained_reason(tmp_path / "same", state, str(tmp_path / "init"))
-    assert untrained_reason(tmp_path / "moved", state, str(tmp_path / "init")) is None
-    assert untrained_reason(tmp_path / "init", state) is None  # a fresh adapter whose B moved off 0
+    saved = {name: load_file(tmp_path / name / "adapter_model.safetensors") for name in ("init", "same", "moved")}
+    assert "equals --init_adapter" in untrained_reason(saved["same"], state, str(tmp_path / "init"))
+    assert "learning rate was 0" in untrained_reason(saved["same"], state, str(tmp_path / "init"))
+    assert untrained_reason(saved["moved"], state, str(tmp_path / "init")) is None
+    assert untrained_reason(saved["init"], state) is None  # a fresh adapter whose B moved off 0
 

@@ -240,7 +240,7 @@ def test_student_vs_teacher_cost_ratio(student_vs_teacher, teacher_eval):
 
 
 @pytest.mark.slow
-def test_ignore_unknown_labels_drops_and_counts_them(student_vs_teacher, adapter, workdir):
+def test_ignore_unknown_labels_scores_the_rest_with_a_full_confusion_matrix(shared_engines, adapter, workdir):
     """A gold label outside the label set is refused (tests/test_bad_inputs.py); with --ignore_unknown_labels its row
     is dropped and counted, and the rest are scored with a confusion matrix that holds every one of them."""
     rows = [json.loads(line) for line in EXAMPLE_DATA.read_text(encoding="utf-8").splitlines()[:6]]

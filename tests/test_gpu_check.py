@@ -49,8 +49,7 @@ def write_opd_record(output, server=False, **changes):
                                                    "teacher_logprob_without_prompt": -2.9,
                                                    "mean_abs_difference": 1.7, "passed": True}},
               "rendering": {"teacher": {"holds_prompt": True}, "student": {"holds_prompt": False}}}
-    for key, value in changes.items():
-        record[key] = value
+    record.update(changes)
     (output / "distill_run.json").write_text(json.dumps(record))
 
 

@@ -163,12 +163,16 @@ def test_wheels_to_carry_are_the_pinned_versions():
         assert version == expected, f"the page carries {name}=={version}, requirements/installed say {expected}"
 
 
+def prose(text: str) -> str:
+    """A page without its code blocks."""
+    return "".join(re.split(r"^```.*?^```", text, flags=re.M | re.S))
+
+
 def anchors(text: str) -> set[str]:
     """The #anchors GitHub gives a page's headings (outside code blocks): lower case, punctuation dropped, spaces
     to hyphens."""
-    prose = "".join(re.split(r"^```.*?^```", text, flags=re.M | re.S))
     return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
-            for heading in re.findall(r"^#+ (.+)$", prose, flags=re.M)}
+            for heading in re.findall(r"^#+ (.+)$", prose(text), flags=re.M)}
 
 
 def test_links_to_local_files_resolve():
@@ -176,8 +180,7 @@ def test_links_to_local_files_resolve():
     exists (relative to the page) and, for a Markdown file, one of its headings."""
     checked, broken = 0, []
     for doc, text in DOCS.items():
-        prose = "".join(re.split(r"^```.*?^```", text, flags=re.M | re.S))
-        for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+        for target in re.findall(r"\]\(([^)\s]+)\)", prose(text)):
             if re.match(r"[a-z]+:", target):  # https:, mailto:
                 continue
             path, _, anchor = target.partition("#")
@@ -191,7 +194,6 @@ def test_links_to_local_files_resolve():
     assert checked > 30  # the README and the pages do link to each other
 
 
-
 def test_no_placeholder_figures():
     """No figure is left to fill: a line that is only an ALL_CAPS token (a placeholder once landed in the README as
     `SOAK_FIGURES.`) or that says it is to be filled in."""
@@ -200,6 +202,7 @@ def test_no_placeholder_figures():
                     if re.fullmatch(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+\.?", line.strip())
                     or re.search(r"to be filled|\bTODO\b|\bTBD\b", line)]
     assert not placeholders, "\n".join(placeholders)
+
 
 @pytest.mark.parametrize("script", [*VLLM_STAGES, "train_sft_trl.py"])
 def test_help_lists_every_own_flag_with_its_default(script, built):

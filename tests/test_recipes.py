@@ -20,11 +20,10 @@ import pytest
 import yaml
 
 from tests.conftest import CLI_ENV, REPO, run_main, write_teacher_file
-from tests.tiny_model import build_tiny_qwen3_moe, build_tiny_smollm2, with_template
+from tests.test_readme import DOCS
+from tests.tiny_model import FINAL_ANSWER_TAIL, build_tiny_qwen3_moe, build_tiny_smollm2, with_template
 
 RECIPES = REPO / "recipes"
-FINAL_ANSWER_TAIL = {"smollm2": "<|im_start|>assistant\n", "instruct-2507": "<|im_start|>assistant\n",
-                     "thinking-2507": "<|im_start|>assistant\n<think>\n\n</think>\n\n"}
 # bf16 on a CPU: TrainingArguments refuse bf16 without a GPU unless use_cpu says the run is meant for the CPU.
 BF16_ON_CPU = ("--use_cpu", "true")
 
@@ -72,8 +71,7 @@ def test_every_recipe_file_has_a_parity_case():
         path, function = test.split("::")
         assert f"def {function}(" in (REPO / path).read_text(), f"{name}: {test} is gone"
     for name, case in CASES.items():
-        recipe = yaml.safe_load((RECIPES / name).read_text())
-        assert ("beta" in recipe) == (case.stage == "train_opd_trl.py"), f"{name} is not a {case.stage} recipe"
+        assert ("beta" in recipe(name)) == (case.stage == "train_opd_trl.py"), f"{name} is not a {case.stage} recipe"
         overridden = {flag.removeprefix("--") for flag in case.cpu_flags[::2]}
         # the CPU may add use_cpu and turn off colocated vLLM; it must not touch what the recipe is about
         assert overridden <= {"use_cpu", "use_vllm"}, f"{name}: the CPU run changes {overridden}"
@@ -82,8 +80,7 @@ def test_every_recipe_file_has_a_parity_case():
 def test_readme_gpu_commands_run_recipes_with_a_case():
     """The GPU commands of the README (and docs/) name recipes that have a case, directly or through train_trl.sh's
     defaults (tinker.yaml on 1 GPU, tinker_30b_fsdp.yaml on several)."""
-    texts = [(REPO / "README.md").read_text()] + [path.read_text() for path in (REPO / "docs").glob("*.md")]
-    named = {match for text in texts for match in re.findall(r"recipes/(\w[\w.-]*\.yaml)", text)} - {"X.yaml"}
+    named = {match for text in DOCS.values() for match in re.findall(r"recipes/(\w[\w.-]*\.yaml)", text)} - {"X.yaml"}
     assert named and named <= set(CASES) | set(ACCELERATE_CONFIGS)
     launcher = (REPO / "train_trl.sh").read_text()
     assert "default_recipe=recipes/tinker_30b_fsdp.yaml" in launcher

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.tiny_model import with_template
+from tests.tiny_model import FINAL_ANSWER_TAIL, with_template
 
 CONVERSATION = [{"role": "system", "content": "The user is a beginner cook."},
                 {"role": "user", "content": "Can I freeze rice?"},
@@ -20,12 +20,9 @@ PROMPT_FILE = ('---\ncheck: {regex: "^In short: "}\nquery_template: "Question: {
                'student_system_prompt: "Answer briefly."\nstudent_template: "Q: {query}\\nA:"\n'
                'example_turns: [{user: "Why is snow white?", assistant: "In short: ice scatters every colour."}]\n'
                '---\nAnswer every question in one short sentence that starts with In short.\n')
-FINAL_ANSWER_TAIL = {"instruct-2507": "<|im_start|>assistant\n",
-                     "thinking-2507": "<|im_start|>assistant\n<think>\n\n</think>\n\n",
-                     "hybrid": "<|im_start|>assistant\n<think>\n\n</think>\n\n"}
 
 
-@pytest.fixture(params=list(FINAL_ANSWER_TAIL))
+@pytest.fixture(params=["instruct-2507", "thinking-2507", "hybrid"])
 def setting(request, tiny_model, tmp_path_factory):
     """A tiny model with the template kind's chat template, the prompt file and a stage-1 file of one row."""
     kind = request.param

@@ -39,6 +39,11 @@ THINKING_2507_TEMPLATE = (
     + "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
 )
 TEMPLATES = {"hybrid": QWEN3_TEMPLATE, "instruct-2507": INSTRUCT_2507_TEMPLATE, "thinking-2507": THINKING_2507_TEMPLATE}
+# How each template kind's input ends where the model writes its final answer (a generation prompt in the
+# final-answer state; a Thinking-2507 input has its think block closed), SmolLM2's included.
+FINAL_ANSWER_TAIL = {"smollm2": "<|im_start|>assistant\n", "instruct-2507": "<|im_start|>assistant\n",
+                     "thinking-2507": "<|im_start|>assistant\n<think>\n\n</think>\n\n",
+                     "hybrid": "<|im_start|>assistant\n<think>\n\n</think>\n\n"}
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 REPO = Path(__file__).resolve().parent.parent
 

@@ -160,13 +160,14 @@ def serving(argv: list, log_path: Path, env: dict | None = None, start_seconds: 
                                        f"{Path(log_path).read_text()[-3000:]}") from None
                 time.sleep(2)
         yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
+    finally:  # ProcessLookupError: nothing of the group is left (the server exited, or never came up)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):  # what is left: a server past 60 s, or an engine it left behind
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=60)
+        process.wait(timeout=60)
 
 
 def build_parser():

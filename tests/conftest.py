@@ -157,14 +157,14 @@ def shared_engines():
     gc.collect()
 
 
-# The longest test files first (2026-11-30 timings, seconds): `make test` runs `pytest -n 2 --dist loadfile
-# --no-loadscope-reorder`, which hands whole files to its two workers in this order; a long file handed out last
-# leaves the other worker idle while it runs (the Ray file, last, made the suite 16.6 min instead of about 13).
-LONGEST_FILES_FIRST = ("test_ray_stage.py",       # ~540: a Ray cluster, 3 runs of 2 vLLM replicas
-                       "test_create_data.py",     # ~420: kills and resumes, launcher, embedded-model runs
-                       "test_teacher_stream.py",  # ~130
-                       "test_onpolicy.py",        # ~120: a vLLM server
-                       "test_distributed.py",     # ~100: 2-process launches
+# The longest test files first (2026-12-07 timings from a fresh clone's run, seconds): `make test` runs `pytest -n 2
+# --dist loadfile --no-loadscope-reorder`, which hands whole files to its two workers in this order; a long file handed
+# out last leaves the other worker idle while it runs (the Ray file, last, made the suite 16.6 min instead of about 13).
+LONGEST_FILES_FIRST = ("test_ray_stage.py",       # ~265: a Ray cluster, 3 runs of 2 vLLM replicas
+                       "test_create_data.py",     # ~150: kills and resumes, launcher, embedded-model runs
+                       "test_teacher_server.py",  # ~70: a teacher server, cached against uncached
+                       "test_recipes.py",         # ~45: every recipe's stage on a tiny model, one teacher server
+                       "test_distributed.py",     # ~35: 2-process launches
                        "test_gpu_check.py", "test_multinode.py")
 
 

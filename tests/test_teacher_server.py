@@ -77,6 +77,20 @@ def rollouts(tokenizer):
     return [ids + answer for ids, (_, answer) in zip(teacher, rows)], [len(ids) for ids in teacher]
 
 
+def test_a_server_that_does_not_come_up_says_so_and_leaves_nothing_running(tmp_path):
+    """serving() raises its own error with the server's log, not the stop's (its process group is already gone)."""
+    import os
+
+    from distill.teacher_server import serving
+
+    with pytest.raises(RuntimeError, match="the teacher server did not come up") as raised:
+        with serving([tmp_path / "no-such-model"], tmp_path / "server.log", env=CLI_ENV):
+            pass
+    assert "no-such-model" in str(raised.value)  # the log's tail names what failed
+    started = [line for line in os.popen("ps -eo args").read().splitlines() if "no-such-model" in line]
+    assert not started, started
+
+
 @pytest.mark.slow
 def test_answers_scored_through_the_prompt_cache_equal_answers_scored_without_it(tmp_path):
     if not (SMOLLM2 / "config.json").is_file():
